@@ -1,0 +1,257 @@
+"""MLflow tracking for cvlab runs: where to log, experiments, runs, params, epoch metrics, artifacts.
+
+Rules this module enforces (see the project README for why):
+- the tracking URI is always explicit: the YAML's `tracking.tracking_uri`, else `MLFLOW_TRACKING_URI`,
+  else a local `sqlite:///<cwd>/mlflow.db` whose artifacts go to `<cwd>/mlartifacts` (absolute paths,
+  because Ray workers run in other directories);
+- the experiment is created once, on the driver, and its id is passed around (never
+  `mlflow.set_experiment`, which leaks `MLFLOW_EXPERIMENT_ID` into Ray workers);
+- the driver creates the run and ends it FINISHED or FAILED; workers only log to it by run id.
+
+MLflow is imported inside functions so that `cvlab --help` stays fast.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import urllib.error
+import urllib.request
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from orchestrator.errors import CvlabError
+
+ERROR_TAG = "cvlab.error"
+RAY_RUN_TAG = "cvlab.ray_run"
+_PARAM_VALUE_MAX = 6000  # MLflow's limit on a param value (characters)
+_BATCH = 100  # MLflow's limit on params per log_batch call
+
+
+def _absolute_sqlite(uri: str) -> str:
+    """`sqlite:///rel/path.db` -> `sqlite:////abs/path.db` (workers do not share the driver's cwd)."""
+    prefix = "sqlite:///"
+    path = uri[len(prefix):]
+    if path.startswith("/") or path in ("", ":memory:"):
+        return uri
+    return prefix + str(Path(path).absolute())
+
+
+def resolve_tracking_uri(spec) -> str:
+    """The tracking URI for a spec: YAML, else `MLFLOW_TRACKING_URI`, else local sqlite in the cwd."""
+    uri = (spec.tracking.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or "").strip()
+    if not uri:
+        return "sqlite:///" + str(Path("mlflow.db").absolute())
+    if uri.startswith("sqlite:///"):
+        return _absolute_sqlite(uri)
+    if "://" not in uri:  # a plain directory: MLflow's file store
+        return Path(uri).absolute().as_uri()
+    return uri
+
+
+def default_artifact_location(tracking_uri: str) -> str | None:
+    """For a local sqlite store: `mlartifacts/` beside the database file (absolute). Else None (server's)."""
+    if tracking_uri.startswith("sqlite:///"):
+        db = tracking_uri[len("sqlite:///"):]
+        if db and db != ":memory:":
+            return (Path(db).absolute().parent / "mlartifacts").as_uri()
+    return None
+
+
+def check_tracking_server(tracking_uri: str, timeout: float = 5.0) -> None:
+    """Raise CvlabError when an http(s) tracking server does not answer; create a sqlite db's folder."""
+    if tracking_uri.startswith(("http://", "https://")):
+        url = tracking_uri.rstrip("/") + "/health"
+        try:
+            with urllib.request.urlopen(url, timeout=timeout) as resp:
+                resp.read(64)
+        except urllib.error.HTTPError as err:
+            if err.code >= 500:
+                raise CvlabError(f"MLflow tracking server {tracking_uri} answers with an error ({err}); "
+                                 "the run was not started") from err
+            # 4xx (e.g. no /health behind a proxy): the server is there.
+        except (urllib.error.URLError, OSError) as err:
+            reason = getattr(err, "reason", err)
+            raise CvlabError(
+                f"MLflow tracking server {tracking_uri} is unreachable ({reason}); the run was not started. "
+                "Start the server, or set tracking.tracking_uri / MLFLOW_TRACKING_URI"
+            ) from err
+    elif tracking_uri.startswith("sqlite:///"):
+        db = tracking_uri[len("sqlite:///"):]
+        if db and db != ":memory:":
+            try:
+                Path(db).parent.mkdir(parents=True, exist_ok=True)
+            except OSError as err:
+                raise CvlabError(f"cannot create the folder of the MLflow database {db}: {err}") from err
+
+
+def make_client(tracking_uri: str):
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=tracking_uri)
+
+
+def ensure_experiment(client, name: str, artifact_location: str | None = None) -> str:
+    """The id of experiment `name`, created when missing (restored when deleted). Call it on the driver."""
+    from mlflow.exceptions import MlflowException
+
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        if exp.lifecycle_stage == "deleted":
+            client.restore_experiment(exp.experiment_id)
+        return exp.experiment_id
+    try:
+        return client.create_experiment(name, artifact_location=artifact_location)
+    except MlflowException:
+        # Someone created it between our look-up and create (UNIQUE constraint): use theirs.
+        exp = client.get_experiment_by_name(name)
+        if exp is None:
+            raise
+        return exp.experiment_id
+
+
+def create_run(client, experiment_id: str, run_name: str, tags: dict[str, str] | None = None,
+               parent_run_id: str | None = None) -> str:
+    """Create a RUNNING run (nested under `parent_run_id` when given); returns its id."""
+    tags = dict(tags or {})
+    if parent_run_id:
+        tags["mlflow.parentRunId"] = parent_run_id
+    run = client.create_run(experiment_id, run_name=run_name, tags=tags)
+    return run.info.run_id
+
+
+def git_commit(path: str | os.PathLike | None = None) -> str | None:
+    """The current git commit of the repository holding `path` (default: this package), or None."""
+    where = Path(path) if path else Path(__file__).resolve().parent
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=where, capture_output=True, text=True,
+                             timeout=10, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    commit = out.stdout.strip()
+    return commit if out.returncode == 0 and commit else None
+
+
+def log_params(client, run_id: str, params: dict[str, Any]) -> dict[str, tuple[str, str]]:
+    """Log params that the run does not have yet; returns `{key: (old, new)}` for values that differ.
+
+    MLflow refuses to change a logged param, so a resumed run with changed settings (e.g. more epochs)
+    keeps the old value and the caller records the change elsewhere (a tag).
+    """
+    from mlflow.entities import Param
+
+    existing = client.get_run(run_id).data.params
+    new, changed = [], {}
+    for key, value in params.items():
+        text = "" if value is None else str(value)
+        text = text[:_PARAM_VALUE_MAX]
+        if key in existing:
+            if existing[key] != text:
+                changed[key] = (existing[key], text)
+            continue
+        new.append(Param(key, text))
+    for i in range(0, len(new), _BATCH):
+        client.log_batch(run_id, params=new[i:i + _BATCH])
+    return changed
+
+
+def logged_steps(client, run_id: str, key: str) -> set[int]:
+    """The steps at which metric `key` was logged in run `run_id`."""
+    return {m.step for m in client.get_metric_history(run_id, key)}
+
+
+def log_metrics(client, run_id: str, metrics: dict[str, float], step: int) -> None:
+    import time
+
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    batch = [Metric(k, float(v), now, step) for k, v in metrics.items()]
+    client.log_batch(run_id, metrics=batch)
+
+
+class MlflowEpochLogger:
+    """Logs epoch metrics (step = epoch) to one MLflow run; picklable, so it travels to Ray workers.
+
+    `logged_epochs()` reads the run's history of `key` so a restarted or resumed run skips epochs that
+    are already there.
+    """
+
+    def __init__(self, tracking_uri: str, run_id: str, key: str = "val/top1", skip: Iterable[str] = ("epoch",)):
+        self.tracking_uri = tracking_uri
+        self.run_id = run_id
+        self.key = key
+        self.skip = tuple(skip)
+        self._client = None
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_client"] = None
+        return state
+
+    @property
+    def client(self):
+        if self._client is None:
+            self._client = make_client(self.tracking_uri)
+        return self._client
+
+    def logged_epochs(self) -> set[int]:
+        return logged_steps(self.client, self.run_id, self.key)
+
+    def log_epoch(self, epoch: int, metrics: dict[str, float]) -> None:
+        log_metrics(self.client, self.run_id, {k: v for k, v in metrics.items() if k not in self.skip}, epoch)
+
+
+def log_text_artifact(client, run_id: str, text: str, artifact_file: str) -> None:
+    client.log_text(run_id, text, artifact_file)
+
+
+def log_dir_artifacts(client, run_id: str, local_dir: str, artifact_path: str) -> None:
+    client.log_artifacts(run_id, local_dir, artifact_path)
+
+
+def log_pytorch_model(tracking_uri: str, run_id: str, model, *, input_size: tuple[int, ...],
+                      registered_model_name: str | None = None) -> str:
+    """`mlflow.pytorch.log_model` into run `run_id` (registered when a name is given); returns the model URI.
+
+    The fluent API needs an active run for the logged model to land in the run's experiment, so the run is
+    re-entered for the call and left again without changing its status (the caller ends it).
+    """
+    import mlflow
+    import numpy as np
+    import torch
+    import torchvision
+    from mlflow.models import infer_signature
+    from mlflow.tracking import fluent
+
+    model = model.eval().cpu()
+    example = torch.zeros(*input_size)
+    with torch.no_grad():
+        output = model(example).numpy()
+    signature = infer_signature(np.zeros(input_size, dtype=np.float32), output)
+    # Explicit requirements: skips MLflow's slow requirement inference (it imports the model in a subprocess).
+    requirements = [f"torch=={torch.__version__.split('+')[0]}",
+                    f"torchvision=={torchvision.__version__.split('+')[0]}"]
+    from mlflow.tracking._tracking_service.utils import _use_tracking_uri
+
+    with _use_tracking_uri(tracking_uri):
+        mlflow.start_run(run_id=run_id, nested=mlflow.active_run() is not None)
+        try:
+            info = mlflow.pytorch.log_model(
+                model, name="model", signature=signature, pip_requirements=requirements,
+                registered_model_name=registered_model_name,
+                serialization_format="pickle",  # pt2 (the default) needs a traceable example input
+            )
+        finally:
+            # Leave the run without ending it: pop it from the fluent stack only.
+            stack = fluent._active_run_stack.get()
+            if stack and stack[-1].info.run_id == run_id:
+                stack.pop()
+    return info.model_uri
+
+
+def end_run(client, run_id: str, status: str = "FINISHED", error: str | None = None) -> None:
+    """End the run FINISHED / FAILED / KILLED; an error message goes into the `cvlab.error` tag."""
+    if error:
+        client.set_tag(run_id, ERROR_TAG, error[:5000])
+    client.set_terminated(run_id, status=status)

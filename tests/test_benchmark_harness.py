@@ -1,0 +1,153 @@
+"""The benchmark harness: bandwidth byte counts and floor, the comparison table, model_speed on CPU."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from benchmarks import bandwidth as bw
+from benchmarks import model_speed
+
+
+# ------------------------------------------------------------------------------------------------------
+# bandwidth.py
+# ------------------------------------------------------------------------------------------------------
+def test_involution_bytes_matches_hand_count_stride1_float32():
+    # B=2, C=32, 8x8, G=2, K=3, stride 1 (pad 1 -> 8x8 output), 4-byte elements:
+    # x = 2*32*8*8 = 4096, kernel = 2*2*3*3*8*8 = 2304, y = 4096 elements.
+    # forward = x + kernel + y = 10496 elements; backward = gy + x + kernel (read) + gx + gk (written)
+    #         = 4096 + 4096 + 2304 + 4096 + 2304 = 16896 elements.
+    got = bw.involution_bytes(2, 32, 8, 8, 2, 3, dtype=torch.float32)
+    assert got == {"forward": 10496 * 4, "backward": 16896 * 4, "total": (10496 + 16896) * 4}
+
+
+def test_involution_bytes_matches_hand_count_stride2_bfloat16():
+    # stride 2 -> 4x4 output: y = 2*32*4*4 = 1024, kernel = 2*2*9*16 = 576; 2-byte elements.
+    got = bw.involution_bytes(2, 32, 8, 8, 2, 3, stride=2, dtype=torch.bfloat16)
+    assert got["forward"] == (4096 + 576 + 1024) * 2
+    assert got["backward"] == (1024 + 4096 + 576 + 4096 + 576) * 2
+    # dilation 2 with default padding keeps the spatial size; non-square input
+    got = bw.involution_bytes(1, 16, 10, 6, 1, 3, dilation=2, dtype=torch.float64)
+    x, ker = 16 * 60, 9 * 60
+    assert got["forward"] == (x + ker + x) * 8
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"channels": 30, "groups": 4}, "divisible by groups"),
+    ({"batch": 0}, "batch must be a positive int; got 0"),
+    ({"kernel_size": 2.5}, "kernel_size must be a positive int"),
+    ({"height": 2, "width": 2, "kernel_size": 7, "padding": 0}, "too small"),
+])
+def test_involution_bytes_rejects_bad_input(kwargs, match):
+    args = {"batch": 1, "channels": 32, "height": 8, "width": 8, "groups": 2, "kernel_size": 3, **kwargs}
+    with pytest.raises(ValueError, match=match):
+        bw.involution_bytes(**args)
+
+
+def test_rednet50_layers_are_consistent():
+    names = [s.name for s in bw.REDNET50_LAYERS]
+    assert len(names) == len(set(names))
+    for s in bw.REDNET50_LAYERS:
+        assert s.channels % s.group_channels == 0 and s.groups == s.channels // 16
+        ho = bw.output_size(s.height, s.kernel_size, s.stride)
+        assert ho == math.ceil(s.height / s.stride)
+
+
+def test_rednet50_layers_match_the_model():
+    """The layer list (shapes and counts) is exactly what build_model('rednet50') runs at 224 px (meta device)."""
+    from workloads.models import build_model
+    from workloads.ops import Involution2d
+
+    with torch.device("meta"):
+        model = build_model("rednet50")
+    seen = {}
+
+    def hook(mod, inp, out):
+        key = (mod.channels, *inp[0].shape[2:], mod.kernel_size, mod.stride, mod.groups)
+        seen[key] = seen.get(key, 0) + 1
+
+    for mod in model.modules():
+        if isinstance(mod, Involution2d):
+            mod.register_forward_hook(hook)
+    model(torch.zeros(1, 3, 224, 224, device="meta"))
+    expected = {(s.channels, s.height, s.width, s.kernel_size, s.stride, s.groups): s.count
+                for s in bw.REDNET50_LAYERS}
+    assert seen == expected
+
+
+def test_copy_bandwidth_on_cpu_and_bound_table():
+    rate = bw.measure_copy_bandwidth("cpu", nbytes=4 << 20, iters=3, warmup=1)
+    assert math.isfinite(rate) and rate > 1e7  # any machine copies faster than 10 MB/s
+    rows = bw.bound_table(bw.REDNET50_LAYERS[:2], 4, ["bfloat16", "float32"], bandwidth=1e9)
+    assert len(rows) == 4
+    r = rows[0]
+    expected = bw.shape_bytes(bw.REDNET50_LAYERS[0], 4, torch.bfloat16)
+    assert r["bytes_forward"] == expected["forward"] and r["bytes_total"] == expected["total"]
+    assert r["bound_forward_us"] == pytest.approx(expected["forward"] / 1e9 * 1e6)
+    assert rows[2]["bytes_total"] == 2 * r["bytes_total"]  # float32 moves twice the bf16 bytes
+    with pytest.raises(ValueError, match="nbytes"):
+        bw.measure_copy_bandwidth("cpu", nbytes=16)
+
+
+def test_compare_times_implementations_on_cpu():
+    layers = [bw.InvolutionShape("tiny", 32, 9, 11, kernel_size=3, stride=2),
+              bw.InvolutionShape("tiny2", 16, 6, 6, kernel_size=3, count=2)]
+    impls = bw.implementations(torch.device("cpu"))
+    assert "unfold" in impls and "published" not in impls  # published needs CUDA + CuPy
+    rows = bw.compare(layers, 2, ["float32"], 1e9, torch.device("cpu"), impls, repeat=1, warmup=0,
+                      log=lambda *a, **k: None)
+    assert {r["impl"] for r in rows} == set(impls)
+    for r in rows:
+        assert r["forward_ms"] > 0 and r["fwd_bwd_ms"] > 0
+        assert r["forward_x_floor"] == pytest.approx(r["forward_ms"] / r["floor_forward_ms"])
+    table = bw.format_comparison(rows)
+    assert "float32, forward, batch 2" in table and "float32, forward+backward, batch 2" in table
+    unfold = next(r for r in rows if r["impl"] == "unfold")
+    assert f"| tiny | {unfold['floor_forward_ms']:.3f} | {unfold['forward_ms']:.3f} (" in table
+    u2 = next(r for r in rows if r["impl"] == "unfold" and r["layer"] == "tiny2")
+    total = unfold["forward_ms"] + 2 * u2["forward_ms"]
+    assert f"| all layers x count | {unfold['floor_forward_ms'] + 2 * u2['floor_forward_ms']:.3f} | {total:.3f} (" \
+        in table
+
+
+def test_bandwidth_cli_writes_json(tmp_path, capsys):
+    out = tmp_path / "bw.json"
+    rc = bw.main(["--device", "cpu", "--batch", "2", "--copy-mib", "4", "--iters", "2", "--dtype", "float32",
+                  "--layers", "stage4", "--json", str(out)])
+    assert rc == 0
+    report = json.loads(out.read_text())
+    assert report["machine"]["device_type"] == "cpu" and report["copy_bandwidth_bytes_per_s"] > 0
+    assert [r["name"] for r in report["layers"]] == ["stage4"]
+    assert bw.main(["--device", "cpu", "--layers", "nope"]) == 2
+    assert "unknown layer" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------------------
+# model_speed.py
+# ------------------------------------------------------------------------------------------------------
+def test_model_speed_rejects_unknown_model(capsys):
+    assert model_speed.main(["--models", "rednet51", "--device", "cpu", "--baseline", "rednet51"]) == 2
+    assert "unknown model 'rednet51'" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="batch must be a positive int"):
+        model_speed.run(["rednet50"], "torchvision:resnet50", device="cpu", batch=0)
+
+
+@pytest.mark.slow
+def test_model_speed_runs_on_cpu_and_writes_json(tmp_path):
+    out = tmp_path / "speed.json"
+    rc = model_speed.main(["--device", "cpu", "--batch", "2", "--size", "32", "--steps", "1", "--warmup", "0",
+                           "--num-classes", "10", "--json", str(out)])
+    assert rc == 0
+    report = json.loads(out.read_text())
+    assert report["baseline"] == "torchvision:resnet50"
+    assert [r["model"] for r in report["results"]] == ["torchvision:resnet50", "rednet50", "cednet50"]
+    assert report["config"]["amp_bf16"] is True and report["config"]["channels_last"] is True
+    assert report["involution_backend"] == "torch"
+    base = report["results"][0]
+    assert base["ratio_vs_baseline"] == 1.0
+    for r in report["results"]:
+        assert r["images_per_s"] > 0 and math.isfinite(r["final_loss"])
+        assert r["ratio_vs_baseline"] == pytest.approx(r["images_per_s"] / base["images_per_s"])
+    assert report["results"][1]["params_m"] < base["params_m"]  # RedNet-50 is the smaller network

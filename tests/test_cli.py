@@ -1,0 +1,108 @@
+"""The `cvlab` command line: fast help, exit codes, `data make-imagenet`, `validate`."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from orchestrator.cli import main
+from orchestrator.spec_loader import spec_from_dict
+
+REPO = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "PYTHONPATH": str(REPO)}
+
+
+def test_help_is_fast_and_lists_the_verbs():
+    out = subprocess.run(check=False, args=[sys.executable, "-m", "orchestrator", "--help"], cwd=REPO, env=ENV,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    for verb in ("data", "validate"):
+        assert verb in out.stdout
+    # Fast means no heavy import just to build the parser.
+    code = ("import sys; from orchestrator.cli import build_parser; build_parser(); "
+            "print(sorted(m for m in ('torch', 'ray', 'mlflow', 'mmdet', 'torchvision') if m in sys.modules))")
+    out = subprocess.run(check=False, args=[sys.executable, "-c", code], cwd=REPO, env=ENV, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]", f"heavy modules imported by `cvlab --help`: {out.stdout}"
+
+
+def test_unknown_verb_and_missing_subverb_exit_2(capsys):
+    assert main(["no-such-verb"]) == 2
+    assert "invalid choice" in capsys.readouterr().err
+    assert main(["data"]) == 2
+    assert main([]) == 2
+    out = subprocess.run(check=False, args=[sys.executable, "-m", "orchestrator", "frobnicate"], cwd=REPO, env=ENV,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+
+
+def test_data_make_imagenet(tmp_path, capsys):
+    root = tmp_path / "tiny"
+    args = ["data", "make-imagenet", str(root), "--classes", "3", "--per-class", "4", "--size", "32",
+            "--val-per-class", "2", "--seed", "5"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "train_images: 12" in out and "val_images: 6" in out
+    for split, per in (("train", 4), ("val", 2)):
+        classes = sorted((root / split).iterdir())
+        assert len(classes) == 3
+        assert all(len(list(c.glob("*.JPEG"))) == per for c in classes)
+    assert main(args) == 0  # idempotent: the same data set again is reused
+    assert "reusing" in capsys.readouterr().out
+
+    assert main(args[:3] + ["--classes", "4", "--per-class", "4", "--size", "32"]) == 2
+    assert "different parameters" in capsys.readouterr().err
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "keep.txt").write_text("x")
+    assert main(["data", "make-imagenet", str(other)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("cvlab: error: data make-imagenet: refusing to write into") and "Traceback" not in err
+    assert main(["data", "make-imagenet", str(tmp_path / "x"), "--classes", "1"]) == 2
+    assert "classes must be an integer" in capsys.readouterr().err
+
+
+def test_data_make_coco_without_generator(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "workloads.detection.synthetic_coco", None)
+    assert main(["data", "make-coco", str(tmp_path / "coco")]) == 2
+    assert "COCO generator is not available" in capsys.readouterr().err
+
+
+def test_data_make_coco_rejects_options_the_generator_lacks(tmp_path, capsys, monkeypatch):
+    import types
+
+    calls = []
+    fake = types.ModuleType("workloads.detection.synthetic_coco")
+    fake.make_coco = lambda root, images=4: calls.append((root, images)) or {"images": images}
+    monkeypatch.setitem(sys.modules, "workloads.detection.synthetic_coco", fake)
+    assert main(["data", "make-coco", str(tmp_path / "c"), "--images", "6"]) == 0
+    assert calls == [(str(tmp_path / "c"), 6)]
+    assert main(["data", "make-coco", str(tmp_path / "c"), "--size", "64"]) == 2
+    assert "does not take --size" in capsys.readouterr().err
+
+
+def test_validate_prints_resolved_yaml(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "workloads.models", None)  # the loader alone
+    (tmp_path / "base.yaml").write_text("optim: {lr: 0.1, epochs: 3}\n")
+    (tmp_path / "x.yaml").write_text("_base_: base.yaml\nmodel: {name: cednet26}\n")
+    assert main(["validate", str(tmp_path / "x.yaml"), "--set", "optim.epochs=5"]) == 0
+    text = capsys.readouterr().out
+    assert text.startswith("# sources: ") and "base.yaml" in text.splitlines()[0]
+    spec = spec_from_dict(yaml.safe_load(text))
+    assert spec.optim.epochs == 5 and spec.optim.lr == 0.1
+    assert main(["validate", str(tmp_path / "x.yaml"), "--flat"]) == 0
+    assert "optim.epochs = 3" in capsys.readouterr().out.splitlines()
+    assert main(["validate", str(tmp_path / "x.yaml"), "--set", "optim.epoch=5"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "cvlab: error: --set optim.epoch=5: unknown path optim.epoch; did you mean optim.epochs?")
+
+
+@pytest.mark.parametrize("model", ["cednet50", "rednet50", "resnet50"])
+def test_validate_recipe_files(model, capsys):
+    assert main(["validate", str(REPO / "experiments" / f"{model}_imagenet.yaml"), "--flat"]) == 0
+    assert f"model.name = {model}" in capsys.readouterr().out.splitlines()

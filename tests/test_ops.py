@@ -1,0 +1,356 @@
+"""CPU tests of workloads.ops: the torch backend against an independent unfold reference, gradients,
+the modules (shapes, parameter layout, bad input), the `auto` backend choice and torch.compile."""
+from __future__ import annotations
+
+import itertools
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from workloads.ops import Cvolution2d, Involution2d, involution2d, torch_backend
+from workloads.ops import functional as ops_functional
+
+
+def reference_involution(x, kernel, stride, padding, dilation):
+    """Independent reference: the unfold formulation of the published naive RedNet code."""
+    b, c, _, _ = x.shape
+    _, g, k, _, ho, wo = kernel.shape
+    cols = F.unfold(x, k, dilation=dilation, padding=padding, stride=stride)  # (B, C*K*K, Ho*Wo)
+    cols = cols.view(b, g, c // g, k * k, ho, wo)
+    return (cols * kernel.reshape(b, g, 1, k * k, ho, wo)).sum(3).reshape(b, c, ho, wo)
+
+
+def make_inputs(b, c, h, w, g, k, stride, padding, dilation, dtype=torch.float64, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    ho, wo = torch_backend.output_size(h, w, k, stride, padding, dilation)
+    x = torch.randn(b, c, h, w, generator=gen, dtype=dtype)
+    kernel = torch.randn(b, g, k, k, ho, wo, generator=gen, dtype=dtype)
+    return x, kernel
+
+
+GRID = list(itertools.product([1, 3, 5, 7], [1, 2], [1, 2], [1, 2, 4], [1, 3]))
+
+
+@pytest.mark.parametrize("k,stride,dilation,g,b", GRID)
+def test_torch_backend_matches_reference(k, stride, dilation, g, b):
+    h, w, c = 7, 10, 16  # C = 16 works for every G; H odd, W even, H != W
+    padding = dilation * (k - 1) // 2
+    x, kernel = make_inputs(b, c, h, w, g, k, stride, padding, dilation, seed=k * 100 + stride * 10 + dilation)
+    x.requires_grad_(True)
+    kernel.requires_grad_(True)
+    out = involution2d(x, kernel, stride=stride, dilation=dilation, backend="torch")
+    ref = reference_involution(x, kernel, stride, padding, dilation)
+    assert out.shape == ref.shape == (b, c, (h - 1) // stride + 1, (w - 1) // stride + 1)
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+    # Gradients of the custom op (explicit backward functions) against autograd through the reference.
+    gy = torch.randn_like(out)
+    gx, gk = torch.autograd.grad(out, (x, kernel), gy)
+    rgx, rgk = torch.autograd.grad(ref, (x, kernel), gy)
+    torch.testing.assert_close(gx, rgx, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(gk, rgk, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("h,w,k,stride,padding,dilation", [
+    (9, 6, 3, 2, 0, 1),    # no padding, (H + 2p - span) not a multiple of the stride
+    (8, 11, 5, 3, 1, 1),   # stride 3, asymmetric leftovers
+    (6, 5, 3, 1, 4, 2),    # padding larger than the "same" padding
+    (7, 9, 7, 2, 0, 1),    # kernel as large as the input height
+])
+def test_explicit_padding(h, w, k, stride, padding, dilation):
+    x, kernel = make_inputs(2, 6, h, w, 3, k, stride, padding, dilation)
+    x.requires_grad_(True)
+    kernel.requires_grad_(True)
+    out = involution2d(x, kernel, stride, padding, dilation, backend="torch")
+    ref = reference_involution(x, kernel, stride, padding, dilation)
+    torch.testing.assert_close(out, ref)
+    gy = torch.randn_like(out)
+    for a, r in zip(torch.autograd.grad(out, (x, kernel), gy), torch.autograd.grad(ref, (x, kernel), gy)):
+        torch.testing.assert_close(a, r)
+
+
+def test_explicit_backward_functions_directly():
+    """The backward functions work without autograd (no graph through the K*K loop)."""
+    x, kernel = make_inputs(2, 8, 9, 7, 2, 3, 2, 1, 1)
+    gy = torch.randn(2, 8, 5, 4, dtype=torch.float64)
+    with torch.no_grad():
+        gx = torch_backend.involution_grad_input(gy, kernel, (9, 7), 2, 1, 1)
+        gk = torch_backend.involution_grad_kernel(gy, x, 2, 3, 2, 1, 1)
+    xr, kr = x.clone().requires_grad_(True), kernel.clone().requires_grad_(True)
+    rgx, rgk = torch.autograd.grad(reference_involution(xr, kr, 2, 1, 1), (xr, kr), gy)
+    torch.testing.assert_close(gx, rgx)
+    torch.testing.assert_close(gk, rgk)
+
+
+def test_gradcheck_float64():
+    x, kernel = make_inputs(2, 4, 5, 6, 2, 3, 2, 1, 1)
+    x.requires_grad_(True)
+    kernel.requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda a, b: involution2d(a, b, 2, 1, 1, backend="torch"), (x, kernel))
+    x, kernel = make_inputs(1, 4, 6, 5, 4, 3, 1, 2, 2)
+    x.requires_grad_(True)
+    kernel.requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda a, b: involution2d(a, b, 1, None, 2), (x, kernel))
+
+
+def test_non_contiguous_and_channels_last_inputs():
+    x, kernel = make_inputs(2, 8, 9, 6, 2, 3, 1, 1, 1)
+    ref = reference_involution(x, kernel, 1, 1, 1)
+    torch.testing.assert_close(involution2d(x.to(memory_format=torch.channels_last), kernel), ref)
+    xt = x.transpose(2, 3).contiguous().transpose(2, 3)  # same values, non-contiguous strides
+    kt = kernel.transpose(4, 5).contiguous().transpose(4, 5)
+    assert not xt.is_contiguous() and not kt.is_contiguous()
+    torch.testing.assert_close(involution2d(xt, kt), ref)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_lower_precision_dtypes(dtype):
+    x, kernel = make_inputs(2, 8, 7, 6, 2, 5, 1, 2, 1)
+    ref = reference_involution(x, kernel, 1, 2, 1)
+    out = involution2d(x.to(dtype), kernel.to(dtype), backend="torch")
+    assert out.dtype == dtype
+    tol = {torch.float32: 1e-5, torch.float16: 2e-2, torch.bfloat16: 1.5e-1}[dtype]
+    torch.testing.assert_close(out.double(), ref, rtol=tol, atol=tol)
+
+
+def test_mixed_dtypes_are_promoted():
+    x, kernel = make_inputs(1, 4, 5, 5, 1, 3, 1, 1, 1)
+    out = involution2d(x.float(), kernel.to(torch.bfloat16))
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out.double(), reference_involution(x, kernel.to(torch.bfloat16).double(), 1, 1, 1),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_cpu_autocast_runs():
+    m = Involution2d(16, 3, group_channels=8).eval()
+    x = torch.randn(1, 16, 6, 6)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = m(x)
+    assert y.shape == x.shape and torch.isfinite(y.float()).all()
+
+
+# ------------------------------------------------------------------------------------------------ modules
+
+
+@pytest.mark.parametrize("cls", [Involution2d, Cvolution2d])
+@pytest.mark.parametrize("stride", [1, 2])
+def test_module_shapes_and_attributes(cls, stride):
+    m = cls(32, kernel_size=5, stride=stride, group_channels=8, reduction_ratio=4)
+    x = torch.randn(2, 32, 12, 8)
+    kernel = m.generate_kernel(x)
+    assert kernel.shape == (2, 4, 5, 5, 12 // stride, 8 // stride)
+    y = m(x)
+    assert y.shape == (2, 32, 12 // stride, 8 // stride)
+    assert (m.channels, m.kernel_size, m.stride, m.dilation, m.groups) == (32, 5, stride, 1, 4)
+    y.sum().backward()
+    assert all(p.grad is not None for p in m.parameters())
+
+
+def test_involution_module_matches_functional_reference():
+    m = Involution2d(16, 3, stride=2, group_channels=4, reduction_ratio=2).double().eval()
+    x = torch.randn(2, 16, 8, 6, dtype=torch.float64)
+    kernel = m.generate_kernel(x)
+    torch.testing.assert_close(m(x), reference_involution(x, kernel, 2, 1, 1))
+
+
+def test_cvolution_gate_and_kernel_from_ungated_input():
+    m = Cvolution2d(16, 3, group_channels=4, reduction_ratio=2, channel_groups=4).double().eval()
+    x = torch.randn(2, 16, 6, 7, dtype=torch.float64)
+    gate = m.channel_gate(x)
+    assert gate.shape == (2, 16, 1, 1) and bool(((gate > 0) & (gate < 1)).all())
+    expected = reference_involution(x * gate, m.generate_kernel(x), 1, 1, 1)
+    torch.testing.assert_close(m(x), expected)
+
+
+def test_parameter_layout_matches_published_rednet():
+    m = Involution2d(64, 7, stride=1)
+    shapes = {k: tuple(v.shape) for k, v in m.state_dict().items()}
+    assert shapes == {
+        "reduce.weight": (16, 64, 1, 1),
+        "bn.weight": (16,), "bn.bias": (16,), "bn.running_mean": (16,), "bn.running_var": (16,),
+        "bn.num_batches_tracked": (),
+        "span.weight": (7 * 7 * 4, 16, 1, 1), "span.bias": (7 * 7 * 4,),
+    }
+    assert set(m.mmcls_key_map.values()) == set(shapes)
+    # Published RedNet stage-1 involution (C=64, K=7, G=4, r=4): 1024 + 32 + 3136 + 196 parameters.
+    assert sum(p.numel() for p in m.parameters()) == 1024 + 32 + 3136 + 196
+    c = Cvolution2d(64, 7, channel_groups=16)
+    assert sum(p.numel() for p in c.parameters()) == 1024 + 32 + 3136 + 196 + 64 * 4 * 9
+    assert c.channel_conv.bias is None and c.channel_conv.padding == (1, 1)
+
+
+@pytest.mark.parametrize("kwargs,needle", [
+    ({"channels": 30, "group_channels": 16}, "group_channels=16"),
+    ({"channels": 32, "channel_groups": 5}, "channel_groups=5"),
+    ({"channels": 8, "group_channels": 8, "reduction_ratio": 16}, "reduction_ratio=16"),
+    ({"channels": 32, "kernel_size": 4}, "kernel_size=4"),
+    ({"channels": 32, "kernel_size": 0}, "kernel_size=0"),
+    ({"channels": 32, "stride": 0}, "stride=0"),
+    ({"channels": 32, "dilation": -1}, "dilation=-1"),
+    ({"channels": 0}, "channels=0"),
+])
+def test_bad_hyperparameters(kwargs, needle):
+    with pytest.raises(ValueError, match=needle):
+        Cvolution2d(**kwargs)
+    if "channel_groups" not in kwargs:
+        with pytest.raises(ValueError, match=needle):
+            Involution2d(**kwargs)
+
+
+def test_bad_module_inputs():
+    m = Involution2d(32, 3, group_channels=8)
+    with pytest.raises(ValueError, match=r"4-D.*\(32, 8\)"):
+        m(torch.randn(32, 8))
+    with pytest.raises(ValueError, match="channels=32.*16 channels"):
+        m(torch.randn(1, 16, 8, 8))
+    s2 = Involution2d(32, 3, stride=2, group_channels=8)
+    with pytest.raises(ValueError, match="divisible by the stride"):
+        s2(torch.randn(1, 32, 7, 8))
+    with pytest.raises(TypeError, match="kernel_size"):
+        Involution2d(32, kernel_size=3.0)
+
+
+def test_bad_functional_inputs():
+    x, kernel = make_inputs(2, 8, 6, 5, 2, 3, 1, 1, 1, dtype=torch.float32)
+    with pytest.raises(ValueError, match=r"x must be 4-D.*\(8, 6, 5\)"):
+        involution2d(x[0], kernel)
+    with pytest.raises(ValueError, match=r"kernel must be 6-D"):
+        involution2d(x, kernel[0])
+    with pytest.raises(ValueError, match=r"kernel spatial size 6x5 does not match the output size 3x3"):
+        involution2d(x, kernel, stride=2)
+    with pytest.raises(ValueError, match="C=8 must be divisible by the kernel groups G=3"):
+        involution2d(x, torch.randn(2, 3, 3, 3, 6, 5))
+    with pytest.raises(ValueError, match="kernel batch 1 does not match x batch 2"):
+        involution2d(x, kernel[:1])
+    with pytest.raises(ValueError, match="square"):
+        involution2d(x, torch.randn(2, 2, 3, 5, 6, 5))
+    with pytest.raises(TypeError, match="unsupported dtype torch.int64"):
+        involution2d(x.long(), kernel)
+    with pytest.raises(TypeError, match="unsupported dtype torch.complex64"):
+        involution2d(x, kernel.to(torch.complex64))
+    with pytest.raises(ValueError, match="backend=.*'triton'"):
+        involution2d(x, kernel, backend="triton")
+    with pytest.raises(ValueError, match="backend='cupy' needs CUDA tensors"):
+        involution2d(x, kernel, backend="cupy")
+    with pytest.raises(ValueError, match="stride must be >= 1, got stride=0"):
+        involution2d(x, kernel, stride=0)
+    with pytest.raises(ValueError, match="padding must be >= 0, got padding=-1"):
+        involution2d(x, kernel, padding=-1)
+    with pytest.raises(TypeError, match="x must be a torch.Tensor"):
+        involution2d(x.numpy(), kernel)
+
+
+# ------------------------------------------------------------------------------------------------ backends
+
+
+def test_auto_backend_never_warns_for_cpu_tensors():
+    x, kernel = make_inputs(1, 4, 5, 5, 1, 3, 1, 1, 1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        involution2d(x, kernel, backend="auto")
+        Involution2d(16, 3, group_channels=8)(torch.randn(1, 16, 4, 4))
+    assert ops_functional.resolve_backend("auto", torch.device("cpu")) == "torch"
+
+
+def test_auto_backend_warns_once_with_reason_when_cupy_unusable(monkeypatch):
+    """The CUDA branch of `auto`: exercised here with a CuPy status that reports a failure."""
+    from workloads.ops import cupy_backend
+
+    monkeypatch.setattr(cupy_backend, "cupy_status", lambda: (False, "CuPy is not installed (test)"))
+    monkeypatch.setattr(ops_functional, "_auto_warned", False)
+    cuda = torch.device("cuda", 0)
+    with pytest.warns(RuntimeWarning, match=r"CuPy is not installed \(test\)"):
+        assert ops_functional.resolve_backend("auto", cuda) == "torch"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert ops_functional.resolve_backend("auto", cuda) == "torch"   # once per process
+    with pytest.raises(RuntimeError, match="backend='cupy' is unusable: CuPy is not installed"):
+        ops_functional.resolve_backend("cupy", cuda)
+
+
+def test_real_cupy_status_reports_a_reason():
+    from workloads.ops import cupy_backend
+
+    ok, reason = cupy_backend.cupy_status()
+    if not torch.cuda.is_available():
+        assert not ok
+    if not ok:
+        assert reason and isinstance(reason, str)
+
+
+# ------------------------------------------------------------------------------------------------ compile
+
+
+class _TinyNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inv = Involution2d(16, 3, stride=1, group_channels=8, reduction_ratio=4)
+        self.cvo = Cvolution2d(16, 3, stride=2, group_channels=8, reduction_ratio=4, channel_groups=4)
+
+    def forward(self, x):
+        return self.cvo(torch.relu(self.inv(x)))
+
+
+def _check_compiled(backend):
+    torch.manual_seed(0)
+    model = _TinyNet()
+    x = torch.randn(2, 16, 8, 8, requires_grad=True)
+    ref = model(x)
+    ref.sum().backward()
+    ref_grads = [x.grad.clone()] + [p.grad.clone() for p in model.parameters()]
+    x.grad = None
+    model.zero_grad()
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True, backend=backend)
+    out = compiled(x)
+    out.sum().backward()
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    for a, r in zip([x.grad] + [p.grad for p in model.parameters()], ref_grads):
+        torch.testing.assert_close(a, r, rtol=1e-4, atol=1e-5)
+
+
+def test_torch_compile_fullgraph_aot_eager():
+    """Dynamo + AOTAutograd (fake impls, register_autograd) with fullgraph=True: no graph breaks."""
+    _check_compiled("aot_eager")
+
+
+@pytest.mark.slow
+def test_torch_compile_fullgraph_inductor():
+    """The full inductor pipeline (generates and compiles C++; ~70 s on 2 shared cores)."""
+    _check_compiled("inductor")
+
+
+def test_custom_op_opcheck():
+    """torch.library.opcheck: schema, fake impl and autograd registration are consistent."""
+    x, kernel = make_inputs(1, 4, 5, 6, 2, 3, 2, 1, 1)
+    x.requires_grad_(True)
+    kernel.requires_grad_(True)
+    torch.library.opcheck(torch.ops.cvlab.involution2d.default, (x, kernel, 2, 1, 1, "torch"))
+    gy = torch.randn(1, 4, 3, 3, dtype=torch.float64)
+    torch.library.opcheck(torch.ops.cvlab.involution2d_grad_input.default, (gy, kernel.detach(), 5, 6, 2, 1, 1,
+                                                                            "torch"))
+    torch.library.opcheck(torch.ops.cvlab.involution2d_grad_kernel.default, (gy, x.detach(), 2, 3, 2, 1, 1,
+                                                                             "torch"))
+
+
+# ------------------------------------------------------------------------------------------------ benchmark
+
+
+def test_benchmark_quick_smoke(tmp_path, capsys):
+    """benchmarks/ops.py runs end to end (tiny batch) and writes its JSON."""
+    import json
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from benchmarks import ops as bench
+
+    out = tmp_path / "ops.json"
+    assert bench.main(["--quick", "--batch", "1", "--device", "cpu", "--out", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert [(r["impl"], r["channels"]) for r in data["rows"]] == [("unfold", 512), ("torch", 512)]
+    assert all(r["fwd_ms"] > 0 and r["fwd_bwd_ms"] > 0 for r in data["rows"])
+    assert "cupy skipped" in " ".join(data["notes"])
+    assert "fwd ms" in capsys.readouterr().out

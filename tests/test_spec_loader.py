@@ -1,0 +1,290 @@
+"""The experiment spec loader: `_base_` inheritance, `--set` overrides, error messages, helpers."""
+from __future__ import annotations
+
+import sys
+import textwrap
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from orchestrator.errors import CvlabError
+from orchestrator.spec import ExperimentSpec
+from orchestrator.spec_loader import (
+    MAX_PARAM_CHARS,
+    apply_overrides,
+    flatten_spec,
+    load_spec,
+    load_spec_with_sources,
+    nearest_path,
+    parse_set,
+    spec_from_dict,
+    spec_to_dict,
+    valid_paths,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def write(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+@pytest.fixture
+def no_model_registry(monkeypatch):
+    """Validate without the model registry (tests of the loader alone stay independent of it)."""
+    monkeypatch.setitem(sys.modules, "workloads.models", None)
+
+
+@pytest.fixture
+def fake_registry(monkeypatch):
+    """A stand-in registry that follows the models contract (ValueError naming the key)."""
+    mod = types.ModuleType("workloads.models")
+
+    def validate_model_config(name, **overrides):
+        if name not in ("cednet26", "cednet50", "rednet50"):
+            raise ValueError(f"unknown model {name!r}")
+        for key, value in overrides.items():
+            if key not in ("reduction_ratio", "kernel_size", "num_classes"):
+                raise ValueError(f"unknown override {key!r} for {name}")
+            if key == "reduction_ratio" and value not in (1, 2, 4, 8):
+                raise ValueError(f"reduction_ratio={value} does not fit layer 'layer1.0'")
+
+    mod.validate_model_config = validate_model_config
+    mod.list_models = lambda: ["cednet26", "cednet50", "rednet50"]
+    monkeypatch.setitem(sys.modules, "workloads.models", mod)
+
+
+# ---------------------------------------------------------------------------------------------- _base_
+
+
+def test_base_inheritance_deep_merge(tmp_path, no_model_registry):
+    write(tmp_path / "_base_" / "a.yaml", """
+        experiment: {name: a, tags: {x: "1", y: "2"}}
+        optim: {lr: 0.1, epochs: 10, betas: [0.8, 0.9]}
+        model: {name: cednet26, out_indices: [0, 1, 2]}
+    """)
+    write(tmp_path / "_base_" / "b.yaml", """
+        _base_: a.yaml           # relative to this file
+        optim: {epochs: 20}
+    """)
+    child = write(tmp_path / "exp" / "child.yaml", """
+        _base_: [../_base_/b.yaml]
+        experiment: {tags: {y: "3"}}
+        optim: {betas: [0.5, 0.6]}
+        model: {out_indices: [3]}
+    """)
+    spec = load_spec(child)
+    assert spec.experiment.name == "a"
+    assert spec.experiment.tags == {"x": "1", "y": "3"}  # deep merge, child wins
+    assert spec.optim.lr == 0.1 and spec.optim.epochs == 20  # nearer base wins over farther
+    assert spec.optim.betas == (0.5, 0.6)
+    assert spec.model.overrides == {"out_indices": [3]}  # lists are replaced, not merged
+    spec2, sources = load_spec_with_sources(child)
+    assert [Path(s).name for s in sources] == ["a.yaml", "b.yaml", "child.yaml"]
+    assert spec2 == spec and spec.sources == sources
+
+
+def test_several_bases_later_wins_and_delete(tmp_path, no_model_registry):
+    write(tmp_path / "one.yaml", "optim: {lr: 1.0, epochs: 1}\nrun: {max_failures: 1}\n")
+    write(tmp_path / "two.yaml", "optim: {lr: 2.0}\n")
+    spec = load_spec(write(tmp_path / "c.yaml", "_base_: [one.yaml, two.yaml]\n"))
+    assert spec.optim.lr == 2.0 and spec.optim.epochs == 1 and spec.run.max_failures == 1
+    spec = load_spec(write(tmp_path / "d.yaml", "_base_: one.yaml\noptim: {_delete_: true, lr: 3.0}\n"))
+    assert spec.optim.lr == 3.0 and spec.optim.epochs == ExperimentSpec().optim.epochs
+
+
+def test_base_cycle_is_detected(tmp_path, no_model_registry):
+    write(tmp_path / "a.yaml", "_base_: b.yaml\n")
+    write(tmp_path / "b.yaml", "_base_: [a.yaml]\n")
+    with pytest.raises(CvlabError, match=r"_base_ cycle: .*a\.yaml -> .*b\.yaml -> .*a\.yaml"):
+        load_spec(tmp_path / "a.yaml")
+
+
+def test_missing_files(tmp_path, no_model_registry):
+    with pytest.raises(CvlabError, match=r"nope\.yaml: file not found"):
+        load_spec(tmp_path / "nope.yaml")
+    child = write(tmp_path / "c.yaml", "_base_: gone.yaml\n")
+    with pytest.raises(CvlabError, match=r"gone\.yaml: file not found \(from .*c\.yaml\)"):
+        load_spec(child)
+    with pytest.raises(CvlabError, match="_base_ must be a file path or a list"):
+        load_spec(write(tmp_path / "d.yaml", "_base_: 3\n"))
+    with pytest.raises(CvlabError, match="is a directory"):
+        load_spec(tmp_path)
+
+
+# ---------------------------------------------------------------------------------------------- errors
+
+
+def test_invalid_yaml_names_file_and_line(tmp_path):
+    bad = write(tmp_path / "bad.yaml", "optim:\n  lr: 0.1\n  epochs: [1, 2\nrun: {}\n")
+    with pytest.raises(CvlabError) as info:
+        load_spec(bad)
+    msg = str(info.value)
+    assert str(bad) in msg and "invalid YAML" in msg
+    assert f"{bad}:4:" in msg or f"{bad}:3:" in msg  # the line of the problem
+    with pytest.raises(CvlabError, match=r"top level must be a mapping"):
+        load_spec(write(tmp_path / "list.yaml", "- a\n- b\n"))
+    with pytest.raises(CvlabError, match=r"dup\.yaml:3: duplicate key 'lr' \(first at line 2\)"):
+        load_spec(write(tmp_path / "dup.yaml", "optim:\n  lr: 1\n  lr: 2\n"))
+    with pytest.raises(CvlabError, match=r"key 'on' is not a string .*quote it"):
+        load_spec(write(tmp_path / "bool.yaml", "experiment:\n  tags:\n    on: x\n"))
+
+
+def test_unknown_key_names_file_path_and_suggestion(tmp_path, no_model_registry):
+    write(tmp_path / "base.yaml", "optim:\n  lr: 0.1\n")
+    child = write(tmp_path / "child.yaml", "_base_: base.yaml\noptim:\n  epochs: 2\n  lrr: 0.2\n")
+    with pytest.raises(CvlabError) as info:
+        load_spec(child)
+    assert str(info.value) == f"{child}:4: optim.lrr: unknown key; did you mean optim.lr?"
+    # An unknown key in a *base* file is blamed on the base file.
+    write(tmp_path / "base2.yaml", "precision:\n  autocats: bf16\n")
+    with pytest.raises(CvlabError, match=r"base2\.yaml:2: precision\.autocats: unknown key; did you mean "
+                                         r"precision\.autocast\?"):
+        load_spec(write(tmp_path / "c2.yaml", "_base_: base2.yaml\n"))
+    with pytest.raises(CvlabError, match=r"optimizer: unknown key; did you mean optim\?"):
+        load_spec(write(tmp_path / "c3.yaml", "optimizer: {lr: 1}\n"))
+
+
+def test_wrong_type_names_file_path_expected_and_got(tmp_path, no_model_registry):
+    path = write(tmp_path / "t.yaml", "data:\n  batch_size: many\nprecision: {autocast: fp8}\n")
+    with pytest.raises(CvlabError) as info:
+        load_spec(path)
+    msg = str(info.value)
+    assert "2 problems" in msg
+    assert f"{path}:2: data.batch_size: expected int, got 'many' (str)" in msg
+    assert "precision.autocast: expected one of 'fp32', 'bf16', 'fp16', got 'fp8'" in msg
+    with pytest.raises(CvlabError, match=r"model: expected a mapping \(section\), got 'cednet50'"):
+        load_spec(write(tmp_path / "m.yaml", "model: cednet50\n"))
+    with pytest.raises(CvlabError, match=r"run\.name: expected str or null, got 5"):
+        load_spec(write(tmp_path / "n.yaml", "run: {name: 5}\n"))
+
+
+def test_bad_set_overrides(tmp_path, no_model_registry):
+    path = write(tmp_path / "ok.yaml", "optim: {lr: 0.1}\n")
+    cases = {
+        "optim.lr": "expected KEY=VALUE",
+        "=3": "key before '=' is empty",
+        "optim..lr=3": "empty key between dots",
+        "optim.lrate=3": r"unknown path optim\.lrate; did you mean optim\.lr\?",
+        "optim.lr.x=3": r"optim\.lr is float and has no key 'x'",
+        "optim.lr=[1, 2": "not valid YAML",
+        "optim.lr=fast": r"--set optim\.lr=fast:\d*:? ?optim\.lr: expected float, got 'fast'",
+        "_base_=x.yaml": "cannot be set",
+    }
+    for item, pattern in cases.items():
+        with pytest.raises(CvlabError, match=pattern):
+            load_spec(path, [item])
+
+
+def test_set_values_are_yaml(tmp_path, no_model_registry):
+    path = write(tmp_path / "ok.yaml", "tracking: {tracking_uri: http://x}\n")
+    assert parse_set("optim.lr=0.1") == ("optim.lr", 0.1)
+    assert parse_set(" model.out_indices = [0,1]") == ("model.out_indices", [0, 1])
+    assert parse_set("a=b=c") == ("a", "b=c")
+    assert parse_set("x=") == ("x", None)
+    assert parse_set("model.drop_path_rate=1e-1") == ("model.drop_path_rate", 0.1)  # YAML 1.2 float
+    sci = load_spec(write(tmp_path / "sci.yaml", "model: {drop_path_rate: 5e-2}\noptim: {weight_decay: 1e-4}\n"))
+    assert sci.model.overrides["drop_path_rate"] == 0.05 and sci.optim.weight_decay == 1e-4
+    spec = load_spec(path, ["optim.lr=0.3", "model.out_indices=[0,1]", "tracking.tracking_uri=null",
+                            "search.num_samples=4", "experiment.tags.team=vision",
+                            "search.space.model.reduction_ratio={grid: [4, 8]}"])
+    assert spec.optim.lr == 0.3
+    assert spec.model.overrides["out_indices"] == [0, 1]
+    assert spec.tracking.tracking_uri is None
+    assert spec.search.num_samples == 4  # an unset optional section is created
+    assert spec.experiment.tags == {"team": "vision"}
+    assert spec.search.space == {"model.reduction_ratio": {"grid": [4, 8]}}  # dotted key kept whole
+    assert spec.sources[-1].startswith("--set search.space")
+
+
+# ---------------------------------------------------------------------------------------------- model
+
+
+def test_model_errors_from_registry(tmp_path, fake_registry):
+    path = write(tmp_path / "m.yaml", "model:\n  name: cednet50\n  reduction_ration: 4\n")
+    with pytest.raises(CvlabError) as info:
+        load_spec(path)
+    msg = str(info.value)
+    assert msg.startswith(f"{path}:3: model.reduction_ration: unknown override")
+    assert "did you mean model.reduction_ratio?" in msg
+    with pytest.raises(CvlabError, match=r"m2\.yaml:2: model\.name: unknown model 'cednet5'; did you mean "
+                                         r"cednet50\?"):
+        load_spec(write(tmp_path / "m2.yaml", "model:\n  name: cednet5\n"))
+    with pytest.raises(CvlabError, match=r"--set model\.reduction_ratio=3: model\.reduction_ratio: "
+                                         r"reduction_ratio=3 does not fit layer"):
+        load_spec(write(tmp_path / "m3.yaml", "model: {name: cednet50}\n"), ["model.reduction_ratio=3"])
+    assert load_spec(tmp_path / "m3.yaml", ["model.reduction_ratio=8"]).model.overrides == {"reduction_ratio": 8}
+
+
+def test_model_errors_from_the_real_registry(tmp_path):
+    pytest.importorskip("torch")
+    models = pytest.importorskip("workloads.models")
+    if not hasattr(models, "validate_model_config"):
+        pytest.skip("the model registry has no validate_model_config yet")
+    with pytest.raises(CvlabError, match=r"r\.yaml:1: model\.name: .*rednet5"):
+        load_spec(write(tmp_path / "r.yaml", "model: {name: rednet5}\n"))
+    with pytest.raises(CvlabError, match=r"k\.yaml:1: model\.kernel_sise"):
+        load_spec(write(tmp_path / "k.yaml", "model: {name: rednet50, kernel_sise: 7}\n"))
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+
+
+def test_round_trip_flatten_and_paths(no_model_registry):
+    spec = spec_from_dict({"model": {"name": "cednet26", "out_indices": [1, 2]},
+                           "experiment": {"tags": {"a": "x" * 800}}, "optim": {"lr": 0.5}})
+    assert spec_from_dict(spec_to_dict(spec)) == spec
+    flat = flatten_spec(spec)
+    assert flat["optim.lr"] == "0.5" and flat["model.out_indices"] == "[1, 2]"
+    assert flat["optim.nesterov"] == "true" and flat["run.name"] == "null"
+    assert len(flat["experiment.tags.a"]) == MAX_PARAM_CHARS and flat["experiment.tags.a"].endswith("...")
+    assert all(isinstance(v, str) for v in flat.values())
+    assert not any(k.startswith(("search", "detection")) for k in flat)  # unset sections left out
+    paths = valid_paths(spec)
+    assert {"optim.lr", "model.name", "model.reduction_ratio", "search.num_samples",
+            "detection.config"} <= set(paths)
+    assert nearest_path("optim.lrr", paths) == "optim.lr"
+    assert nearest_path("lr", paths) == "optim.lr"
+    assert nearest_path("model.lr", paths) == "optim.lr"
+    assert nearest_path("zzzz.qqqq", paths) is None
+    with pytest.raises(CvlabError, match="must be a mapping"):
+        spec_from_dict(["not", "a", "dict"])
+
+
+def test_apply_overrides(tmp_path, fake_registry):
+    base = load_spec(write(tmp_path / "b.yaml", "model: {name: cednet50}\noptim: {lr: 0.1}\n"))
+    new = apply_overrides(base, {"model.reduction_ratio": np.int64(8), "optim.lr": np.float32(0.5)})
+    assert new.model.overrides == {"reduction_ratio": 8} and type(new.model.overrides["reduction_ratio"]) is int
+    assert new.optim.lr == 0.5
+    assert base.model.overrides == {} and base.optim.lr == 0.1  # the original is untouched
+    assert new.sources[0].endswith("b.yaml") and "override model.reduction_ratio" in new.sources
+    with pytest.raises(CvlabError, match=r"unknown path optim\.weight_decy; did you mean optim\.weight_decay\?"):
+        apply_overrides(base, {"optim.weight_decy": 0.1})
+    with pytest.raises(CvlabError, match=r"override optim\.epochs: optim\.epochs: expected int, got 'x'"):
+        apply_overrides(base, {"optim.epochs": "x"})
+    with pytest.raises(CvlabError, match=r"model\.reduction_ratio: reduction_ratio=3"):
+        apply_overrides(base, {"model.reduction_ratio": 3})
+
+
+# ---------------------------------------------------------------------------------------------- recipes
+
+
+@pytest.mark.parametrize("model", ["cednet50", "rednet50", "resnet50"])
+def test_published_recipe_files(model):
+    spec = load_spec(REPO / "experiments" / f"{model}_imagenet.yaml")
+    assert spec.model.name == model and spec.model.overrides.get("num_classes") == 1000
+    assert Path(spec.sources[0]).name == "imagenet.yaml"
+    assert spec.data.root == "/data/imagenet" and spec.data.image_size == 224
+    global_batch = spec.scaling.num_workers * spec.data.batch_size
+    assert (spec.scaling.num_workers, spec.data.batch_size, global_batch) == (64, 32, 2048)
+    assert spec.optim.scale_lr and spec.optim.lr * global_batch / spec.optim.base_batch_size == pytest.approx(0.8)
+    assert (spec.optim.name, spec.optim.momentum, spec.optim.nesterov) == ("sgd", 0.9, True)
+    assert spec.optim.weight_decay == pytest.approx(1e-4) and spec.optim.label_smoothing == 0.1
+    assert spec.optim.epochs == 130 and spec.optim.warmup_iters == 3130
+    assert spec.precision.autocast == "bf16" and spec.precision.channels_last
+    assert spec.scaling.use_gpu and spec.run.checkpoint_every == 1 and spec.run.max_failures == 3
+    assert spec.experiment.name == f"{model}-imagenet"

@@ -1,0 +1,119 @@
+"""orchestrator.tracking: URI resolution, reachability, experiments, params, epoch logging, run ends."""
+from __future__ import annotations
+
+import pickle
+import time
+
+import pytest
+
+from orchestrator.errors import CvlabError
+from orchestrator.spec import ExperimentSpec
+
+
+@pytest.fixture(scope="module")
+def db(tmp_path_factory):
+    """One MLflow database for the module (creating one takes seconds)."""
+    path = tmp_path_factory.mktemp("mlflow")
+    return f"sqlite:///{path}/mlflow.db", path
+
+
+def _spec(**tracking):
+    return ExperimentSpec.model_validate({"tracking": tracking})
+
+
+def test_tracking_uri_precedence(tmp_path, monkeypatch):
+    from orchestrator.tracking import default_artifact_location, resolve_tracking_uri
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert resolve_tracking_uri(_spec()) == f"sqlite:///{tmp_path}/mlflow.db"
+    assert default_artifact_location(f"sqlite:///{tmp_path}/mlflow.db") == (tmp_path / "mlartifacts").as_uri()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow.example:5000")
+    assert resolve_tracking_uri(_spec()) == "http://mlflow.example:5000"
+    assert default_artifact_location("http://mlflow.example:5000") is None
+    # The YAML wins; relative sqlite paths become absolute (Ray workers run elsewhere).
+    assert resolve_tracking_uri(_spec(tracking_uri="sqlite:///sub/x.db")) == f"sqlite:///{tmp_path}/sub/x.db"
+    assert resolve_tracking_uri(_spec(tracking_uri="sqlite:////abs/x.db")) == "sqlite:////abs/x.db"
+
+
+def test_unreachable_server_is_a_clear_error():
+    from orchestrator.tracking import check_tracking_server
+
+    start = time.perf_counter()
+    with pytest.raises(CvlabError, match=r"MLflow tracking server http://127\.0\.0\.1:9 is unreachable.*not started"):
+        check_tracking_server("http://127.0.0.1:9", timeout=2)
+    assert time.perf_counter() - start < 10
+
+
+def test_run_with_unreachable_server_does_not_start(tmp_path, capsys):
+    from orchestrator.cli import main
+
+    yaml_file = tmp_path / "exp.yaml"
+    yaml_file.write_text(
+        f"data: {{root: {tmp_path}/nodata}}\n"
+        f"run: {{storage_path: {tmp_path}/runs}}\n"
+        "tracking: {tracking_uri: 'http://127.0.0.1:9'}\n"
+    )
+    assert main(["run", str(yaml_file)]) == 2
+    err = capsys.readouterr().err
+    assert "unreachable" in err and "not started" in err and "Traceback" not in err
+
+
+def test_experiment_run_params_and_epoch_logger(db):
+    from orchestrator.tracking import (
+        ERROR_TAG,
+        MlflowEpochLogger,
+        create_run,
+        end_run,
+        ensure_experiment,
+        log_params,
+        make_client,
+    )
+
+    uri, path = db
+    client = make_client(uri)
+    exp = ensure_experiment(client, "exp", (path / "art").as_uri())
+    assert ensure_experiment(client, "exp") == exp  # idempotent
+    client.delete_experiment(exp)
+    assert ensure_experiment(client, "exp") == exp  # a deleted experiment is restored
+    run_id = create_run(client, exp, "r", tags={"a": "b"})
+    child = create_run(client, exp, "child", parent_run_id=run_id)
+    assert client.get_run(child).data.tags["mlflow.parentRunId"] == run_id
+
+    params = {f"p{i}": i for i in range(150)}  # more than one MLflow batch
+    assert log_params(client, run_id, params) == {}
+    assert len(client.get_run(run_id).data.params) == 150
+    assert log_params(client, run_id, {"p1": 1, "p2": 5, "new": "x"}) == {"p2": ("2", "5")}
+    assert client.get_run(run_id).data.params["new"] == "x"
+
+    logger = pickle.loads(pickle.dumps(MlflowEpochLogger(uri, run_id)))  # it travels to Ray workers
+    assert logger.logged_epochs() == set()
+    logger.log_epoch(1, {"epoch": 1, "val/top1": 0.5, "train/loss": 2.0})
+    logger.log_epoch(2, {"epoch": 2, "val/top1": 0.7, "train/loss": 1.0})
+    assert logger.logged_epochs() == {1, 2}
+    data = client.get_run(run_id).data
+    assert data.metrics["val/top1"] == 0.7 and "epoch" not in data.metrics
+
+    end_run(client, run_id, "FAILED", "boom")
+    run = client.get_run(run_id)
+    assert run.info.status == "FAILED" and run.data.tags[ERROR_TAG] == "boom"
+
+
+def test_log_pytorch_model_keeps_the_run_open(db):
+    import mlflow
+
+    from orchestrator.tracking import create_run, ensure_experiment, log_pytorch_model, make_client
+    from workloads.models import build_model
+
+    uri, path = db
+    client = make_client(uri)
+    exp = ensure_experiment(client, "models", (path / "art").as_uri())
+    run_id = create_run(client, exp, "r")
+    model = build_model("resnet26", num_classes=3)
+    model_uri = log_pytorch_model(uri, run_id, model, input_size=(1, 3, 32, 32), registered_model_name="tiny")
+    assert client.get_run(run_id).info.status == "RUNNING"
+    assert mlflow.active_run() is None
+    logged = client.get_logged_model(model_uri.split("/")[-1])
+    assert logged.experiment_id == exp and logged.source_run_id == run_id
+    (version,) = client.search_model_versions("name='tiny'")
+    assert version.run_id == run_id

@@ -1,0 +1,243 @@
+"""`cvlab run`: data checks, the schedule, and end-to-end Ray Train runs tracked in MLflow.
+
+The end-to-end tests share one small Ray cluster (module fixture) and use a tiny synthetic dataset
+(4 classes, 32 px images) with 2 CPU workers.
+"""
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import textwrap
+
+import pytest
+
+from orchestrator.errors import CvlabError
+from workloads.classification.synthetic import make_imagenet
+
+
+def _spec(tmp, *, name="tiny", model="cednet26", epochs=2, db=None, **sections):
+    from orchestrator.spec_loader import spec_from_dict
+
+    d = {
+        "experiment": {"name": name, "seed": 0},
+        "model": {"name": model},
+        "data": {"root": str(tmp / "data"), "image_size": 32, "batch_size": 4, "num_workers": 0},
+        "optim": {"epochs": epochs, "lr": 0.05, "scale_lr": False, "warmup_epochs": 0.5},
+        "scaling": {"num_workers": 2},
+        "run": {"storage_path": str(tmp / "runs"), "log_every": 2, "checkpoint_every": 1},
+        "tracking": {"tracking_uri": db or f"sqlite:///{tmp}/mlflow.db", "experiment_name": "cvlab-tests"},
+    }
+    for section, values in sections.items():
+        d.setdefault(section, {}).update(values)
+    return spec_from_dict(d)
+
+
+def _dataset(tmp, classes=4, per_class=8):
+    make_imagenet(tmp / "data", classes=classes, per_class=per_class, size=32, val_per_class=3)
+    return tmp / "data"
+
+
+def _corrupt(root):
+    """A zero-byte file, a truncated JPEG and a non-image with a .JPEG name in the training split."""
+    cls = min(os.listdir(root / "train"))
+    folder = root / "train" / cls
+    good = min(folder.iterdir()).read_bytes()
+    (folder / "zero.JPEG").write_bytes(b"")
+    (folder / "truncated.JPEG").write_bytes(good[: len(good) // 2])
+    (folder / "garbage.JPEG").write_bytes(b"this is not an image" * 10)
+    return {"zero.JPEG", "truncated.JPEG", "garbage.JPEG"}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Fast checks (no Ray)
+
+
+def test_schedule_warmup_then_cosine():
+    from workloads.classification.schedule import scaled_lr, warmup_cosine
+
+    assert scaled_lr(0.1, 512, 256, True) == pytest.approx(0.2)
+    assert scaled_lr(0.1, 512, 256, False) == pytest.approx(0.1)
+    total, warm = 100, 10
+    ramp = [warmup_cosine(s, total, warm) for s in range(warm)]
+    assert ramp == sorted(ramp) and ramp[0] == pytest.approx(0.1) and ramp[-1] == pytest.approx(1.0)
+    assert warmup_cosine(warm, total, warm) == pytest.approx(1.0)
+    assert warmup_cosine(warm + 45, total, warm) == pytest.approx(0.5)
+    assert warmup_cosine(total, total, warm, min_ratio=0.1) == pytest.approx(0.1)
+
+
+def test_scan_skips_and_counts_unreadable_images(tmp_path):
+    from orchestrator.train import prepare_data
+
+    root = _dataset(tmp_path)
+    bad = _corrupt(root)
+    info = prepare_data(_spec(tmp_path))
+    assert {os.path.basename(p) for p in info.train_skip} == bad
+    assert info.skipped == 3
+    assert info.train_images == 4 * 8 and info.val_images == 4 * 3
+    assert len(info.classes) == 4
+
+
+def test_tolerant_loader_replaces_file_that_breaks_after_the_scan(tmp_path):
+    from workloads.classification.data import build_transforms, make_dataset
+
+    root = _dataset(tmp_path, classes=2, per_class=3)
+    classes = sorted(os.listdir(root / "train"))
+    ds = make_dataset(str(root / "train"), classes, (), build_transforms(32)[1])
+    first = ds.samples[0][0]
+    with open(first, "wb") as fh:
+        fh.write(b"\xff\xd8broken")
+    image, target, failures = ds[0]
+    assert failures == 1 and tuple(image.shape) == (3, 32, 32)
+    assert target == ds.samples[1][1]
+
+
+def test_empty_class_folder_stops_before_training(tmp_path, capsys):
+    from orchestrator.cli import main
+
+    root = _dataset(tmp_path, classes=3, per_class=2)
+    empty = root / "train" / sorted(os.listdir(root / "train"))[1]
+    for f in empty.iterdir():
+        f.unlink()
+    (empty / "broken.JPEG").write_bytes(b"")  # unreadable files do not count as images
+    with pytest.raises(CvlabError, match=f"class folder {empty} has no readable images"):
+        from orchestrator.train import run_experiment
+
+        run_experiment(_spec(tmp_path))
+    # Nothing reached MLflow: the data is checked before the run is created.
+    assert not (tmp_path / "mlflow.db").exists()
+
+    yaml_file = tmp_path / "exp.yaml"
+    yaml_file.write_text(textwrap.dedent(f"""
+        experiment: {{name: empty}}
+        model: {{name: resnet26}}
+        data: {{root: {root}, image_size: 32, batch_size: 2, num_workers: 0}}
+        tracking: {{tracking_uri: "sqlite:///{tmp_path}/mlflow.db"}}
+        run: {{storage_path: {tmp_path}/runs}}
+    """))
+    assert main(["run", str(yaml_file)]) == 2
+    err = capsys.readouterr().err
+    assert str(empty) in err and "Traceback" not in err
+
+
+def test_empty_split_and_missing_root(tmp_path):
+    from orchestrator.train import prepare_data
+
+    (tmp_path / "data" / "train").mkdir(parents=True)
+    (tmp_path / "data" / "val").mkdir()
+    with pytest.raises(CvlabError, match="train is empty"):
+        prepare_data(_spec(tmp_path))
+    shutil.rmtree(tmp_path / "data")
+    with pytest.raises(CvlabError, match="does not exist"):
+        prepare_data(_spec(tmp_path))
+
+
+def test_generates_the_embedded_dataset_once(tmp_path):
+    from orchestrator.train import prepare_data
+
+    spec = _spec(tmp_path, data={"generate": True, "num_classes_generated": 3, "per_class_generated": 4,
+                                 "generated_size": 32})
+    info = prepare_data(spec)
+    assert info.generated and len(info.classes) == 3 and info.train_images == 12
+    again = prepare_data(spec)
+    assert not again.generated and again.train_images == 12
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Ray Train runs
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    import ray
+
+    # address="local": a private cluster, even when another one runs on this machine.
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=True)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def db(tmp_path_factory):
+    """One MLflow database for the module's runs (creating one takes seconds)."""
+    return f"sqlite:///{tmp_path_factory.mktemp('mlflow')}/mlflow.db"
+
+
+def _history(client, run_id, key):
+    return [(m.step, m.value) for m in sorted(client.get_metric_history(run_id, key), key=lambda m: m.step)]
+
+
+def _artifacts(client, run_id, path=""):
+    out = []
+    for a in client.list_artifacts(run_id, path):
+        out.extend(_artifacts(client, run_id, a.path) if a.is_dir else [a.path])
+    return out
+
+
+@pytest.mark.slow
+def test_run_then_resume_logs_every_epoch_once(tmp_path, ray_cluster, db, capsys):
+    import yaml
+    from mlflow import MlflowClient
+
+    from orchestrator.cli import main
+    from orchestrator.spec_loader import spec_to_dict
+    from orchestrator.train import run_experiment
+
+    root = _dataset(tmp_path)
+    _corrupt(root)
+    # Epoch 1 has no checkpoint: its metrics reach MLflow after epoch 2's checkpoint is reported.
+    spec = _spec(tmp_path, db=db, run={"checkpoint_every": 2}, tracking={"log_model": False})
+    summary = run_experiment(spec)
+    client = MlflowClient(db)
+    run_id = summary["run_id"]
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    params = run.data.params
+    assert params["model.name"] == "cednet26" and params["optim.epochs"] == "2"
+    assert int(params["model.params"]) > 1e6 and float(params["model.gflops"]) > 0
+    assert params["data.train_images"] == "32" and "git.commit" in params
+    for key in ("train/loss", "val/loss", "val/top1", "val/top5", "lr", "images_per_s", "epoch_time_s",
+                "data/skipped_images"):
+        assert [s for s, _ in _history(client, run_id, key)] == [1, 2], key
+    assert all(v == 3 for _, v in _history(client, run_id, "data/skipped_images"))
+    assert all(0 <= v <= 1 for _, v in _history(client, run_id, "val/top1"))
+    assert all(math.isfinite(v) for _, v in _history(client, run_id, "train/loss"))
+    files = set(_artifacts(client, run_id))
+    for ckpt in ("best", "last"):
+        assert {f"checkpoints/{ckpt}/model.pt", f"checkpoints/{ckpt}/train_state.pt"} <= files
+    assert {"resolved.yaml", "kernels.png"} <= files
+    first_epochs = _history(client, run_id, "epoch_time_s")
+
+    # Continue the stopped run to 3 epochs through the CLI: only epoch 3 trains, into the same MLflow run.
+    yaml_file = tmp_path / "tiny.yaml"
+    yaml_file.write_text(yaml.safe_dump(spec_to_dict(spec)))
+    capsys.readouterr()
+    assert main(["run", str(yaml_file), "--set", "optim.epochs=3", "--resume"]) == 0
+    out = capsys.readouterr().out
+    assert run_id in out and "resuming" in out
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    assert len(client.search_runs([run.info.experiment_id], "tags.mlflow.runName = 'tiny'")) == 1
+    history = _history(client, run_id, "epoch_time_s")
+    assert [s for s, _ in history] == [1, 2, 3]
+    assert history[:2] == first_epochs  # epochs 1-2 were not trained (nor logged) again
+    assert [s for s, _ in _history(client, run_id, "val/top1")] == [1, 2, 3]
+
+
+@pytest.mark.slow
+def test_nan_loss_fails_the_run_with_step_and_epoch(tmp_path, ray_cluster, db):
+    from mlflow import MlflowClient
+
+    from orchestrator.train import run_experiment
+
+    _dataset(tmp_path)
+    spec = _spec(tmp_path, name="nan", model="resnet26", epochs=1, db=db,
+                 optim={"lr": 1e30, "warmup_epochs": 0.0, "label_smoothing": 0.0})
+    with pytest.raises(CvlabError, match=r"non-finite training loss .* at epoch 1, step \d+") as info:
+        run_experiment(spec)
+    client = MlflowClient(db)
+    (run,) = client.search_runs([client.get_experiment_by_name("cvlab-tests").experiment_id],
+                                "tags.mlflow.runName = 'nan'")
+    assert run.info.status == "FAILED"
+    assert "non-finite training loss" in run.data.tags["cvlab.error"]
+    assert str(info.value) in run.data.tags["cvlab.error"]

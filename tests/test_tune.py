@@ -1,0 +1,278 @@
+"""`cvlab tune`: trial bookkeeping, refusal before start, and a real search killed and resumed.
+
+The end-to-end test runs a 3-trial ASHA search of tiny CedNet-26 trials (1 Ray worker each, 32 px images,
+3 epochs) through the CLI in a subprocess, SIGKILLs it once a trial has finished and another is mid-run,
+then resumes it in-process and checks through the MLflow client: one parent run, one nested run per trial
+(none duplicated), finished trials not re-run, the summary artifacts, and no trial/worker actor left.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import yaml
+
+from orchestrator.cli import main
+from orchestrator.errors import CvlabError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _spec_dict(tmp: Path, **search) -> dict:
+    return {
+        "experiment": {"name": "tune-test", "seed": 0},
+        "model": {"name": "cednet26"},
+        "data": {"root": str(tmp / "data"), "generate": True, "num_classes_generated": 3,
+                 "per_class_generated": 8, "generated_size": 32, "image_size": 32, "batch_size": 8,
+                 "num_workers": 0},
+        "optim": {"epochs": 3, "lr": 0.05},
+        "scaling": {"num_workers": 1},
+        "run": {"storage_path": str(tmp / "runs"), "log_every": 100, "checkpoints_kept": 1},
+        "tracking": {"tracking_uri": f"sqlite:///{tmp / 'mlflow.db'}", "log_model": False},
+        "search": {"space": {"model.reduction_ratio": {"grid": [4, 8, 16]}}, "scheduler": "asha",
+                   "grace_period": 1, "reduction_factor": 2, "max_concurrent_trials": 2, **search},
+    }
+
+
+def _write(tmp: Path, d: dict) -> Path:
+    path = tmp / "search.yaml"
+    path.write_text(yaml.safe_dump(d, sort_keys=False))
+    return path
+
+
+# ------------------------------------------------------------------------------------------ fast tests
+def test_end_status_tells_completed_from_early_stopped():
+    from orchestrator.tune import end_status
+
+    assert end_status({"epoch": 3}, 3, "asha") == ("FINISHED", "completed")
+    status, reason = end_status({"epoch": 1}, 3, "asha")
+    assert status == "KILLED" and reason == "early-stopped by ASHA after epoch 1 of 3"
+    assert end_status({}, 3, "fifo")[0] == "KILLED"
+
+
+def test_concurrency_plan_and_infeasible_trials():
+    from orchestrator.spec_loader import spec_from_dict
+    from orchestrator.tune import plan_concurrency, trial_resources
+
+    spec = spec_from_dict({"model": {"name": "cednet26"}, "scaling": {"num_workers": 2},
+                           "search": {"space": {"optim.lr": {"grid": [0.1]}}}})
+    assert trial_resources(spec) == {"cpu": 0.25}  # never zero: Tune rejects CPU-less trials
+    assert plan_concurrency(spec, {"CPU": 8.0}) == 3  # 3 x (2 workers + 0.25)
+    assert plan_concurrency(spec.model_copy(update={"search": spec.search.model_copy(
+        update={"max_concurrent_trials": 2})}), {"CPU": 8.0}) == 2
+    with pytest.raises(CvlabError, match=r"one trial needs 2.25 CPU .* the Ray cluster has 2"):
+        plan_concurrency(spec, {"CPU": 2.0})
+    gpu = spec.model_copy(update={"scaling": spec.scaling.model_copy(update={"use_gpu": True})})
+    with pytest.raises(CvlabError, match="needs 2 GPU"):
+        plan_concurrency(gpu, {"CPU": 64.0})
+
+
+def test_status_callback_ends_trial_runs_with_a_reason(tmp_path):
+    """The driver callback: early-stopped -> KILLED + reason + last metrics; errors -> FAILED."""
+    from mlflow import MlflowClient
+
+    from orchestrator.tune import TAG_END_REASON, make_status_callback
+
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    client = MlflowClient(uri)
+    exp = client.create_experiment("cb", artifact_location=(tmp_path / "a").as_uri())
+    parent = client.create_run(exp, run_name="search").info.run_id
+    runs = {}
+    for tid in ("t1", "t2", "t3", "t4"):
+        runs[tid] = client.create_run(exp, run_name=tid, tags={"mlflow.parentRunId": parent,
+                                                               "cvlab.trial_id": tid}).info.run_id
+    client.set_tag(runs["t4"], TAG_END_REASON, "completed")
+    client.set_terminated(runs["t4"], "FINISHED")  # ended by the trial itself: left alone
+    error_file = tmp_path / "error.txt"
+    error_file.write_text("Traceback ...\nRuntimeError: training failed on worker 0: boom\n")
+    cb = make_status_callback(uri, exp, parent, epochs=3, metric="val/top1", scheduler="asha")
+    cb = __import__("pickle").loads(__import__("ray.cloudpickle", fromlist=["x"]).dumps(cb))  # as restored
+    trial = lambda tid, **kw: SimpleNamespace(trial_id=tid, error_file=None, **kw)  # noqa: E731
+    cb.on_trial_complete(0, [], trial("t1", last_result={"epoch": 1, "val/top1": 0.25, "val/loss": 1.1}))
+    cb.on_trial_complete(0, [], trial("t2", last_result={"epoch": 3, "val/top1": 0.5}))
+    cb.on_trial_error(0, [], SimpleNamespace(trial_id="t3", error_file=str(error_file), last_result={}))
+    cb.on_trial_complete(0, [], trial("t4", last_result={"epoch": 3, "val/top1": 0.7}))
+
+    r1 = client.get_run(runs["t1"])
+    assert r1.info.status == "KILLED"
+    assert r1.data.tags[TAG_END_REASON] == "early-stopped by ASHA after epoch 1 of 3"
+    assert r1.data.metrics["val/top1"] == 0.25 and r1.data.metrics["epoch"] == 1  # Tune's last result
+    r2 = client.get_run(runs["t2"])
+    assert (r2.info.status, r2.data.tags[TAG_END_REASON]) == ("FINISHED", "completed")
+    r3 = client.get_run(runs["t3"])
+    assert r3.info.status == "FAILED"
+    assert r3.data.tags[TAG_END_REASON] == "failed: RuntimeError: training failed on worker 0: boom"
+    assert client.get_run(runs["t4"]).info.status == "FINISHED"
+
+
+def test_bad_space_refuses_before_anything_starts(tmp_path, capsys):
+    d = _spec_dict(tmp_path)
+    d["search"]["space"] = {"model.reduction_ratio": {"grid": [4, 64]}, "model.group_channels": {"grid": [16, 48]}}
+    rc = main(["tune", str(_write(tmp_path, d))])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert "the search cannot start: 3 of 4 combination(s)" in err
+    assert "model.reduction_ratio=64, model.group_channels=16:" in err
+    assert "Traceback" not in err
+    # nothing was started: no MLflow store, no data, no Ray Tune folder
+    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "runs").exists()
+    assert not (tmp_path / "data").exists()
+
+
+def test_resume_without_an_earlier_search(tmp_path, capsys):
+    from orchestrator.spec_loader import spec_from_dict
+    from orchestrator.tune import run_search
+
+    with pytest.raises(CvlabError, match="nothing to resume: experiment 'tune-test' has no search"):
+        run_search(spec_from_dict(_spec_dict(tmp_path)), resume=True)
+
+
+# ---------------------------------------------------------------------------------------- end to end
+def _children(client, parent_id: str):
+    exp = client.get_run(parent_id).info.experiment_id
+    return client.search_runs([exp], filter_string=f"tags.`mlflow.parentRunId` = '{parent_id}'")
+
+
+def _steps(client, run_id: str, key: str = "val/top1") -> list[int]:
+    return sorted(m.step for m in client.get_metric_history(run_id, key))
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    """SIGKILL the search's whole process group (driver, local Ray cluster, trials, workers)."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait(timeout=60)
+
+
+def _group_members(pgid: int) -> list[int]:
+    out = subprocess.run(["ps", "-eo", "pid=,pgid="], capture_output=True, text=True).stdout
+    return [int(p) for p, g in (ln.split() for ln in out.splitlines() if ln.strip()) if int(g) == pgid]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_search_killed_then_resumed(tmp_path, monkeypatch, capsys):
+    from mlflow import MlflowClient
+
+    spec_path = _write(tmp_path, _spec_dict(tmp_path))
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    env = {**os.environ, "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2", "RAY_AUTH_MODE": "disabled",
+           "RAY_USAGE_STATS_ENABLED": "0", "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "600",
+           "PYTHONPATH": str(REPO)}
+    env.pop("RAY_ADDRESS", None)
+    log = open(tmp_path / "phase1.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "orchestrator", "tune", str(spec_path), "--num-cpus", "3"],
+                            cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    # ---- phase 1: wait until one trial finished and another is mid-run (>= 1 epoch logged), then SIGKILL
+    before: dict = {}
+    try:
+        deadline = time.time() + 600
+        client = None
+        while time.time() < deadline:
+            time.sleep(1.0)
+            assert proc.poll() is None, "the search ended before it could be interrupted:\n" + \
+                (tmp_path / "phase1.log").read_text()[-3000:]
+            # open the store only once the driver has created it (two migrations at once collide)
+            if "searched path(s)" not in (tmp_path / "phase1.log").read_text():
+                continue
+            client = client or MlflowClient(uri)
+            try:
+                exp = client.get_experiment_by_name("tune-test")
+                parents = exp and client.search_runs([exp.experiment_id], "tags.`cvlab.kind` = 'search'")
+            except Exception:  # the store is being created by the subprocess
+                continue
+            if not parents:
+                continue
+            kids = _children(client, parents[0].info.run_id)
+            done = [r for r in kids if r.info.status == "FINISHED"]
+            mid = [r for r in kids if r.info.status == "RUNNING" and _steps(client, r.info.run_id)]
+            if done and mid:
+                _kill_group(proc)
+                before = {r.info.run_id: (r.info.status, r.info.end_time, _steps(client, r.info.run_id),
+                                          r.data.tags["cvlab.trial_id"]) for r in kids}
+                parent_id = parents[0].info.run_id
+                break
+        else:
+            pytest.fail("no interruption point within 600 s:\n" + (tmp_path / "phase1.log").read_text()[-3000:])
+    finally:
+        if proc.poll() is None:
+            _kill_group(proc)
+        log.close()
+    time.sleep(2)
+    assert _group_members(proc.pid) == []  # SIGKILL of the group left nothing behind
+    assert client.get_run(parent_id).info.status == "RUNNING"  # killed: nobody ended it
+    finished_before = {rid for rid, (st, *_rest) in before.items() if st == "FINISHED"}
+    assert finished_before
+
+    # ---- phase 2: resume in this process, on a Ray cluster the test owns (to inspect actors afterwards)
+    import ray
+
+    from orchestrator.spec_loader import load_spec
+    from orchestrator.tune import run_search
+
+    monkeypatch.setenv("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "600")
+    monkeypatch.chdir(tmp_path)
+    ray.init(num_cpus=3, include_dashboard=False)
+    try:
+        summary = run_search(load_spec(spec_path), resume=True)
+        from ray.util.state import list_actors
+
+        alive = [a.class_name for a in list_actors(filters=[("state", "=", "ALIVE")], raise_on_missing_output=False)]
+    finally:
+        ray.shutdown()
+    out = capsys.readouterr().out
+    assert "resuming search tune-test-search-" in out
+    leftovers = [c for c in alive if c in ("TrainController", "RayTrainWorker", "ImplicitFunc")
+                 or c.startswith("trial_main")]
+    assert leftovers == []  # finished and early-stopped trials ended their Train runs and workers
+
+    assert summary["parent_run_id"] == parent_id and not summary["interrupted"]
+    assert sorted(summary["statuses"].values()) == ["TERMINATED"] * 3
+    kids = _children(client, parent_id)
+    trial_ids = [r.data.tags["cvlab.trial_id"] for r in kids]
+    assert len(kids) == 3 and sorted(trial_ids) == sorted(summary["statuses"])  # one run per trial
+    for r in kids:
+        rid = r.info.run_id
+        steps = _steps(client, rid)
+        assert steps == sorted(set(steps)) and steps and steps[0] == 1  # each epoch logged once
+        assert "model.reduction_ratio" in r.data.params and "model.params" in r.data.params
+        reason = r.data.tags["cvlab.end_reason"]
+        if r.info.status == "FINISHED":
+            assert reason == "completed" and steps[-1] == 3 and r.data.metrics["epoch"] == 3
+        else:
+            assert r.info.status == "KILLED" and "early-stopped by ASHA" in reason and steps[-1] < 3
+        if rid in finished_before:  # not run again
+            _, end_time, old_steps, _ = before[rid]
+            assert r.info.end_time == end_time and steps == old_steps
+    interrupted = [rid for rid, (st, *_r) in before.items() if st == "RUNNING"]
+    assert interrupted and all(rid in {r.info.run_id for r in kids} for rid in interrupted)  # same runs reused
+
+    parent = client.get_run(parent_id)
+    assert parent.info.status == "FINISHED" and parent.data.tags["cvlab.end_reason"] == "completed"
+    assert parent.data.tags["cvlab.best_run_id"] in {r.info.run_id for r in kids}
+    assert parent.data.params["best.model.reduction_ratio"] in {"4", "8", "16"}
+    assert json.loads(parent.data.tags["cvlab.search_paths"]) == ["model.reduction_ratio"]
+    top = {a.path for a in client.list_artifacts(parent_id)}
+    assert {"best_config.json", "best_experiment.yaml", "summary", "search_spec.json"} <= top
+    summary_files = {Path(a.path).name for a in client.list_artifacts(parent_id, "summary")}
+    assert summary_files == {"search_summary.csv", "search_summary.md", "search_metric_vs_params.png",
+                             "search_parallel_coordinates.png"}
+    local = client.download_artifacts(parent_id, "summary/search_summary.csv", str(tmp_path))
+    rows = Path(local).read_text().splitlines()
+    assert len(rows) == 4 and rows[0].startswith("rank,run,status,model.reduction_ratio,val/top1")
+    best = json.loads(Path(client.download_artifacts(parent_id, "best_config.json", str(tmp_path))).read_text())
+    assert best["spec"]["model"]["reduction_ratio"] == best["searched"]["model.reduction_ratio"]
+
+    # ---- cvlab compare on the same experiment
+    assert main(["compare", "tune-test", "--tracking-uri", uri, "--out", str(tmp_path / "cmp")]) == 0
+    table = capsys.readouterr().out
+    assert table.count("trial_") >= 3 and (tmp_path / "cmp" / "compare_parallel_coordinates.png").exists()
