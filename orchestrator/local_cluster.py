@@ -63,7 +63,7 @@ def running_members(sid: int) -> list[int]:
     return [p for p in session_members(sid) if _alive(p)]
 
 
-def stop_session(leader: int, *, grace_s: float = 30.0) -> int:
+def stop_session(leader: int, *, grace_s: float = 15.0) -> int:
     """SIGTERM the session leader `leader` (started by us with start_new_session, so its pid is the session
     id), wait for the session to empty, then SIGKILL what is left of *that* session. Returns the number of
     processes that had to be killed. A pid that is no longer a session leader was reused: it is left alone."""

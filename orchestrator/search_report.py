@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import csv
 import math
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 # Extra columns shown after the searched params and the ranking metric, when any row has them.
 DEFAULT_EXTRA_METRICS = ("epoch", "params_m", "gflops", "images_per_s")

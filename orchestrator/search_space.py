@@ -184,7 +184,7 @@ def _model_override_names(model_name: str) -> set[str]:
         from workloads.models.config import FAMILY_DEFAULTS, parse_name
 
         return set(FAMILY_DEFAULTS[parse_name(model_name)[0]])
-    except Exception:
+    except Exception:  # noqa: BLE001 - suggestions only; validate_model_config still judges
         return set()
 
 

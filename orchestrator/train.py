@@ -504,10 +504,13 @@ def run_experiment(spec, resume: bool = False) -> dict[str, Any]:
         try:
             result = trainer.fit()
         except Exception as err:
+            from ray.exceptions import RayActorError
             from ray.train import TrainingFailedError
 
             if isinstance(err, TrainingFailedError):
                 raise CvlabError(training_error_message(err)) from err
+            if isinstance(err, RayActorError):  # Ray's Ctrl-C handler aborts the controller actor
+                raise CvlabError(f"training was aborted: the Ray Train controller exited ({err})") from err
             raise
         summary = finalize_run(spec, result, client, run_id, tracking_uri, data)
         end_run(client, run_id, "FINISHED")

@@ -127,7 +127,7 @@ def trial_main(config: dict, ctx: TrialContext) -> None:
     try:
         data = ctx.data if ctx.data is not None else train_mod.prepare_data(spec)
         stats = train_mod.model_stats(spec, data)
-        params = {**flatten_spec(spec), **stats, "data.train_images": data.train_images,
+        params = {**{k: v for k, v in flatten_spec(spec).items() if not k.startswith("search.")}, **stats, "data.train_images": data.train_images,
                   "data.val_images": data.val_images, "data.classes": len(data.classes)}
         log_params(client, run_id, params)
         trainer = train_mod.build_trainer(
@@ -423,10 +423,10 @@ def run_search(spec, *, resume: bool = False, num_cpus: int | None = None, verbo
         _say(f"resuming search {search_name} (MLflow parent run {parent_run_id})")
     else:
         search_name = f"{base}-search-{time.strftime('%Y%m%d-%H%M%S')}"
-        tune_path = f"{storage.rstrip('/')}/{search_name}"
-        if fs is None and os.path.exists(tune_path):
+        if fs is None and os.path.exists(f"{storage}/{search_name}"):
             search_name += f"-{os.getpid()}"
-            tune_path = f"{storage.rstrip('/')}/{search_name}"
+        # A local folder, or the bucket URI (what Tuner.restore and build_trainer expect).
+        tune_path = f"{spec.run.storage_path.rstrip('/')}/{search_name}"
         parent_run_id = create_run(
             client, experiment_id, search_name,
             tags={**spec.experiment.tags, TAG_KIND: "search", TAG_SEARCH_NAME: base,

@@ -354,3 +354,12 @@ def test_benchmark_quick_smoke(tmp_path, capsys):
     assert all(r["fwd_ms"] > 0 and r["fwd_bwd_ms"] > 0 for r in data["rows"])
     assert "cupy skipped" in " ".join(data["notes"])
     assert "fwd ms" in capsys.readouterr().out
+
+
+def test_inplace_op_after_the_operator_is_allowed():
+    """The op's output is a fresh tensor, not a view, so in-place ops after it work under autograd."""
+    m = Involution2d(16, kernel_size=3, group_channels=8)
+    x = torch.randn(2, 16, 5, 6, requires_grad=True)
+    y = torch.relu_(m(x))
+    y.sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()

@@ -63,8 +63,7 @@ class InvolutionFCNMaskHead(FCNMaskHead):
             nn.Sequential(
                 make_op(self.op, self.in_channels, kernel_size=op_kernel_size, group_channels=op_group_channels,
                         reduction_ratio=op_reduction_ratio, channel_groups=op_channel_groups),
-                # Not in place: the op's output may be a view made by a custom autograd Function.
-                nn.ReLU(inplace=False),
+                nn.ReLU(inplace=True),
             )
             for _ in range(self.num_convs)
         )

@@ -46,16 +46,19 @@ def involution_forward(x: torch.Tensor, kernel: torch.Tensor, stride: int, paddi
     g, k, ho, wo = kernel.shape[1], kernel.shape[2], kernel.shape[4], kernel.shape[5]
     acc = _ACC_DTYPE.get(x.dtype, x.dtype)
     xp = F.pad(x, (padding, padding, padding, padding)) if padding else x
-    out = torch.zeros(b, g, c // g, ho, wo, dtype=acc, device=x.device)
+    # Accumulate through a grouped view but return the base tensor: a custom op's output must not be a view,
+    # or an in-place op after it (e.g. ReLU(inplace=True)) fails in autograd.
+    out = torch.zeros(b, c, ho, wo, dtype=acc, device=x.device)
+    out_grouped = _grouped(out, g)
     for i in range(k):
         for j in range(k):
             view = _grouped(_tap(xp, i, j, stride, dilation, ho, wo), g)
             weight = kernel[:, :, i, j].unsqueeze(2)          # (B, G, 1, Ho, Wo) broadcast over C/G
             if acc is x.dtype:
-                out.addcmul_(view, weight)
+                out_grouped.addcmul_(view, weight)
             else:
-                out.addcmul_(view.to(acc), weight.to(acc))
-    return out.view(b, c, ho, wo).to(x.dtype)
+                out_grouped.addcmul_(view.to(acc), weight.to(acc))
+    return out.to(x.dtype)
 
 
 def involution_grad_input(grad_out: torch.Tensor, kernel: torch.Tensor, input_hw: tuple[int, int], stride: int,
