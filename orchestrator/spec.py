@@ -89,6 +89,11 @@ class RunSection(_Section):
     checkpoints_kept: int = 2
     max_failures: int = 0
     log_every: int = 10  # steps between progress lines
+    # Fault-injection drill (reliability testing only): `{epoch: E, step: S, rank: R}` makes worker R
+    # (default 0) SIGKILL itself once at step S of epoch E; a marker file in the Ray Train run folder keeps
+    # the restarted worker from repeating it. Combine with max_failures >= 1 to watch the run recover.
+    # Local run storage only.
+    fault_kill_rank_at: dict[str, int] | None = None
 
 
 class TrackingSection(_Section):

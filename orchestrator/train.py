@@ -27,6 +27,7 @@ from orchestrator.errors import CvlabError
 
 RUN_RECORD = "cvlab_run.json"
 SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train V2's record of a run's checkpoints
+FAULT_MARKER = "fault_drill.done"  # written by the run.fault_kill_rank_at drill when it fired
 # Bounds Ray Train's retries of controller failures (e.g. resources that never become available).
 CONTROLLER_FAILURE_LIMIT = 3
 
@@ -236,10 +237,17 @@ def build_trainer(
         ),
         callbacks=list(callbacks) or None,
     )
+    run_dir = _join(storage, name)
+    if resume and fs is None:
+        _check_latest_checkpoint(run_dir)
     config = {
         "spec": spec.model_dump(mode="json"),
         "data": data.worker_config(),
         "epoch_logger": MlflowEpochLogger(tracking_uri, run_id),
+        # Local storage only: where the fault drill leaves its marker; older checkpoints to fall back on
+        # when the latest one is unreadable.
+        "fault_marker": os.path.join(run_dir, FAULT_MARKER) if fs is None else None,
+        "fallback_checkpoints": list_checkpoints(run_dir) if fs is None and resume else [],
     }
     return TorchTrainer(
         train_loop_per_worker,
@@ -248,6 +256,53 @@ def build_trainer(
         run_config=run_config,
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
     )
+
+
+def list_checkpoints(run_dir: str) -> list[str]:
+    """The checkpoint folders of a local Ray Train run folder, newest first (Ray names them by time)."""
+    try:
+        names = [n for n in os.listdir(run_dir) if n.startswith("checkpoint_")]
+    except OSError:
+        return []
+    return [os.path.join(run_dir, n) for n in sorted(names, reverse=True)
+            if os.path.isdir(os.path.join(run_dir, n))]
+
+
+def _check_latest_checkpoint(run_dir: str) -> None:
+    """Warn (naming it) when the checkpoint a resume would start from is unreadable; the workers then
+    fall back to the newest readable one."""
+    from workloads.classification.loop import verify_training_checkpoint
+
+    checkpoints = list_checkpoints(run_dir)
+    for i, path in enumerate(checkpoints):
+        try:
+            verify_training_checkpoint(path)
+        except ValueError as err:
+            _warn(f"{err}; skipping it")
+            continue
+        if i:
+            _say(f"resuming from the previous readable checkpoint {path}")
+        return
+    if checkpoints:
+        _warn(f"no readable checkpoint in {run_dir}")
+
+
+def check_gpu_request(spec) -> None:
+    """`scaling.use_gpu: true` needs CUDA: refuse before any work when this machine's own Ray would run it
+    (no RAY_ADDRESS, no Ray connection) and torch sees no CUDA device."""
+    if not spec.scaling.use_gpu or os.environ.get("RAY_ADDRESS"):
+        return
+    import ray
+    import torch
+
+    if ray.is_initialized():
+        return  # the cluster's resources are checked against the request later
+    if not torch.cuda.is_available():
+        raise CvlabError(
+            "scaling.use_gpu is true but this machine has no usable CUDA device "
+            f"(torch {torch.__version__}, CUDA build {torch.version.cuda or 'none'}); set scaling.use_gpu: false, "
+            "or run on a GPU cluster (RAY_ADDRESS / cvlab submit)"
+        )
 
 
 def training_error_message(err: BaseException) -> str:
@@ -442,6 +497,7 @@ def run_experiment(spec, resume: bool = False) -> dict[str, Any]:
 
     # Ray Train's report() waits up to this interval (2 s by default); per-epoch reports need no more.
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+    check_gpu_request(spec)  # before anything is created or read
     tracking_uri = resolve_tracking_uri(spec)
     check_tracking_server(tracking_uri)
     fs, storage = resolve_storage(spec.run.storage_path)

@@ -100,16 +100,24 @@ def trial_main(config: dict, ctx: TrialContext) -> None:
 
     client = _client(ctx.tracking_uri)
     existing = find_trial_run(client, ctx.experiment_id, ctx.parent_run_id, trial_id)
-    if existing is not None and existing.info.status == "FINISHED" \
-            and existing.data.tags.get(TAG_END_REASON) == "completed":
-        # Finished before the search was interrupted, but Tune's saved state (written every ~10 s) did
-        # not record it yet: hand Tune the final metrics instead of training again.
-        final = {k: v for k, v in existing.data.metrics.items()}
-        final.setdefault("epoch", spec.optim.epochs)
-        print(f"[{trial_name}] already completed in MLflow run {existing.info.run_id}; not training again",
-              flush=True)
-        ray.tune.report(final)
-        return
+    if existing is not None:
+        from orchestrator.tracking import logged_steps
+
+        # Rank 0 logs an epoch only after the checkpoint covering it, so all epochs in MLflow means the
+        # run trained to the end (maybe killed before it was marked FINISHED).
+        done_epochs = max(logged_steps(client, existing.info.run_id, "val/top1"), default=0)
+        finished = existing.info.status == "FINISHED" and existing.data.tags.get(TAG_END_REASON) == "completed"
+        if finished or done_epochs >= spec.optim.epochs:
+            # Tune's saved state (written every ~10 s) did not record the end: hand Tune the final
+            # metrics instead of training again.
+            final = {**existing.data.metrics, "epoch": max(done_epochs, spec.optim.epochs if finished else 0)}
+            print(f"[{trial_name}] already trained in MLflow run {existing.info.run_id}; not training again",
+                  flush=True)
+            ray.tune.report(final)
+            if not finished:
+                client.set_tag(existing.info.run_id, TAG_END_REASON, "completed")
+                end_run(client, existing.info.run_id, "FINISHED")
+            return
     if existing is not None:
         run_id = existing.info.run_id
         client.update_run(run_id, status="RUNNING")
@@ -169,8 +177,9 @@ def make_status_callback(tracking_uri: str, experiment_id: str, parent_run_id: s
 
     class _TrialRunStatus(Callback):
         def __init__(self):
-            self.cfg = dict(tracking_uri=tracking_uri, experiment_id=experiment_id,
-                            parent_run_id=parent_run_id, epochs=epochs, metric=metric, scheduler=scheduler)
+            self.cfg = {"tracking_uri": tracking_uri, "experiment_id": experiment_id,
+                        "parent_run_id": parent_run_id, "epochs": epochs, "metric": metric,
+                        "scheduler": scheduler}
 
         def _run(self, trial):
             client = _client(self.cfg["tracking_uri"])
@@ -181,15 +190,15 @@ def make_status_callback(tracking_uri: str, experiment_id: str, parent_run_id: s
             """Make sure the run has the last metrics Tune saw (a stopped worker may not have logged them)."""
             from orchestrator.tracking import log_metrics, logged_steps
 
-            epoch = result.get("epoch")
-            if epoch is None:
+            logged = logged_steps(client, run.info.run_id, self.cfg["metric"])
+            epoch = max(int(result.get("epoch") or 0), max(logged, default=0))
+            if epoch == 0:
                 return
-            epoch = int(epoch)
             metrics = {k: v for k, v in result.items()
                        if "/" in k or k in ("images_per_s", "epoch_time_s", "lr")}
             metrics = {k: float(v) for k, v in metrics.items()
                        if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
-            if epoch not in logged_steps(client, run.info.run_id, self.cfg["metric"]):
+            if int(result.get("epoch") or 0) == epoch and epoch not in logged:
                 log_metrics(client, run.info.run_id, metrics, step=epoch)
             log_metrics(client, run.info.run_id, {"epoch": epoch}, step=epoch)
 
@@ -202,10 +211,15 @@ def make_status_callback(tracking_uri: str, experiment_id: str, parent_run_id: s
                 self._log_last(client, run, result)
                 if run.info.status != "RUNNING":  # the trial ended its run itself
                     return
-                status, reason = end_status(result, self.cfg["epochs"], self.cfg["scheduler"])
+                from orchestrator.tracking import logged_steps
+
+                logged = logged_steps(client, run.info.run_id, self.cfg["metric"])
+                result["epoch"] = max(int(result.get("epoch") or 0), max(logged, default=0))
+                epochs = int((getattr(trial, "config", None) or {}).get("optim.epochs", self.cfg["epochs"]))
+                status, reason = end_status(result, epochs, self.cfg["scheduler"])
                 client.set_tag(run.info.run_id, TAG_END_REASON, reason)
                 client.set_terminated(run.info.run_id, status=status)
-            except Exception as err:  # never break the search for bookkeeping
+            except Exception as err:  # noqa: BLE001 - never break the search for bookkeeping
                 print(f"cvlab: warning: could not end the MLflow run of {trial}: {err}", file=sys.stderr)
 
         def on_trial_error(self, iteration, trials, trial, **info):
@@ -222,7 +236,7 @@ def make_status_callback(tracking_uri: str, experiment_id: str, parent_run_id: s
                         reason = f"failed: {lines[-1] if lines else 'see the trial error file'}"
                     client.set_tag(run.info.run_id, TAG_END_REASON, reason[:5000])
                     client.set_terminated(run.info.run_id, status="FAILED")
-            except Exception as err:
+            except Exception as err:  # noqa: BLE001 - never break the search for bookkeeping
                 print(f"cvlab: warning: could not end the MLflow run of {trial}: {err}", file=sys.stderr)
 
     return _TrialRunStatus()
@@ -253,7 +267,8 @@ def _ensure_ray(num_cpus: int | None) -> bool:
         ray.init(log_to_driver=True)
         return True
     os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", WORKER_START_TIMEOUT_S)
-    ray.init(num_cpus=num_cpus or os.cpu_count() or 2, log_to_driver=True)
+    # One logical CPU above the cores: room for the (mostly idle) trial processes next to the workers.
+    ray.init(num_cpus=num_cpus or (os.cpu_count() or 1) + 1, log_to_driver=True)
     return True
 
 
@@ -296,7 +311,7 @@ def plan_concurrency(spec, cluster: dict[str, float]) -> int:
                 f"but the Ray cluster has {have:g}; lower scaling.num_workers / resources_per_worker, set "
                 "scaling.use_gpu: false, or use a bigger cluster"
             )
-        fits.append(int(math.floor(have / amount + 1e-9)))
+        fits.append(math.floor(have / amount + 1e-9))
     limit = max(1, min(fits) if fits else 1)
     if spec.search.max_concurrent_trials:
         limit = min(limit, spec.search.max_concurrent_trials)
@@ -366,11 +381,30 @@ def _trial_name(trial) -> str:
     return f"trial_{trial.trial_id}"
 
 
-def _trial_statuses(results) -> dict[str, str]:
+def _trial_states(results) -> tuple[dict[str, str], list[str]]:
+    """Tune status per trial id, and the trials that did not end (interrupted search).
+
+    After Ctrl-C Tune marks running trials TERMINATED too; only trials that finished or were stopped by
+    the scheduler have `done` in their last result.
+    """
     try:
-        return {t.trial_id: t.status for t in results._experiment_analysis.trials}
+        trials = results._experiment_analysis.trials
     except AttributeError:
-        return {}
+        return {}, []
+    statuses = {t.trial_id: t.status for t in trials}
+    unfinished = [t.trial_id for t in trials
+                  if t.status not in ("TERMINATED", "ERROR")
+                  or (t.status == "TERMINATED" and not (t.last_result or {}).get("done"))]
+    return statuses, unfinished
+
+
+def _mark_interrupted(client, experiment_id: str, parent_run_id: str, trial_ids: list[str]) -> None:
+    """Nested runs of trials cut short by an interruption: KILLED until `--resume` continues them."""
+    for tid in trial_ids:
+        run = find_trial_run(client, experiment_id, parent_run_id, tid)
+        if run is not None and run.info.status == "RUNNING":
+            client.set_tag(run.info.run_id, TAG_END_REASON, "search interrupted; continue with --resume")
+            client.set_terminated(run.info.run_id, status="KILLED")
 
 
 def run_search(spec, *, resume: bool = False, num_cpus: int | None = None, verbose: int = 2) -> dict[str, Any]:
@@ -500,12 +534,14 @@ def run_search(spec, *, resume: bool = False, num_cpus: int | None = None, verbo
                 os.environ.pop("RAY_AIR_NEW_OUTPUT", None)
             else:
                 os.environ["RAY_AIR_NEW_OUTPUT"] = old_output
-        statuses = _trial_statuses(results)
-        interrupted = any(st not in ("TERMINATED", "ERROR") for st in statuses.values())
+        statuses, unfinished = _trial_states(results)
+        interrupted = bool(unfinished)
+        if interrupted:
+            _mark_interrupted(client, experiment_id, parent_run_id, unfinished)
     except KeyboardInterrupt:
         interrupted = True
         statuses = {}
-        _end_parent(client, parent_run_id, "KILLED", f"interrupted; continue with: cvlab tune <spec> --resume")
+        _end_parent(client, parent_run_id, "KILLED", "interrupted; continue with: cvlab tune <spec> --resume")
         raise
     except BaseException as err:
         _end_parent(client, parent_run_id, "FAILED", f"{type(err).__name__}: {err}")
@@ -540,7 +576,7 @@ def _end_parent(client, run_id: str, status: str, reason: str) -> None:
     try:
         client.set_tag(run_id, TAG_END_REASON, reason[:5000])
         client.set_terminated(run_id, status=status)
-    except Exception as err:  # the search's own error matters more
+    except Exception as err:  # noqa: BLE001 - the search's own error matters more
         print(f"cvlab: warning: could not end the parent run {run_id}: {err}", file=sys.stderr)
 
 
@@ -645,7 +681,7 @@ def add_cli(subparsers) -> None:
                    help="continue the newest interrupted search of this experiment (finished trials are kept)")
     p.add_argument("--num-cpus", type=int, default=None,
                    help="logical CPUs of the local Ray cluster started when RAY_ADDRESS is unset "
-                        "(default: this machine's cores)")
+                        "(default: this machine's cores + 1, for the trial processes)")
     p.add_argument("--check", action="store_true",
                    help="only check the search space against the model and exit")
     p.set_defaults(func=_cmd)

@@ -84,7 +84,12 @@ def save_training_checkpoint(directory: str, model, optimizer, scheduler, scaler
 
     from workloads.models import save_checkpoint
 
-    save_checkpoint(os.path.join(directory, MODEL_FILE), _unwrap(model), extra={"epoch": epoch, **extra})
+    # Each file is written under a temporary name and renamed once complete (a process killed meanwhile
+    # leaves no half-written file under the real name); the caller verifies, then publishes the folder.
+    model_tmp = os.path.join(directory, MODEL_FILE + ".partial")
+    save_checkpoint(model_tmp, _unwrap(model), extra={"epoch": epoch, **extra})
+    os.replace(model_tmp, os.path.join(directory, MODEL_FILE))
+    state_tmp = os.path.join(directory, STATE_FILE + ".partial")
     torch.save(
         {
             "epoch": epoch,
@@ -94,8 +99,23 @@ def save_training_checkpoint(directory: str, model, optimizer, scheduler, scaler
             "rng": _rng_state(),
             **extra,
         },
-        os.path.join(directory, STATE_FILE),
+        state_tmp,
     )
+    os.replace(state_tmp, os.path.join(directory, STATE_FILE))
+
+
+def verify_training_checkpoint(directory: str) -> int:
+    """Reload both files of a training checkpoint (weights_only); returns its epoch, ValueError if unusable."""
+    import torch
+
+    from workloads.models import load_checkpoint
+
+    try:
+        load_checkpoint(os.path.join(directory, MODEL_FILE), map_location="cpu")
+        state = torch.load(os.path.join(directory, STATE_FILE), map_location="cpu", weights_only=True)
+        return int(state["epoch"])
+    except Exception as err:  # truncated zip, bad pickle, missing file or key: all mean "unusable"
+        raise ValueError(f"checkpoint {directory} is unreadable ({type(err).__name__}: {err})") from err
 
 
 def load_training_checkpoint(directory: str, model, optimizer, scheduler, scaler) -> dict:
@@ -225,10 +245,9 @@ def train_loop_per_worker(config: dict) -> None:
 
     epochs = int(ocfg["epochs"])
     start_epoch, best_top1 = 1, -1.0
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as ckpt_dir:
-            state = load_training_checkpoint(ckpt_dir, model, optimizer, scheduler, scaler)
+    state = _restore(ray.train.get_checkpoint(), config.get("fallback_checkpoints") or (),
+                     model, optimizer, scheduler, scaler, say)
+    if state is not None:
         start_epoch = int(state["epoch"]) + 1
         best_top1 = float(state.get("best_top1", -1.0))
         say(f"resuming from the checkpoint of epoch {state['epoch']} (epoch {start_epoch} of {epochs} next)")
@@ -241,6 +260,7 @@ def train_loop_per_worker(config: dict) -> None:
         f"global batch {global_batch}, peak lr {peak_lr:.4g}, {steps_per_epoch} steps/epoch, device {device}"
     )
 
+    fault = _fault_plan(rcfg, config.get("fault_marker"))
     run_start = time.perf_counter()
     steps_done = 0
     for epoch in range(start_epoch, epochs + 1):
@@ -252,6 +272,8 @@ def train_loop_per_worker(config: dict) -> None:
         epoch_start = time.perf_counter()
         sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss_sum, correct, n, failures
         for step, (images, targets, failures) in enumerate(train_loader, 1):
+            if fault is not None and (epoch, step, rank) == fault[:3]:
+                _inject_fault(fault[3], epoch, step, rank)
             if channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
             with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
@@ -316,6 +338,7 @@ def train_loop_per_worker(config: dict) -> None:
                         tmp, model, optimizer, scheduler, scaler, epoch,
                         {"best_top1": best_top1, "val/top1": val["top1"]},
                     )
+                    verify_training_checkpoint(tmp)  # publish only what reloads
                     to_report = ray.train.Checkpoint.from_directory(tmp)
                 has_checkpoint = True
             else:
@@ -335,3 +358,54 @@ def train_loop_per_worker(config: dict) -> None:
                         epoch_logger.log_epoch(e, m)
                         logged.add(e)
                 pending.clear()
+    if epoch_logger is not None and hasattr(epoch_logger, "flush"):
+        epoch_logger.flush()  # metrics queued while the tracking server was away
+
+
+def _restore(checkpoint, fallbacks, model, optimizer, scheduler, scaler, say) -> dict | None:
+    """Load Ray Train's latest checkpoint; when it is unreadable, warn naming it and use the newest
+    readable one among `fallbacks` (checkpoint folders, newest first). None when there is none."""
+    import ray.train
+
+    candidates = ([checkpoint] if checkpoint is not None else []) + [
+        ray.train.Checkpoint(path) for path in fallbacks
+        if checkpoint is None or os.path.normpath(path) != os.path.normpath(checkpoint.path)
+    ]
+    for ckpt in candidates:
+        with ckpt.as_directory() as ckpt_dir:
+            try:
+                verify_training_checkpoint(ckpt_dir)
+            except ValueError as err:
+                sys.stderr.write(f"cvlab: warning: {err}; using the previous checkpoint\n")
+                sys.stderr.flush()
+                continue
+            state = load_training_checkpoint(ckpt_dir, model, optimizer, scheduler, scaler)
+        if ckpt is not candidates[0]:
+            say(f"restored the previous readable checkpoint {ckpt.path} (epoch {state['epoch']})")
+        return state
+    if candidates:
+        raise ValueError(f"no readable checkpoint to resume from (tried {[c.path for c in candidates]})")
+    return None
+
+
+def _fault_plan(rcfg: dict, marker: str | None):
+    """`run.fault_kill_rank_at` (a fault-injection drill): (epoch, step, rank, marker) or None.
+
+    The marker file records that the fault happened, so the restarted worker does not repeat it.
+    """
+    plan = rcfg.get("fault_kill_rank_at")
+    if not plan or not marker or os.path.exists(marker):
+        return None
+    return int(plan["epoch"]), int(plan["step"]), int(plan.get("rank", 0)), marker
+
+
+def _inject_fault(marker: str, epoch: int, step: int, rank: int) -> None:
+    import signal
+
+    os.makedirs(os.path.dirname(marker), exist_ok=True)
+    with open(marker, "w") as fh:
+        fh.write(f"killed worker {rank} (pid {os.getpid()}) at epoch {epoch} step {step}\n")
+    sys.stderr.write(f"cvlab: fault drill: killing worker {rank} (pid {os.getpid()}) at epoch {epoch}, "
+                     f"step {step}\n")
+    sys.stderr.flush()
+    os.kill(os.getpid(), signal.SIGKILL)

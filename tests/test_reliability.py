@@ -1,0 +1,286 @@
+"""Reliability of the classification workload, each fault provoked for real (issue 9).
+
+- a Ray Train worker SIGKILLed in the middle of an epoch (the `run.fault_kill_rank_at` drill);
+- a truncated latest checkpoint found at `--resume`;
+- the MLflow tracking server (a real `mlflow server` subprocess) stopped and restarted while logging;
+- `scaling.use_gpu: true` on a machine without CUDA;
+- a checkpoint carrying arbitrary pickled code is refused (weights_only loading).
+"""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+
+from orchestrator.errors import CvlabError
+from workloads.classification.synthetic import make_imagenet
+
+METRICS = ("train/loss", "val/loss", "val/top1", "val/top5", "lr", "images_per_s", "epoch_time_s")
+
+
+def _spec(tmp, *, name, epochs=3, db, **sections):
+    from orchestrator.spec_loader import spec_from_dict
+
+    d = {
+        "experiment": {"name": name, "seed": 0},
+        "model": {"name": "resnet26"},
+        "data": {"root": str(tmp / "data"), "image_size": 32, "batch_size": 4, "num_workers": 0},
+        "optim": {"epochs": epochs, "lr": 0.05, "scale_lr": False, "warmup_epochs": 0.5},
+        "scaling": {"num_workers": 2},
+        "run": {"storage_path": str(tmp / "runs"), "log_every": 100, "checkpoint_every": 1},
+        "tracking": {"tracking_uri": db, "experiment_name": "cvlab-reliability", "log_model": False},
+    }
+    for section, values in sections.items():
+        d.setdefault(section, {}).update(values)
+    return spec_from_dict(d)
+
+
+def _history(client, run_id, key):
+    return sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Fast checks
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="this machine has CUDA")
+def test_use_gpu_without_cuda_fails_before_any_work(tmp_path, monkeypatch):
+    from orchestrator.train import run_experiment
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    db = f"sqlite:///{tmp_path}/mlflow.db"
+    spec = _spec(tmp_path, name="gpu", db=db, scaling={"use_gpu": True},
+                 data={"generate": True, "num_classes_generated": 2, "per_class_generated": 2})
+    start = time.perf_counter()
+    with pytest.raises(CvlabError, match="scaling.use_gpu is true but this machine has no usable CUDA"):
+        run_experiment(spec)
+    assert time.perf_counter() - start < 10
+    # Nothing was spent: no dataset generated, no MLflow database, no run folder.
+    assert not (tmp_path / "data").exists()
+    assert not (tmp_path / "mlflow.db").exists()
+    assert not (tmp_path / "runs").exists()
+
+
+def test_checkpoint_with_pickled_code_is_refused(tmp_path):
+    """`load_checkpoint` and the resume path use weights_only=True: a file that would run code is refused."""
+    import torch
+
+    from workloads.classification.loop import verify_training_checkpoint
+    from workloads.models import build_model, load_checkpoint, save_checkpoint
+
+    canary = tmp_path / "pwned"
+
+    class Exploit:
+        def __reduce__(self):
+            return (os.system, (f"touch {canary}",))
+
+    evil = tmp_path / "ckpt"
+    evil.mkdir()
+    save_checkpoint(evil / "model.pt", build_model("resnet26", num_classes=2))
+    torch.save({"epoch": 1, "payload": Exploit()}, evil / "train_state.pt")
+    with pytest.raises(ValueError, match="unreadable .*UnpicklingError"):
+        verify_training_checkpoint(str(evil))
+    torch.save({"format": "cvlab-model/1", "payload": Exploit()}, evil / "model.pt")
+    with pytest.raises(Exception, match="Weights only load failed"):
+        load_checkpoint(evil / "model.pt")
+    assert not canary.exists()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# MLflow server going away
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class _Server:
+    """A real `mlflow server` on 127.0.0.1 with a sqlite backend; stop() and start() again on the same port."""
+
+    def __init__(self, tmp, port):
+        self.tmp, self.port, self.proc = tmp, port, None
+        self.uri = f"http://127.0.0.1:{port}"
+
+    def start(self, timeout=120):
+        env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(self.port),
+             "--workers", "1", "--backend-store-uri", f"sqlite:///{self.tmp}/server.db",
+             "--default-artifact-root", str(self.tmp / "artifacts")],
+            env=env, stdout=subprocess.DEVNULL, stderr=open(self.tmp / "server.log", "ab"),
+            start_new_session=True,
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"mlflow server exited: {(self.tmp / 'server.log').read_text()[-2000:]}")
+            try:
+                with urllib.request.urlopen(self.uri + "/health", timeout=2):
+                    return
+            except OSError:
+                time.sleep(0.5)
+        raise RuntimeError("mlflow server did not start")
+
+    def stop(self):
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, 15)  # its own session: the server and its uvicorn worker
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, 9)
+                self.proc.wait(10)
+        self.proc = None
+
+
+@pytest.fixture
+def mlflow_server(tmp_path):
+    server = _Server(tmp_path, _free_port())
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.mark.slow
+def test_epoch_logger_buffers_while_the_server_is_down(mlflow_server, capfd):
+    from mlflow import MlflowClient
+
+    from orchestrator.tracking import MlflowEpochLogger, create_run, ensure_experiment
+
+    client = MlflowClient(mlflow_server.uri)
+    run_id = create_run(client, ensure_experiment(client, "buffer"), "buffer")
+    logger = MlflowEpochLogger(mlflow_server.uri, run_id, request_timeout_s=3, retry_interval_s=0.5)
+    logger.log_epoch(1, {"epoch": 1, "val/top1": 0.1, "train/loss": 2.0})
+    assert logger.pending == []
+
+    mlflow_server.stop()
+    start = time.perf_counter()
+    for epoch in (2, 3):  # training goes on: no exception, metrics queued
+        logger.log_epoch(epoch, {"epoch": epoch, "val/top1": epoch / 10, "train/loss": 2.0 - epoch / 10})
+    assert time.perf_counter() - start < 20  # fails fast while the server is away
+    assert logger.pending == [2, 3]
+    assert "is not answering" in capfd.readouterr().err
+
+    mlflow_server.start()
+    logger.log_epoch(4, {"epoch": 4, "val/top1": 0.4, "train/loss": 1.6})
+    assert logger.flush(timeout_s=30) and logger.pending == []
+    assert logger.logged_epochs() == {1, 2, 3, 4}
+    history = _history(client, run_id, "val/top1")
+    assert history == [(1, 0.1), (2, 0.2), (3, 0.3), (4, 0.4)]
+    assert [s for s, _ in _history(client, run_id, "train/loss")] == [1, 2, 3, 4]
+    assert client.get_metric_history(run_id, "epoch") == []  # `epoch` is the step, not a metric
+
+
+def test_epoch_logger_queue_is_bounded_and_flush_gives_up(tmp_path, capfd):
+    from orchestrator.tracking import MlflowEpochLogger
+
+    # Nothing listens on this port: every request is refused at once.
+    logger = MlflowEpochLogger(f"http://127.0.0.1:{_free_port()}", "0" * 32, max_pending=2,
+                               request_retries=0, retry_interval_s=0.1)
+    for epoch in (1, 2, 3):
+        logger.log_epoch(epoch, {"val/top1": 0.5})
+    assert logger.pending == [2, 3] and logger.dropped == 1
+    assert not logger.flush(timeout_s=0.5)
+    err = capfd.readouterr().err
+    assert "dropped epoch(s) [1]" in err and "epoch(s) [2, 3] were not logged" in err
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Ray Train runs
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    import ray
+
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=True)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("reliability")
+    make_imagenet(root / "data", classes=4, per_class=8, size=32, val_per_class=3)
+    return root
+
+
+@pytest.fixture(scope="module")
+def db(data):
+    return f"sqlite:///{data}/mlflow.db"
+
+
+@pytest.mark.slow
+def test_worker_killed_mid_epoch_restarts_from_checkpoint(data, db, ray_cluster):
+    """A worker SIGKILLed at epoch 2, step 3: the run restarts from the epoch-1 checkpoint and finishes
+    with every epoch logged once and the same result as an unfaulted run of the same seed."""
+    from mlflow import MlflowClient
+
+    from orchestrator.train import FAULT_MARKER, run_experiment
+
+    reference = run_experiment(_spec(data, name="unfaulted", db=db))
+    faulted = run_experiment(_spec(data, name="faulted", db=db, run={
+        "max_failures": 1, "fault_kill_rank_at": {"epoch": 2, "step": 3, "rank": 0}}))
+
+    marker = os.path.join(faulted["ray_run"], FAULT_MARKER)
+    assert os.path.exists(marker), "the fault drill did not fire"
+    assert "at epoch 2 step 3" in open(marker).read()
+    client = MlflowClient(db)
+    assert client.get_run(faulted["run_id"]).info.status == "FINISHED"
+    for key in METRICS:
+        assert [s for s, _ in _history(client, faulted["run_id"], key)] == [1, 2, 3], key
+    # Determinism: per-epoch seeds, the sampler's epoch and the checkpoint's model/optimizer/scheduler/RNG
+    # state make the replayed epoch 2 identical on CPU; allow float-summation noise on the losses only.
+    for key in ("val/top1", "val/top5"):
+        assert faulted["metrics"][key] == reference["metrics"][key], key
+    for key in ("val/loss", "train/loss"):
+        assert faulted["metrics"][key] == pytest.approx(reference["metrics"][key], rel=1e-4, abs=1e-5), key
+    ref_hist = [v for _, v in _history(client, reference["run_id"], "val/loss")]
+    got_hist = [v for _, v in _history(client, faulted["run_id"], "val/loss")]
+    assert got_hist == pytest.approx(ref_hist, rel=1e-4, abs=1e-5)
+
+
+@pytest.mark.slow
+def test_truncated_latest_checkpoint_falls_back_on_resume(data, db, ray_cluster, capfd):
+    from mlflow import MlflowClient
+
+    from orchestrator.train import list_checkpoints, run_experiment
+    from workloads.classification.loop import verify_training_checkpoint
+
+    # checkpoints_kept 10: Ray deletes none, so the folders show what the resumed run trained.
+    spec = _spec(data, name="corrupt", epochs=2, db=db, run={"checkpoints_kept": 10})
+    first = run_experiment(spec)
+    client = MlflowClient(db)
+    before = _history(client, first["run_id"], "epoch_time_s")
+    latest, previous = list_checkpoints(first["ray_run"])[:2]
+    state = os.path.join(latest, "train_state.pt")
+    with open(state, "r+b") as fh:  # a write cut short
+        fh.truncate(os.path.getsize(state) // 2)
+    capfd.readouterr()
+
+    again = run_experiment(_spec(data, name="corrupt", epochs=3, db=db, run={"checkpoints_kept": 10}),
+                           resume=True)
+    out, err = capfd.readouterr()
+    assert f"checkpoint {latest} is unreadable" in err
+    assert f"resuming from the previous readable checkpoint {previous}" in out
+    assert again["run_id"] == first["run_id"]
+    assert client.get_run(again["run_id"]).info.status == "FINISHED"
+    assert again["metrics"]["epoch"] == 3
+    for key in METRICS:
+        assert [s for s, _ in _history(client, again["run_id"], key)] == [1, 2, 3], key
+    # Epochs 1-2 keep their first values: the replayed epoch 2 (from epoch 1's checkpoint) is not logged twice.
+    assert _history(client, again["run_id"], "epoch_time_s")[:2] == before
+    # The workers restarted from epoch 1's checkpoint: epoch 2 was trained again, then epoch 3.
+    epochs = []
+    for path in reversed(list_checkpoints(again["ray_run"])):
+        try:
+            epochs.append(verify_training_checkpoint(path))
+        except ValueError:
+            epochs.append(None)  # the truncated one stays on disk, never used
+    assert epochs == [1, None, 2, 3]
