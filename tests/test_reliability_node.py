@@ -1,0 +1,77 @@
+"""A Ray node removed in the middle of a run (issue 9): the run restarts from its latest checkpoint on the
+nodes that remain (plus a replacement) and every epoch reaches MLflow exactly once.
+
+A two-node `ray.cluster_utils.Cluster` (one CPU each, so the two Train workers sit on different nodes);
+the worker node's raylet and its processes are killed once epoch 1 is in MLflow.
+"""
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from workloads.classification.synthetic import make_imagenet
+
+
+@pytest.mark.slow
+def test_node_removed_mid_run_restarts_and_logs_every_epoch_once(tmp_path):
+    import ray
+    from mlflow import MlflowClient
+    from ray.cluster_utils import Cluster
+
+    from orchestrator.spec_loader import spec_from_dict
+    from orchestrator.train import run_experiment
+
+    make_imagenet(tmp_path / "data", classes=4, per_class=8, size=32, val_per_class=3)
+    db = f"sqlite:///{tmp_path}/mlflow.db"
+    spec = spec_from_dict({
+        "experiment": {"name": "node-loss", "seed": 0},
+        "model": {"name": "resnet26"},
+        "data": {"root": str(tmp_path / "data"), "image_size": 32, "batch_size": 4, "num_workers": 0},
+        "optim": {"epochs": 3, "lr": 0.05, "scale_lr": False, "warmup_epochs": 0.5},
+        "scaling": {"num_workers": 2},
+        "run": {"storage_path": str(tmp_path / "runs"), "log_every": 100, "max_failures": 1},
+        "tracking": {"tracking_uri": db, "experiment_name": "cvlab-node-loss", "log_model": False},
+    })
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+    victim = cluster.add_node(num_cpus=1)
+    ray.init(address=cluster.address, log_to_driver=True)
+    removed: dict = {}
+    try:
+        result: dict = {}
+
+        def train():
+            try:
+                result["summary"] = run_experiment(spec)
+            except BaseException as err:  # surfaced by the assertions below
+                result["error"] = err
+
+        thread = threading.Thread(target=train, daemon=True)
+        thread.start()
+        client = MlflowClient(db)
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and thread.is_alive():
+            exp = client.get_experiment_by_name("cvlab-node-loss")
+            runs = client.search_runs([exp.experiment_id], max_results=1) if exp else []
+            logged = client.get_metric_history(runs[0].info.run_id, "val/top1") if runs else []
+            if logged:
+                # Both CPUs hold a Train worker, so one of them dies with this node.
+                cluster.remove_node(victim)  # kills that node's raylet and its worker processes
+                removed["epochs_logged"] = len(logged)
+                cluster.add_node(num_cpus=1)  # a replacement, so the restarted group fits
+                break
+            time.sleep(0.5)
+        thread.join(300)
+        assert removed, "the node was never removed (epoch 1 did not reach MLflow in time)"
+        assert removed["epochs_logged"] < 3, "the run was over before the node went"
+        assert "error" not in result, result.get("error")
+        summary = result["summary"]
+        assert client.get_run(summary["run_id"]).info.status == "FINISHED"
+        for key in ("train/loss", "val/loss", "val/top1", "epoch_time_s"):
+            steps = sorted(m.step for m in client.get_metric_history(summary["run_id"], key))
+            assert steps == [1, 2, 3], key
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
