@@ -31,6 +31,7 @@ quickstart: install
 
 # The whole suite except tests that need a CUDA device (those skip themselves anyway).
 test: install-det
+	$(PY) -m ruff check orchestrator workloads tests benchmarks
 	$(PY) -m pytest -m "not gpu" $(PYTEST_ARGS)
 
 test-fast: install-det

@@ -21,9 +21,16 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator.errors import CvlabError
+from orchestrator.run_records import (
+    find_previous_run,
+    join,
+    new_run_name,
+    spec_yaml,
+    training_error_message,
+    write_record,
+)
 
 BEST_METRIC = "val/bbox_mAP"
-RUN_RECORD = "cvlab_run.json"  # same record as classification runs: which MLflow run a Ray Train folder feeds
 CONTROLLER_FAILURE_LIMIT = 3  # bounds Ray Train's retries when worker resources never become available
 
 
@@ -139,84 +146,6 @@ def build_detection_trainer(spec, cfg, *, run_id: str, tracking_uri: str, name: 
 # Run bookkeeping: `<storage>/<name>-<timestamp>/cvlab_run.json` names the MLflow run (as for classification)
 
 
-def _fs(fs):
-    if fs is not None:
-        return fs
-    import pyarrow.fs as pafs
-
-    return pafs.LocalFileSystem()
-
-
-def _join(base: str, *parts: str) -> str:
-    return "/".join([base.rstrip("/"), *parts])
-
-
-def _exists(fs, path: str) -> bool:
-    import pyarrow.fs as pafs
-
-    return _fs(fs).get_file_info(path).type != pafs.FileType.NotFound
-
-
-def _write_record(fs, folder: str, record: dict) -> None:
-    import json
-
-    _fs(fs).create_dir(folder, recursive=True)
-    with _fs(fs).open_output_stream(_join(folder, RUN_RECORD)) as fh:
-        fh.write(json.dumps(record, indent=1).encode())
-
-
-def find_previous_run(fs, storage: str, base: str) -> tuple[str, dict] | None:
-    """The newest `(ray_run_name, record)` among `<storage>/<base>-<timestamp>` folders, or None."""
-    import json
-
-    import pyarrow.fs as pafs
-
-    found = []
-    try:
-        infos = _fs(fs).get_file_info(pafs.FileSelector(storage, allow_not_found=True))
-    except OSError:
-        return None
-    for info in infos:
-        if info.type != pafs.FileType.Directory or not info.base_name.startswith(base + "-"):
-            continue
-        try:
-            with _fs(fs).open_input_stream(_join(info.path, RUN_RECORD)) as fh:
-                record = json.loads(fh.read().decode())
-        except (OSError, ValueError):
-            continue
-        if record.get("base_name") == base:
-            found.append((record.get("created", 0), info.base_name, record))
-    if not found:
-        return None
-    _, name, record = max(found)
-    return name, record
-
-
-def _new_ray_name(fs, storage: str, base: str) -> str:
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    name, i = f"{base}-{stamp}", 2
-    while _exists(fs, _join(storage, name)):
-        name, i = f"{base}-{stamp}-{i}", i + 1
-    return name
-
-
-def _spec_yaml(spec) -> str:
-    import yaml
-
-    return yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False)
-
-
-def _training_error(err: BaseException) -> str:
-    """One readable line from Ray Train's TrainingFailedError (the worker's own error when there is one)."""
-    failures = getattr(err, "worker_failures", None)
-    if failures:
-        rank, exc = min(failures.items())
-        lines = [ln for ln in str(getattr(exc, "cause", None) or exc).splitlines() if ln.strip()]
-        return f"detection training failed on worker {rank}: {lines[-1] if lines else type(exc).__name__}"
-    lines = [ln for ln in str(err).splitlines() if ln.strip()]
-    return f"detection training failed: {lines[-1] if lines else type(err).__name__}"
-
-
 def _ensure_ray(spec) -> bool:
     """Connect to Ray (RAY_ADDRESS / a running cluster, else start a local one); True when we started it."""
     import ray
@@ -293,10 +222,10 @@ def run_detection(spec, resume: bool = False) -> dict[str, Any]:
         client.update_run(run_id, status="RUNNING")
         _say(f"resuming {ray_name} (MLflow run {run_id})")
     else:
-        ray_name = _new_ray_name(fs, storage, base)
+        ray_name = new_run_name(fs, storage, base)
         run_id = create_run(client, experiment_id, base, tags={**spec.experiment.tags, RAY_RUN_TAG: ray_name,
                                                                 "cvlab.workload": "detection"})
-        _write_record(fs, _join(storage, ray_name), {
+        write_record(fs, join(storage, ray_name), {
             "mlflow_run_id": run_id, "tracking_uri": tracking_uri, "experiment_id": experiment_id,
             "base_name": base, "created": time.time(), "workload": "detection",
         })
@@ -314,10 +243,10 @@ def run_detection(spec, resume: bool = False) -> dict[str, Any]:
             client.set_tag(run_id, f"cvlab.resume.{int(time.time())}",
                            json.dumps({k: new for k, (_old, new) in changed.items()})[:5000])
         if previous is None:
-            client.log_text(run_id, _spec_yaml(spec), "resolved.yaml")
+            client.log_text(run_id, spec_yaml(spec), "resolved.yaml")
             client.log_text(run_id, cfg.pretty_text, "mmdet_config.py")
         _say(f"MLflow run {run_id} in experiment {experiment_name!r} ({tracking_uri}); "
-             f"Ray Train run {_join(storage, ray_name)}")
+             f"Ray Train run {join(storage, ray_name)}")
 
         started_ray = _ensure_ray(spec)
         trainer = build_detection_trainer(spec, cfg, run_id=run_id, tracking_uri=tracking_uri, name=ray_name,
@@ -328,7 +257,7 @@ def run_detection(spec, resume: bool = False) -> dict[str, Any]:
             from ray.train import TrainingFailedError
 
             if isinstance(err, TrainingFailedError):
-                raise CvlabError(_training_error(err)) from err
+                raise CvlabError(training_error_message(err, "detection training")) from err
             raise
         metrics = dict(result.metrics or {})
         best = None
@@ -360,7 +289,7 @@ def run_detection(spec, resume: bool = False) -> dict[str, Any]:
         "run_id": run_id,
         "experiment_id": experiment_id,
         "tracking_uri": tracking_uri,
-        "ray_run": _join(storage, ray_name),
+        "ray_run": join(storage, ray_name),
         "num_params": num_params,
         "seconds": round(time.perf_counter() - start, 1),
     })

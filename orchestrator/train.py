@@ -24,8 +24,16 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator.errors import CvlabError
+from orchestrator.run_records import (
+    exists,
+    find_previous_run,
+    join,
+    new_run_name,
+    spec_yaml,
+    training_error_message,
+    write_record,
+)
 
-RUN_RECORD = "cvlab_run.json"
 SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train V2's record of a run's checkpoints
 FAULT_MARKER = "fault_drill.done"  # written by the run.fault_kill_rank_at drill when it fired
 # Bounds Ray Train's retries of controller failures (e.g. resources that never become available).
@@ -163,24 +171,6 @@ def model_stats(spec, data: DataInfo) -> dict[str, Any]:
 # Trainer
 
 
-def _local_fs(fs):
-    if fs is not None:
-        return fs
-    import pyarrow.fs as pafs
-
-    return pafs.LocalFileSystem()
-
-
-def _join(base: str, *parts: str) -> str:
-    return "/".join([base.rstrip("/"), *parts])
-
-
-def _exists(fs, path: str) -> bool:
-    import pyarrow.fs as pafs
-
-    return _local_fs(fs).get_file_info(path).type != pafs.FileType.NotFound
-
-
 def build_trainer(
     spec,
     *,
@@ -211,9 +201,9 @@ def build_trainer(
     _model_overrides(spec, data)
     fs, storage = resolve_storage(storage_path or spec.run.storage_path)
     name = name or spec.run.name or spec.experiment.name
-    if not resume and _exists(fs, _join(storage, name, SNAPSHOT)):
+    if not resume and exists(fs, join(storage, name, SNAPSHOT)):
         raise CvlabError(
-            f"run folder {_join(storage, name)} already holds checkpoints of an earlier run; "
+            f"run folder {join(storage, name)} already holds checkpoints of an earlier run; "
             "resume it (--resume) or choose another run.name"
         )
     use_gpu = spec.scaling.use_gpu
@@ -237,7 +227,7 @@ def build_trainer(
         ),
         callbacks=list(callbacks) or None,
     )
-    run_dir = _join(storage, name)
+    run_dir = join(storage, name)
     if resume and fs is None:
         _check_latest_checkpoint(run_dir)
     config = {
@@ -303,81 +293,6 @@ def check_gpu_request(spec) -> None:
             f"(torch {torch.__version__}, CUDA build {torch.version.cuda or 'none'}); set scaling.use_gpu: false, "
             "or run on a GPU cluster (RAY_ADDRESS / cvlab submit)"
         )
-
-
-def training_error_message(err: BaseException) -> str:
-    """One readable line from Ray Train's TrainingFailedError (the workers' own error when there is one)."""
-    failures = getattr(err, "worker_failures", None)
-    if failures:
-        rank, exc = min(failures.items())
-        cause = getattr(exc, "cause", None) or exc
-        text = str(cause).strip()
-        # Ray prefixes remote errors with a traceback; the error's own line is the last one.
-        lines = [ln for ln in text.splitlines() if ln.strip()]
-        last = lines[-1] if lines else type(cause).__name__
-        return f"training failed on worker {rank}: {last}"
-    inner = getattr(err, "controller_failure", None)
-    if inner is not None:
-        return f"training failed in the Ray Train controller: {str(inner).strip().splitlines()[-1]}"
-    lines = [ln for ln in str(err).splitlines() if ln.strip()]
-    return f"training failed: {lines[-1] if lines else type(err).__name__}"
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Run bookkeeping (which Ray Train folder belongs to which MLflow run)
-
-
-def _read_record(fs, folder: str) -> dict | None:
-    fs = _local_fs(fs)
-    try:
-        with fs.open_input_stream(_join(folder, RUN_RECORD)) as fh:
-            return json.loads(fh.read().decode())
-    except (OSError, ValueError):
-        return None
-
-
-def _write_record(fs, folder: str, record: dict) -> None:
-    fs = _local_fs(fs)
-    fs.create_dir(folder, recursive=True)
-    with fs.open_output_stream(_join(folder, RUN_RECORD)) as fh:
-        fh.write(json.dumps(record, indent=1).encode())
-
-
-def find_previous_run(fs, storage: str, base: str) -> tuple[str, dict] | None:
-    """The newest `(ray_run_name, record)` among `<storage>/<base>-<timestamp>` folders, or None."""
-    import pyarrow.fs as pafs
-
-    found = []
-    try:
-        infos = _local_fs(fs).get_file_info(pafs.FileSelector(storage, allow_not_found=True))
-    except OSError:
-        return None
-    for info in infos:
-        if info.type != pafs.FileType.Directory or not info.base_name.startswith(base + "-"):
-            continue
-        record = _read_record(fs, info.path)
-        if record and record.get("base_name") == base:
-            found.append((record.get("created", 0), info.base_name, record))
-    if not found:
-        return None
-    _, ray_name, record = max(found)
-    return ray_name, record
-
-
-def _new_ray_name(fs, storage: str, base: str) -> str:
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    name, i = f"{base}-{stamp}", 2
-    while _exists(fs, _join(storage, name)):
-        name, i = f"{base}-{stamp}-{i}", i + 1
-    return name
-
-
-def _spec_yaml(spec) -> str:
-    import yaml
-
-    from orchestrator.spec_loader import spec_to_dict
-
-    return yaml.safe_dump(spec_to_dict(spec), sort_keys=False)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -530,9 +445,9 @@ def run_experiment(spec, resume: bool = False) -> dict[str, Any]:
         client.update_run(run_id, status="RUNNING")
         _say(f"resuming {ray_name} (MLflow run {run_id})")
     else:
-        ray_name = _new_ray_name(fs, storage, base)
+        ray_name = new_run_name(fs, storage, base)
         run_id = create_run(client, experiment_id, base, tags={**spec.experiment.tags, RAY_RUN_TAG: ray_name})
-        _write_record(fs, _join(storage, ray_name), {
+        write_record(fs, join(storage, ray_name), {
             "mlflow_run_id": run_id, "tracking_uri": tracking_uri, "experiment_id": experiment_id,
             "base_name": base, "created": time.time(),
         })
@@ -547,9 +462,9 @@ def run_experiment(spec, resume: bool = False) -> dict[str, Any]:
             client.set_tag(run_id, f"cvlab.resume.{int(time.time())}",
                            json.dumps({k: new for k, (_old, new) in changed.items()})[:5000])
         artifact = "resolved.yaml" if previous is None else f"resolved-resume-{time.strftime('%Y%m%d-%H%M%S')}.yaml"
-        client.log_text(run_id, _spec_yaml(spec), artifact)
+        client.log_text(run_id, spec_yaml(spec), artifact)
         _say(f"MLflow run {run_id} in experiment {experiment_name!r} ({tracking_uri}); "
-             f"Ray Train run {_join(storage, ray_name)}")
+             f"Ray Train run {join(storage, ray_name)}")
 
         started_ray = _ensure_ray(spec)
         if started_ray:
@@ -589,7 +504,7 @@ def run_experiment(spec, resume: bool = False) -> dict[str, Any]:
         "run_id": run_id,
         "experiment_id": experiment_id,
         "tracking_uri": tracking_uri,
-        "ray_run": _join(storage, ray_name),
+        "ray_run": join(storage, ray_name),
         "seconds": round(time.perf_counter() - start, 1),
     })
     return summary

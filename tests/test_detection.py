@@ -17,8 +17,8 @@ import torch
 
 warnings.filterwarnings("ignore", category=UserWarning)
 
-from workloads.detection.coco_check import check_coco_dataset, check_coco_file
-from workloads.detection.synthetic_coco import SHAPES, make_coco
+from workloads.detection.coco_check import check_coco_dataset, check_coco_file # noqa: E402
+from workloads.detection.synthetic_coco import SHAPES, make_coco # noqa: E402
 
 
 @pytest.fixture(scope="module")
