@@ -196,15 +196,6 @@ def test_epoch_logger_queue_is_bounded_and_flush_gives_up(tmp_path, capfd):
 
 
 @pytest.fixture(scope="module")
-def ray_cluster():
-    import ray
-
-    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=True)
-    yield
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def data(tmp_path_factory):
     root = tmp_path_factory.mktemp("reliability")
     make_imagenet(root / "data", classes=4, per_class=8, size=32, val_per_class=3)

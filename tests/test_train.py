@@ -148,16 +148,6 @@ def test_generates_the_embedded_dataset_once(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def ray_cluster():
-    import ray
-
-    # address="local": a private cluster, even when another one runs on this machine.
-    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=True)
-    yield
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def db(tmp_path_factory):
     """One MLflow database for the module's runs (creating one takes seconds)."""
     return f"sqlite:///{tmp_path_factory.mktemp('mlflow')}/mlflow.db"
