@@ -104,29 +104,37 @@ def save_training_checkpoint(directory: str, model, optimizer, scheduler, scaler
     os.replace(state_tmp, os.path.join(directory, STATE_FILE))
 
 
-def verify_training_checkpoint(directory: str) -> int:
-    """Reload both files of a training checkpoint (weights_only); returns its epoch, ValueError if unusable."""
+def read_training_checkpoint(directory: str) -> tuple[dict, dict]:
+    """Both files of a training checkpoint, loaded with weights_only: (model state dict, training state).
+
+    ValueError naming the folder when it is unusable (truncated file, bad pickle, missing file or key).
+    """
     import torch
 
     from workloads.models import load_checkpoint
 
     try:
-        load_checkpoint(os.path.join(directory, MODEL_FILE), map_location="cpu")
+        saved_model, _ = load_checkpoint(os.path.join(directory, MODEL_FILE), map_location="cpu")
         state = torch.load(os.path.join(directory, STATE_FILE), map_location="cpu", weights_only=True)
-        return int(state["epoch"])
-    except Exception as err:  # truncated zip, bad pickle, missing file or key: all mean "unusable"
+        int(state["epoch"])
+    except Exception as err:  # every failure here means "this checkpoint cannot be used"
         raise ValueError(f"checkpoint {directory} is unreadable ({type(err).__name__}: {err})") from err
+    return saved_model.state_dict(), state
+
+
+def verify_training_checkpoint(directory: str) -> int:
+    """Reload both files of a training checkpoint; returns its epoch, ValueError if unusable."""
+    return int(read_training_checkpoint(directory)[1]["epoch"])
 
 
 def load_training_checkpoint(directory: str, model, optimizer, scheduler, scaler) -> dict:
     """Restore what `save_training_checkpoint` wrote; returns the state dict (epoch, best_top1, ...)."""
-    import torch
+    return _apply_training_state(read_training_checkpoint(directory), model, optimizer, scheduler, scaler)
 
-    from workloads.models import load_checkpoint
 
-    saved_model, _ = load_checkpoint(os.path.join(directory, MODEL_FILE), map_location="cpu")
-    _unwrap(model).load_state_dict(saved_model.state_dict())
-    state = torch.load(os.path.join(directory, STATE_FILE), map_location="cpu", weights_only=True)
+def _apply_training_state(loaded: tuple[dict, dict], model, optimizer, scheduler, scaler) -> dict:
+    model_state, state = loaded
+    _unwrap(model).load_state_dict(model_state)
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     scaler.load_state_dict(state["scaler"])
@@ -374,12 +382,12 @@ def _restore(checkpoint, fallbacks, model, optimizer, scheduler, scaler, say) ->
     for ckpt in candidates:
         with ckpt.as_directory() as ckpt_dir:
             try:
-                verify_training_checkpoint(ckpt_dir)
+                loaded = read_training_checkpoint(ckpt_dir)  # read once: verified and then applied
             except ValueError as err:
                 sys.stderr.write(f"cvlab: warning: {err}; using the previous checkpoint\n")
                 sys.stderr.flush()
                 continue
-            state = load_training_checkpoint(ckpt_dir, model, optimizer, scheduler, scaler)
+        state = _apply_training_state(loaded, model, optimizer, scheduler, scaler)
         if ckpt is not candidates[0]:
             say(f"restored the previous readable checkpoint {ckpt.path} (epoch {state['epoch']})")
         return state
