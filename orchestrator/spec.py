@@ -69,6 +69,9 @@ class OptimSection(_Section):
     warmup_iters: int = 0  # wins over warmup_epochs when > 0
     min_lr: float = 0.0
     grad_clip: float | None = None
+    # A NaN/inf training loss fails the run (naming epoch and step). With N > 0 such a step is skipped
+    # instead (no update; counted in metric train/skipped_steps) up to N times per run, then it fails.
+    skip_nonfinite_steps: int = Field(0, ge=0)
 
 
 class PrecisionSection(_Section):
@@ -94,6 +97,9 @@ class RunSection(_Section):
     # the restarted worker from repeating it. Combine with max_failures >= 1 to watch the run recover.
     # Local run storage only.
     fault_kill_rank_at: dict[str, int] | None = None
+    # Drill for the non-finite loss guard: `{epoch: E, step: S}` turns the training loss of that step NaN
+    # on every worker (see optim.skip_nonfinite_steps).
+    fault_nan_loss_at: dict[str, int] | None = None
 
 
 class TrackingSection(_Section):

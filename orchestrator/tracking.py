@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 import urllib.error
 import urllib.request
 from collections.abc import Iterable
@@ -83,6 +84,29 @@ def check_tracking_server(tracking_uri: str, timeout: float = 5.0) -> None:
                 Path(db).parent.mkdir(parents=True, exist_ok=True)
             except OSError as err:
                 raise CvlabError(f"cannot create the folder of the MLflow database {db}: {err}") from err
+
+
+def wait_for_tracking_server(tracking_uri: str, timeout_s: float = 300.0, interval_s: float = 2.0) -> None:
+    """Wait (saying so once) until an http(s) tracking server answers again; CvlabError after `timeout_s`."""
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    warned = False
+    while True:
+        try:
+            check_tracking_server(tracking_uri)
+            if warned:
+                print(f"cvlab: MLflow tracking server {tracking_uri} answers again", file=sys.stderr, flush=True)
+            return
+        except CvlabError as err:
+            if time.monotonic() >= deadline:
+                raise CvlabError(f"MLflow tracking server {tracking_uri} stayed unreachable for {timeout_s:g} s "
+                                 "after training") from err
+            if not warned:
+                print(f"cvlab: warning: MLflow tracking server {tracking_uri} is not answering; waiting up to "
+                      f"{timeout_s:g} s for it to log the results", file=sys.stderr, flush=True)
+                warned = True
+            time.sleep(interval_s)
 
 
 def make_client(tracking_uri: str):

@@ -48,6 +48,16 @@ def _say(msg: str) -> None:
     print(msg, flush=True)
 
 
+def _end_failed(client, run_id: str, message: str) -> None:
+    """Mark the run FAILED; a tracking server that is away must not hide the error being reported."""
+    from orchestrator.tracking import end_run
+
+    try:
+        end_run(client, run_id, "FAILED", message)
+    except Exception as err:  # noqa: BLE001
+        _warn(f"could not mark MLflow run {run_id} FAILED ({type(err).__name__}: {err})")
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Data
 
@@ -408,6 +418,7 @@ def run_experiment(spec, resume: bool = False) -> dict[str, Any]:
         log_params,
         make_client,
         resolve_tracking_uri,
+        wait_for_tracking_server,
     )
 
     # Ray Train's report() waits up to this interval (2 s by default); per-epoch reports need no more.
@@ -483,17 +494,19 @@ def run_experiment(spec, resume: bool = False) -> dict[str, Any]:
             if isinstance(err, RayActorError):  # Ray's Ctrl-C handler aborts the controller actor
                 raise CvlabError(f"training was aborted: the Ray Train controller exited ({err})") from err
             raise
+        # The server may have gone away during training (the workers kept going): wait for it to log.
+        wait_for_tracking_server(tracking_uri)
         summary = finalize_run(spec, result, client, run_id, tracking_uri, data)
         end_run(client, run_id, "FINISHED")
     except CvlabError as err:
-        end_run(client, run_id, "FAILED", str(err))
+        _end_failed(client, run_id, str(err))
         raise
     except (KeyboardInterrupt, SystemExit) as err:
         # Ray's SIGINT handler aborts training and may exit through SystemExit: both are interruptions.
-        end_run(client, run_id, "FAILED", f"interrupted ({type(err).__name__})")
+        _end_failed(client, run_id, f"interrupted ({type(err).__name__})")
         raise KeyboardInterrupt from err
     except BaseException as err:
-        end_run(client, run_id, "FAILED", f"{type(err).__name__}: {err}")
+        _end_failed(client, run_id, f"{type(err).__name__}: {err}")
         raise
     finally:
         if started_ray:

@@ -36,6 +36,7 @@ TAG_TUNE_PATH = "cvlab.tune_path"
 TAG_TRIAL_ID = "cvlab.trial_id"
 TAG_TRIAL_NAME = "cvlab.trial_name"
 TAG_END_REASON = "cvlab.end_reason"
+TAG_FAILED_TRIALS = "cvlab.failed_trials"
 TAG_PARENT = "mlflow.parentRunId"
 # CPU the trial's own process asks for: it only drives its Ray Train run (workers have their own).
 DEFAULT_TRIAL_CPU = 0.25
@@ -148,10 +149,11 @@ def trial_main(config: dict, ctx: TrialContext) -> None:
     except Exception as err:
         from ray.train import TrainingFailedError
 
+        # The run is ended by the driver's callback (on_trial_error), not here: when Tune stops a trial
+        # (ASHA), its Train run also ends in an exception while this process is torn down, and writing
+        # FAILED here would race the callback's KILLED.
         message = train_mod.training_error_message(err) if isinstance(err, TrainingFailedError) \
             else f"{type(err).__name__}: {err}"
-        client.set_tag(run_id, TAG_END_REASON, f"failed: {message}"[:5000])
-        end_run(client, run_id, "FAILED", message)
         raise RuntimeError(message) from err
     if result.checkpoint is not None:
         client.set_tag(run_id, "cvlab.checkpoint", result.checkpoint.path)
@@ -230,12 +232,14 @@ def make_status_callback(tracking_uri: str, experiment_id: str, parent_run_id: s
                 if trial.last_result:
                     self._log_last(client, run, dict(trial.last_result))
                 if run.info.status == "RUNNING":
-                    reason = "failed"
+                    error = "see the trial error file"
                     if trial.error_file and os.path.exists(trial.error_file):
                         lines = [ln for ln in Path(trial.error_file).read_text().splitlines() if ln.strip()]
-                        reason = f"failed: {lines[-1] if lines else 'see the trial error file'}"
-                    client.set_tag(run.info.run_id, TAG_END_REASON, reason[:5000])
-                    client.set_terminated(run.info.run_id, status="FAILED")
+                        error = lines[-1] if lines else error
+                    from orchestrator.tracking import end_run
+
+                    client.set_tag(run.info.run_id, TAG_END_REASON, f"failed: {error}"[:5000])
+                    end_run(client, run.info.run_id, "FAILED", error)
             except Exception as err:  # noqa: BLE001 - never break the search for bookkeeping
                 print(f"cvlab: warning: could not end the MLflow run of {trial}: {err}", file=sys.stderr)
 
@@ -381,20 +385,29 @@ def _trial_name(trial) -> str:
     return f"trial_{trial.trial_id}"
 
 
-def _trial_states(results) -> tuple[dict[str, str], list[str]]:
+def _trial_states(results, client, experiment_id: str, parent_run_id: str) -> tuple[dict[str, str], list[str]]:
     """Tune status per trial id, and the trials that did not end (interrupted search).
 
-    After Ctrl-C Tune marks running trials TERMINATED too; only trials that finished or were stopped by
-    the scheduler have `done` in their last result.
+    After Ctrl-C Tune marks running trials TERMINATED too, without `done` in their last result and without
+    calling the callbacks, so their MLflow runs are still RUNNING. `done` alone cannot tell them apart:
+    Tune adds it to a trial that returned by editing the last result in place, which the saved
+    experiment state can miss. So a TERMINATED trial without `done` counts as unfinished only when its
+    MLflow run was not ended (by the trial itself or by the status callback).
     """
     try:
         trials = results._experiment_analysis.trials
     except AttributeError:
         return {}, []
     statuses = {t.trial_id: t.status for t in trials}
-    unfinished = [t.trial_id for t in trials
-                  if t.status not in ("TERMINATED", "ERROR")
-                  or (t.status == "TERMINATED" and not (t.last_result or {}).get("done"))]
+    unfinished = []
+    for t in trials:
+        if t.status == "ERROR" or (t.status == "TERMINATED" and (t.last_result or {}).get("done")):
+            continue
+        if t.status == "TERMINATED":
+            run = find_trial_run(client, experiment_id, parent_run_id, t.trial_id)
+            if run is not None and run.info.status != "RUNNING":
+                continue
+        unfinished.append(t.trial_id)
     return statuses, unfinished
 
 
@@ -534,7 +547,7 @@ def run_search(spec, *, resume: bool = False, num_cpus: int | None = None, verbo
                 os.environ.pop("RAY_AIR_NEW_OUTPUT", None)
             else:
                 os.environ["RAY_AIR_NEW_OUTPUT"] = old_output
-        statuses, unfinished = _trial_states(results)
+        statuses, unfinished = _trial_states(results, client, experiment_id, parent_run_id)
         interrupted = bool(unfinished)
         if interrupted:
             _mark_interrupted(client, experiment_id, parent_run_id, unfinished)
@@ -559,6 +572,9 @@ def run_search(spec, *, resume: bool = False, num_cpus: int | None = None, verbo
         _end_parent(client, parent_run_id, "KILLED",
                     "interrupted before every trial ended; continue with: cvlab tune <spec> --resume")
     else:
+        failed = sum(1 for st in statuses.values() if st == "ERROR")
+        if failed:  # the search itself completed; its failed trials are counted (and named by `cvlab tune`)
+            client.set_tag(parent_run_id, TAG_FAILED_TRIALS, str(failed))
         client.set_tag(parent_run_id, TAG_END_REASON, "completed")
         client.set_terminated(parent_run_id, "FINISHED")
     return summary

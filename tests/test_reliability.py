@@ -275,3 +275,58 @@ def test_truncated_latest_checkpoint_falls_back_on_resume(data, db, ray_cluster,
         except ValueError:
             epochs.append(None)  # the truncated one stays on disk, never used
     assert epochs == [1, None, 2, 3]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_tracking_server_down_mid_run_loses_no_epoch(data, ray_cluster, mlflow_server, capfd):
+    """The MLflow server is stopped once epoch 1 is logged and started again after epoch 3's checkpoint:
+    training never stops, and the run ends FINISHED with every epoch in MLflow exactly once."""
+    import glob
+    import threading
+
+    from mlflow import MlflowClient
+
+    from orchestrator.train import list_checkpoints, run_experiment
+
+    client = MlflowClient(mlflow_server.uri)
+    spec = _spec(data, name="server-outage", epochs=5, db=mlflow_server.uri,
+                 run={"checkpoints_kept": 10, "storage_path": str(data / "outage-runs")})
+    timeline: list[str] = []
+
+    def outage():
+        deadline = time.monotonic() + 400
+        while time.monotonic() < deadline and "stopped" not in timeline:
+            try:
+                exp = client.get_experiment_by_name("cvlab-reliability")
+                runs = exp and client.search_runs([exp.experiment_id], "tags.mlflow.runName = 'server-outage'")
+                if runs and _history(client, runs[0].info.run_id, "val/top1"):
+                    mlflow_server.stop()
+                    timeline.append("stopped")
+            except Exception:  # noqa: BLE001, S110 - a read racing the run's own writes: poll again
+                pass
+            time.sleep(0.3)
+        while time.monotonic() < deadline:
+            folders = glob.glob(str(data / "outage-runs" / "server-outage*"))
+            if folders and len(list_checkpoints(folders[0])) >= 3:
+                timeline.append(f"restarting after {len(list_checkpoints(folders[0]))} checkpoints")
+                mlflow_server.start()
+                timeline.append("started")
+                return
+            time.sleep(0.3)
+
+    watcher = threading.Thread(target=outage, daemon=True)
+    watcher.start()
+    result = run_experiment(spec)
+    watcher.join(timeout=60)
+    assert timeline[0] == "stopped" and timeline[-1] == "started", timeline
+    assert int(timeline[1].split()[2]) < 5, timeline  # the server was away while epochs 2-3 trained
+
+    err = capfd.readouterr().err
+    assert "is not answering" in err and "answers again" in err
+    run = client.get_run(result["run_id"])
+    assert run.info.status == "FINISHED" and result["metrics"]["epoch"] == 5
+    for key in METRICS:
+        assert [s for s, _ in _history(client, result["run_id"], key)] == [1, 2, 3, 4, 5], key
+    assert {a.path for a in client.list_artifacts(result["run_id"], "checkpoints")} == {
+        "checkpoints/best", "checkpoints/last"}

@@ -231,3 +231,26 @@ def test_nan_loss_fails_the_run_with_step_and_epoch(tmp_path, ray_cluster, db):
     assert run.info.status == "FAILED"
     assert "non-finite training loss" in run.data.tags["cvlab.error"]
     assert str(info.value) in run.data.tags["cvlab.error"]
+
+
+@pytest.mark.slow
+def test_nan_step_skipped_up_to_the_limit(tmp_path, ray_cluster, db):
+    """run.fault_nan_loss_at makes one step's loss NaN on both workers: with optim.skip_nonfinite_steps
+    the step is skipped on every rank (DDP stays in step), counted, and the run finishes; without the
+    allowance the same fault fails the run naming that exact epoch and step."""
+    from mlflow import MlflowClient
+
+    from orchestrator.train import run_experiment
+
+    _dataset(tmp_path)
+    drill = {"fault_nan_loss_at": {"epoch": 2, "step": 3}}
+    result = run_experiment(_spec(tmp_path, name="nan-skip", db=db, run=drill,
+                                  optim={"skip_nonfinite_steps": 1}))
+    client = MlflowClient(db)
+    run = client.get_run(result["run_id"])
+    assert run.info.status == "FINISHED"
+    assert _history(client, run.info.run_id, "train/skipped_steps") == [(1, 0.0), (2, 1.0)]
+    assert all(v == v for _, v in _history(client, run.info.run_id, "train/loss"))  # no NaN reached the mean
+
+    with pytest.raises(CvlabError, match=r"non-finite training loss \(nan\) at epoch 2, step 3 \(global step"):
+        run_experiment(_spec(tmp_path, name="nan-fail", db=db, run=drill))

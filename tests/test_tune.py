@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -227,7 +228,8 @@ def test_search_killed_then_resumed(tmp_path, monkeypatch, capsys):
 
     monkeypatch.setenv("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "600")
     monkeypatch.chdir(tmp_path)
-    ray.init(num_cpus=3, include_dashboard=False)
+    # with the dashboard: Train's PlacementGroupCleaner needs the state API to free stopped trials' groups
+    ray.init(num_cpus=3)
     try:
         summary = run_search(load_spec(spec_path), resume=True)
         from ray._private.state import actors  # the GCS actor table (the state API needs the dashboard)
@@ -283,3 +285,31 @@ def test_search_killed_then_resumed(tmp_path, monkeypatch, capsys):
     assert main(["compare", "tune-test", "--tracking-uri", uri, "--out", str(tmp_path / "cmp")]) == 0
     table = capsys.readouterr().out
     assert table.count("trial_") >= 3 and (tmp_path / "cmp" / "compare_parallel_coordinates.png").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_diverging_trial_fails_and_the_search_goes_on(tmp_path, capsys):
+    """A trial whose loss becomes NaN (lr 1e30) fails with the step named; the other trial still runs to
+    the end, the parent run gets its summary, and `cvlab tune` exits 1 naming the failed trial."""
+    from mlflow import MlflowClient
+
+    d = _spec_dict(tmp_path, scheduler="fifo", space={"optim.lr": {"grid": [0.05, 1.0e30]}})
+    d["optim"].update(epochs=2, warmup_epochs=0.0, label_smoothing=0.0)
+    rc = main(["tune", str(_write(tmp_path, d)), "--num-cpus", "3"])
+    out = capsys.readouterr().out
+    assert rc == 1 and "1 trial(s) failed" in out
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("tune-test").experiment_id
+    (parent,) = client.search_runs([exp], "tags.`cvlab.kind` = 'search'")
+    kids = {float(r.data.params["optim.lr"]): r for r in _children(client, parent.info.run_id)}
+    assert sorted(kids) == [0.05, 1.0e30]
+    good, bad = kids[0.05], kids[1.0e30]
+    assert good.info.status == "FINISHED" and _steps(client, good.info.run_id) == [1, 2]
+    assert bad.info.status == "FAILED"
+    assert re.search(r"non-finite training loss .* at epoch 1, step \d+", bad.data.tags["cvlab.end_reason"])
+    assert parent.info.status == "FINISHED" and parent.data.tags["cvlab.failed_trials"] == "1"
+    assert parent.data.tags["cvlab.best_run_id"] == good.info.run_id
+    assert {Path(a.path).name for a in client.list_artifacts(parent.info.run_id, "summary")} >= {
+        "search_summary.csv", "search_summary.md"}

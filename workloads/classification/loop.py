@@ -253,11 +253,13 @@ def train_loop_per_worker(config: dict) -> None:
 
     epochs = int(ocfg["epochs"])
     start_epoch, best_top1 = 1, -1.0
+    skip_limit, skipped_steps = int(ocfg.get("skip_nonfinite_steps") or 0), 0
     state = _restore(ray.train.get_checkpoint(), config.get("fallback_checkpoints") or (),
                      model, optimizer, scheduler, scaler, say)
     if state is not None:
         start_epoch = int(state["epoch"]) + 1
         best_top1 = float(state.get("best_top1", -1.0))
+        skipped_steps = int(state.get("skipped_steps", 0))
         say(f"resuming from the checkpoint of epoch {state['epoch']} (epoch {start_epoch} of {epochs} next)")
     if start_epoch > epochs:
         say(f"nothing to train: the checkpoint is at epoch {start_epoch - 1} and optim.epochs is {epochs}")
@@ -269,6 +271,8 @@ def train_loop_per_worker(config: dict) -> None:
     )
 
     fault = _fault_plan(rcfg, config.get("fault_marker"))
+    nan_at = rcfg.get("fault_nan_loss_at")
+    nan_at = (int(nan_at["epoch"]), int(nan_at["step"])) if nan_at else None
     run_start = time.perf_counter()
     steps_done = 0
     for epoch in range(start_epoch, epochs + 1):
@@ -287,13 +291,30 @@ def train_loop_per_worker(config: dict) -> None:
             with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
                 logits = model(images)
                 loss = criterion(logits.float(), targets)
+            if (epoch, step) == nan_at:
+                loss = loss * float("nan")  # the run.fault_nan_loss_at drill
             loss_value = loss.item()
-            if not math.isfinite(loss_value):
-                raise NonFiniteLossError(
-                    f"non-finite training loss ({loss_value}) at epoch {epoch}, step {step} "
-                    f"(global step {(epoch - 1) * steps_per_epoch + step}) on worker {rank}; "
-                    "lower optim.lr, set optim.grad_clip or train in fp32"
-                )
+            if skip_limit:
+                # Every rank must agree to skip, or DDP's gradient all-reduce would wait forever.
+                bad = _all_reduce(torch.tensor([0.0 if math.isfinite(loss_value) else 1.0], device=device),
+                                  op="max").item() > 0
+            else:
+                bad = not math.isfinite(loss_value)
+            if bad:
+                skipped_steps += 1
+                where = (f"at epoch {epoch}, step {step} (global step {(epoch - 1) * steps_per_epoch + step})"
+                         f" on worker {rank}")
+                if skipped_steps > skip_limit:
+                    limit = f" after skipping {skip_limit} such step(s)" if skip_limit else ""
+                    raise NonFiniteLossError(
+                        f"non-finite training loss ({loss_value}) {where}{limit}; "
+                        "lower optim.lr, set optim.grad_clip or train in fp32"
+                    )
+                say(f"warning: non-finite training loss {where}: step skipped "
+                    f"({skipped_steps} of at most {skip_limit})")
+                optimizer.zero_grad(set_to_none=True)
+                scheduler.step()  # keep the lr schedule aligned with the step count
+                continue
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             if ocfg["grad_clip"]:
@@ -336,6 +357,8 @@ def train_loop_per_worker(config: dict) -> None:
             "epoch_time_s": time.perf_counter() - epoch_start,
             "data/skipped_images": float(data["skipped"] + train_failures + val["failures"]),
         }
+        if skip_limit:
+            metrics["train/skipped_steps"] = float(skipped_steps)
         best_top1 = max(best_top1, val["top1"])
 
         with tempfile.TemporaryDirectory(prefix="cvlab-ckpt-") as tmp:
@@ -344,7 +367,7 @@ def train_loop_per_worker(config: dict) -> None:
                 if rank == 0:
                     save_training_checkpoint(
                         tmp, model, optimizer, scheduler, scaler, epoch,
-                        {"best_top1": best_top1, "val/top1": val["top1"]},
+                        {"best_top1": best_top1, "val/top1": val["top1"], "skipped_steps": skipped_steps},
                     )
                     verify_training_checkpoint(tmp)  # publish only what reloads
                     to_report = ray.train.Checkpoint.from_directory(tmp)
