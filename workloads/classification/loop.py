@@ -302,12 +302,13 @@ def train_loop_per_worker(config: dict) -> None:
                 bad = not math.isfinite(loss_value)
             if bad:
                 skipped_steps += 1
-                where = (f"at epoch {epoch}, step {step} (global step {(epoch - 1) * steps_per_epoch + step})"
-                         f" on worker {rank}")
+                who = f"on worker {rank}" if not math.isfinite(loss_value) else "on another worker"
+                where = f"at epoch {epoch}, step {step} (global step {(epoch - 1) * steps_per_epoch + step}) {who}"
                 if skipped_steps > skip_limit:
                     limit = f" after skipping {skip_limit} such step(s)" if skip_limit else ""
+                    value = f" ({loss_value})" if not math.isfinite(loss_value) else ""
                     raise NonFiniteLossError(
-                        f"non-finite training loss ({loss_value}) {where}{limit}; "
+                        f"non-finite training loss{value} {where}{limit}; "
                         "lower optim.lr, set optim.grad_clip or train in fp32"
                     )
                 say(f"warning: non-finite training loss {where}: step skipped "
