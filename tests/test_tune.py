@@ -115,6 +115,31 @@ def test_status_callback_ends_trial_runs_with_a_reason(tmp_path):
     assert client.get_run(runs["t4"]).info.status == "FINISHED"
 
 
+def test_interrupted_trials_are_told_apart_with_mlflow(tmp_path):
+    """Tune's saved state can lack `done` for a trial that returned normally (it is added in place):
+    such a TERMINATED trial counts as interrupted only while its MLflow run was never ended."""
+    from mlflow import MlflowClient
+
+    from orchestrator.tune import _trial_states
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'm.db'}")
+    exp = client.create_experiment("states", artifact_location=(tmp_path / "a").as_uri())
+    parent = client.create_run(exp, run_name="search").info.run_id
+    for tid, status in (("ended", "FINISHED"), ("cut", None), ("early", "KILLED")):
+        run_id = client.create_run(exp, tags={"mlflow.parentRunId": parent, "cvlab.trial_id": tid}).info.run_id
+        if status:
+            client.set_terminated(run_id, status)
+    trials = [SimpleNamespace(trial_id="ended", status="TERMINATED", last_result={"epoch": 3}),
+              SimpleNamespace(trial_id="cut", status="TERMINATED", last_result={"epoch": 1}),
+              SimpleNamespace(trial_id="early", status="TERMINATED", last_result={"epoch": 1, "done": True}),
+              SimpleNamespace(trial_id="bad", status="ERROR", last_result={}),
+              SimpleNamespace(trial_id="waiting", status="PENDING", last_result={})]
+    results = SimpleNamespace(_experiment_analysis=SimpleNamespace(trials=trials))
+    statuses, unfinished = _trial_states(results, client, exp, parent)
+    assert statuses["ended"] == "TERMINATED" and statuses["bad"] == "ERROR"
+    assert unfinished == ["cut", "waiting"]
+
+
 def test_bad_space_refuses_before_anything_starts(tmp_path, capsys):
     d = _spec_dict(tmp_path)
     d["search"]["space"] = {"model.reduction_ratio": {"grid": [4, 64]}, "model.group_channels": {"grid": [16, 48]}}
