@@ -3,7 +3,8 @@
 The end-to-end test runs a 3-trial ASHA search of tiny CedNet-26 trials (1 Ray worker each, 32 px images,
 3 epochs) through the CLI in a subprocess, SIGKILLs it once a trial has finished and another is mid-run,
 then resumes it in-process and checks through the MLflow client: one parent run, one nested run per trial
-(none duplicated), finished trials not re-run, the summary artifacts, and no trial/worker actor left.
+(none duplicated), finished trials not re-run, the summary artifacts, and no trial/worker actor or placement
+group left.
 """
 from __future__ import annotations
 
