@@ -29,9 +29,9 @@ from orchestrator.run_records import (
     training_error_message,
     write_record,
 )
+from orchestrator.train import CONTROLLER_FAILURE_LIMIT
 
 BEST_METRIC = "val/bbox_mAP"
-CONTROLLER_FAILURE_LIMIT = 3  # bounds Ray Train's retries when worker resources never become available
 
 
 def _say(msg: str) -> None:

@@ -266,8 +266,6 @@ class MlflowEpochLogger:
         return env()
 
     def _warn(self, msg: str) -> None:
-        import sys
-
         print(f"cvlab: warning: {msg}", file=sys.stderr, flush=True)
 
     def logged_epochs(self) -> set[int]:
@@ -313,8 +311,6 @@ class MlflowEpochLogger:
         return True
 
     def _say_back(self) -> None:
-        import sys
-
         print(f"cvlab: MLflow tracking server {self.tracking_uri} answers again; "
               f"sending {len(self._pending)} queued epoch(s)", file=sys.stderr, flush=True)
 

@@ -238,8 +238,6 @@ def build_trainer(
         callbacks=list(callbacks) or None,
     )
     run_dir = join(storage, name)
-    if resume and fs is None:
-        _check_latest_checkpoint(run_dir)
     config = {
         "spec": spec.model_dump(mode="json"),
         "data": data.worker_config(),
@@ -266,25 +264,6 @@ def list_checkpoints(run_dir: str) -> list[str]:
         return []
     return [os.path.join(run_dir, n) for n in sorted(names, reverse=True)
             if os.path.isdir(os.path.join(run_dir, n))]
-
-
-def _check_latest_checkpoint(run_dir: str) -> None:
-    """Warn (naming it) when the checkpoint a resume would start from is unreadable; the workers then
-    fall back to the newest readable one."""
-    from workloads.classification.loop import verify_training_checkpoint
-
-    checkpoints = list_checkpoints(run_dir)
-    for i, path in enumerate(checkpoints):
-        try:
-            verify_training_checkpoint(path)
-        except ValueError as err:
-            _warn(f"{err}; skipping it")
-            continue
-        if i:
-            _say(f"resuming from the previous readable checkpoint {path}")
-        return
-    if checkpoints:
-        _warn(f"no readable checkpoint in {run_dir}")
 
 
 def check_gpu_request(spec) -> None:

@@ -136,7 +136,8 @@ def trial_main(config: dict, ctx: TrialContext) -> None:
     try:
         data = ctx.data if ctx.data is not None else train_mod.prepare_data(spec)
         stats = train_mod.model_stats(spec, data)
-        params = {**{k: v for k, v in flatten_spec(spec).items() if not k.startswith("search.")}, **stats, "data.train_images": data.train_images,
+        resolved = {k: v for k, v in flatten_spec(spec).items() if not k.startswith("search.")}
+        params = {**resolved, **stats, "data.train_images": data.train_images,
                   "data.val_images": data.val_images, "data.classes": len(data.classes)}
         log_params(client, run_id, params)
         trainer = train_mod.build_trainer(
@@ -188,14 +189,15 @@ def make_status_callback(tracking_uri: str, experiment_id: str, parent_run_id: s
             run = find_trial_run(client, self.cfg["experiment_id"], self.cfg["parent_run_id"], trial.trial_id)
             return client, run
 
-        def _log_last(self, client, run, result: dict) -> None:
-            """Make sure the run has the last metrics Tune saw (a stopped worker may not have logged them)."""
+        def _log_last(self, client, run, result: dict) -> int:
+            """Make sure the run has the last metrics Tune saw (a stopped worker may not have logged them);
+            returns the last epoch trained (per Tune or MLflow, whichever is further)."""
             from orchestrator.tracking import log_metrics, logged_steps
 
             logged = logged_steps(client, run.info.run_id, self.cfg["metric"])
             epoch = max(int(result.get("epoch") or 0), max(logged, default=0))
             if epoch == 0:
-                return
+                return 0
             metrics = {k: v for k, v in result.items()
                        if "/" in k or k in ("images_per_s", "epoch_time_s", "lr")}
             metrics = {k: float(v) for k, v in metrics.items()
@@ -203,6 +205,7 @@ def make_status_callback(tracking_uri: str, experiment_id: str, parent_run_id: s
             if int(result.get("epoch") or 0) == epoch and epoch not in logged:
                 log_metrics(client, run.info.run_id, metrics, step=epoch)
             log_metrics(client, run.info.run_id, {"epoch": epoch}, step=epoch)
+            return epoch
 
         def on_trial_complete(self, iteration, trials, trial, **info):
             try:
@@ -210,13 +213,9 @@ def make_status_callback(tracking_uri: str, experiment_id: str, parent_run_id: s
                 if run is None:
                     return
                 result = dict(trial.last_result or {})
-                self._log_last(client, run, result)
+                result["epoch"] = self._log_last(client, run, result)
                 if run.info.status != "RUNNING":  # the trial ended its run itself
                     return
-                from orchestrator.tracking import logged_steps
-
-                logged = logged_steps(client, run.info.run_id, self.cfg["metric"])
-                result["epoch"] = max(int(result.get("epoch") or 0), max(logged, default=0))
                 epochs = int((getattr(trial, "config", None) or {}).get("optim.epochs", self.cfg["epochs"]))
                 status, reason = end_status(result, epochs, self.cfg["scheduler"])
                 client.set_tag(run.info.run_id, TAG_END_REASON, reason)

@@ -413,7 +413,7 @@ def _restore(checkpoint, fallbacks, model, optimizer, scheduler, scaler, say) ->
                 continue
         state = _apply_training_state(loaded, model, optimizer, scheduler, scaler)
         if ckpt is not candidates[0]:
-            say(f"restored the previous readable checkpoint {ckpt.path} (epoch {state['epoch']})")
+            say(f"resuming from the previous readable checkpoint {ckpt.path} (epoch {state['epoch']})")
         return state
     if candidates:
         raise ValueError(f"no readable checkpoint to resume from (tried {[c.path for c in candidates]})")
