@@ -8,7 +8,7 @@ WHEELS  ?=
 PIP     := env PIP_CONFIG_FILE=/dev/null PIP_FIND_LINKS="$(WHEELS)" $(PY) -m pip
 PYTEST_ARGS ?=
 
-.PHONY: install install-det quickstart test test-fast lint bench clean
+.PHONY: install install-det quickstart test test-fast lint bench gpu-check clean
 
 install: $(VENV)/.installed
 install-det: $(VENV)/.installed-det
@@ -22,8 +22,8 @@ $(VENV)/.installed: pyproject.toml
 # mmcv 2.1.0 must be built against the installed torch (no build isolation), with its C++ ops.
 $(VENV)/.installed-det: $(VENV)/.installed
 	MAX_JOBS=2 MMCV_WITH_OPS=1 $(PIP) install -q --no-build-isolation "mmcv==2.1.0"
-	$(PIP) install -q -e ".[det,dev]"
-	$(PY) -c "import mmcv.ops, mmdet.models; print('mmcv ops and mmdet import fine')"
+	$(PIP) install -q -e ".[det,seg,dev]"
+	$(PY) -c "import mmcv.ops, mmdet.models, mmseg.models; print('mmcv ops, mmdet and mmseg import fine')"
 	touch $@
 
 quickstart: install
@@ -42,6 +42,11 @@ lint: install
 
 bench: install
 	$(PY) benchmarks/ops.py
+
+# The prepared check for a lent GPU (no install, no network; runs with whatever python has torch when there is
+# no ./.venv): gpu-marked tests, operator and model benchmarks -> benchmarks/results/gpu-check/report.md
+gpu-check:
+	$(if $(wildcard $(PY)),$(PY),python3) -m benchmarks.gpu_check --out benchmarks/results/gpu-check
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -9,12 +9,10 @@ so the useful yardstick is how long the unavoidable memory traffic takes:
 The bandwidth is measured with a large device-to-device `Tensor.copy_` (read + write bytes counted). On a
 machine without a GPU it measures host memcpy bandwidth, so the harness runs (and is tested) anywhere.
 
-With `--compare`, each implementation is also timed at every layer (median of CUDA-event timings after
-warm-up) and reported as a multiple of its floor:
-    unfold     benchmarks.published_kernels.involution2d_unfold (the published naive formulation)
-    published  benchmarks.published_kernels.involution2d_published (the published CUDA design; CUDA + CuPy)
-    torch      workloads.ops.involution2d(backend="torch")
-    cupy       workloads.ops.involution2d(backend="cupy") (CUDA + CuPy)
+With `--compare`, each implementation of benchmarks/ops.py (unfold, torch, published, ours, ours-fused) is
+also timed at every layer (benchmarks/timing.py: median of CUDA-event timings, L2 flushed) and reported as a
+multiple of its floor. An implementation that cannot run here is left out; one that fails at a layer gets an
+'error' cell and the sweep goes on.
 
     python -m benchmarks.bandwidth --dtype bfloat16 float32 --json bandwidth.json
     python -m benchmarks.bandwidth --compare --dtype bfloat16 float32 --json ops_vs_floor.json
@@ -23,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -157,103 +154,43 @@ def bound_table(layers, batch: int, dtypes, bandwidth: float) -> list[dict]:
     return rows
 
 
-def implementations(device: torch.device) -> dict:
-    """name -> fn(x, kernel, stride) for every implementation usable on `device` (see the module docstring)."""
-    try:
-        from benchmarks.published_kernels import involution2d_published, involution2d_unfold
-    except ImportError:  # run as a file: benchmarks/ is sys.path[0]
-        from published_kernels import involution2d_published, involution2d_unfold
+def implementations(device: torch.device) -> list[str]:
+    """The implementations of benchmarks/ops.py that can run on `device`."""
+    from benchmarks import ops
 
-    impls = {"unfold": lambda x, k, s: involution2d_unfold(x, k, s)}
-    cupy_ok = False
-    if device.type == "cuda":
-        try:
-            import cupy  # noqa: F401
-
-            cupy_ok = True
-        except ImportError:
-            pass
-    if cupy_ok:
-        impls["published"] = lambda x, k, s: involution2d_published(x, k, s)
-    try:
-        from workloads.ops import involution2d
-    except ImportError:
-        return impls
-    impls["torch"] = lambda x, k, s: involution2d(x, k, s, backend="torch")
-    if cupy_ok:
-        impls["cupy"] = lambda x, k, s: involution2d(x, k, s, backend="cupy")
-    return impls
-
-
-def time_ms(fn, device: torch.device, repeat: int = 10, warmup: int = 3) -> float:
-    """Median wall time of fn() in milliseconds (CUDA events on a GPU)."""
-    for _ in range(warmup):
-        fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    times = []
-    for _ in range(repeat):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
-
-
-def _passes(fn, x, ker, gy, stride):
-    """The two timed closures: forward without autograd, and forward + backward to both inputs."""
-
-    def fwd():
-        with torch.no_grad():
-            return fn(x, ker, stride)
-
-    def fwd_bwd():
-        return torch.autograd.grad(fn(x, ker, stride), (x, ker), gy)
-
-    return fwd, fwd_bwd
+    return [name for name in ops.IMPLEMENTATIONS if ops.availability(name, device)[0]]
 
 
 def compare(layers, batch: int, dtypes, bandwidth: float, device: torch.device, impls=None, repeat: int = 10,
             warmup: int = 3, log=print) -> list[dict]:
-    """Time forward and forward+backward of each implementation; attach the floor and time/floor ratios."""
+    """Time forward and forward+backward of each implementation; attach the floor and time/floor ratios.
+
+    A row whose implementation failed carries 'error' (out of memory, a kernel error ...) instead of times."""
+    from benchmarks import ops
+
     impls = implementations(device) if impls is None else impls
     rows = []
     for dname in dtypes:
         dtype = DTYPES[dname]
         for shape in layers:
-            k, s = shape.kernel_size, shape.stride
-            ho = output_size(shape.height, k, s, shape.dilation)
-            wo = output_size(shape.width, k, s, shape.dilation)
-            x = torch.randn(batch, shape.channels, shape.height, shape.width, device=device, dtype=dtype,
-                            requires_grad=True)
-            ker = torch.randn(batch, shape.groups, k, k, ho, wo, device=device, dtype=dtype, requires_grad=True)
-            gy = torch.randn(batch, shape.channels, ho, wo, device=device, dtype=dtype)
             floor = shape_bytes(shape, batch, dtype)
-            for name, fn in impls.items():
-                log(f"  {name:9s} {shape.name:12s} {dname} batch {batch} ...", flush=True)
-                fwd, fwd_bwd = _passes(fn, x, ker, gy, s)
+            for name in impls:
+                log(f"  {name:10s} {shape.name:12s} {dname} batch {batch} ...", flush=True)
                 row = {"impl": name, "layer": shape.name, "count": shape.count, "dtype": dname, "batch": batch,
                        "floor_forward_ms": floor["forward"] / bandwidth * 1e3,
                        "floor_fwd_bwd_ms": floor["total"] / bandwidth * 1e3}
-                try:
-                    row["forward_ms"] = time_ms(fwd, device, repeat, warmup)
-                    row["fwd_bwd_ms"] = time_ms(fwd_bwd, device, repeat, warmup)
-                except torch.OutOfMemoryError as exc:  # the unfold formulation is memory-hungry
-                    row["error"] = f"out of memory: {str(exc).splitlines()[0]}"
-                    if device.type == "cuda":
-                        torch.cuda.empty_cache()
+                passes = ("fwd_bwd",) if name == "ours-fused" else ("forward", "fwd_bwd")
+                measured = {r["pass"]: r for r in ops.bench_layer(name, shape, batch, dtype, device, bandwidth,
+                                                                  repeat, warmup, passes, memory=False)}
+                problems = [r.get("error") or r.get("skipped") for r in measured.values() if "ms" not in r]
+                if problems:
+                    row["error"] = problems[0]
                 else:
-                    row["forward_x_floor"] = row["forward_ms"] / row["floor_forward_ms"]
-                    row["fwd_bwd_x_floor"] = row["fwd_bwd_ms"] / row["floor_fwd_bwd_ms"]
+                    for key, p in (("forward_ms", "forward"), ("fwd_bwd_ms", "fwd_bwd")):
+                        if p in measured:
+                            row[key] = measured[p]["ms"]
+                            row[key.replace("_ms", "_x_floor")] = row[key] / row["floor_" + key]
                 rows.append(row)
-            del x, ker, gy
     return rows
 
 
@@ -267,7 +204,7 @@ def machine_info(device: torch.device) -> dict:
         import cupy
 
         info["cupy"] = cupy.__version__
-    except ImportError:
+    except Exception:  # noqa: BLE001 - not installed, or broken: the version is only a label
         info["cupy"] = None
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
@@ -295,10 +232,11 @@ def format_comparison(rows: list[dict]) -> str:
                 cells = []
                 for name in impls:
                     r = by_impl.get(name)
-                    if r is None:
+                    if r is None or ("error" not in r and key not in r):
                         cells.append("n/a")
                     elif "error" in r:
-                        cells.append("OOM" if "out of memory" in r["error"] else "error")
+                        cells.append("OOM" if "OutOfMemory" in r["error"] or "out of memory" in r["error"]
+                                     else "error")
                     else:
                         cells.append(f"{r[key]:.3f} ({r[key] / r[floor_key]:.1f}x)")
                 out.append(f"| {layer} | {first[floor_key]:.3f} | " + " | ".join(cells) + " |")
@@ -307,7 +245,7 @@ def format_comparison(rows: list[dict]) -> str:
                 floor = sum(r[floor_key] * r["count"] for r in sub if r["impl"] == impls[0])
                 cells = []
                 for name in impls:
-                    mine = [r for r in sub if r["impl"] == name and "error" not in r]
+                    mine = [r for r in sub if r["impl"] == name and key in r]
                     if len(mine) != len(layers):
                         cells.append("n/a")
                     else:
@@ -365,9 +303,12 @@ def main(argv=None) -> int:
                 print(f"error: implementation(s) {missing} not available on {device}; available: {sorted(impls)}",
                       file=sys.stderr)
                 return 2
-            impls = {k: v for k, v in impls.items() if k in args.impl}
+            impls = [k for k in impls if k in args.impl]
         cmp_rows = compare(layers, args.batch, args.dtype, bw, device, impls, repeat=args.repeat)
         print(format_comparison(cmp_rows))
+        for r in cmp_rows:
+            if "error" in r:
+                print(f"note: {r['impl']} at {r['layer']} ({r['dtype']}): {r['error']}")
         report["comparison"] = cmp_rows
     if args.json:
         with open(args.json, "w") as f:

@@ -1,8 +1,10 @@
-"""Training-step throughput (images/s) of RedNet-50 and CedNet-50 against torchvision's ResNet-50, in one run.
+"""Training and inference throughput (images/s) of RedNet-50 and CedNet-50 against torchvision's ResNet-50.
 
-Each model runs full training steps (forward, cross-entropy, backward, SGD step) on a fixed random batch with
-bf16 autocast and channels_last memory format; the result is images/s over the timed steps after warm-up,
-and each model's ratio to the baseline measured in the same process.
+Each model runs, in the same process:
+  train  full training steps (forward, cross-entropy, backward, SGD step) on a fixed random batch;
+  infer  eval-mode forward passes under torch.no_grad;
+both with bf16 autocast and channels_last by default; images/s over the timed iterations after warm-up, and each
+model's ratio to the baseline measured in the same run. A model that fails records its error and the others go on.
 
     python -m benchmarks.model_speed --json model_speed.json                     # GPU: batch 128 at 224 px
     python -m benchmarks.model_speed --batch 2 --size 64 --steps 2 --warmup 1    # CPU smoke run
@@ -77,6 +79,33 @@ def time_training(model, *, device, batch: int, size: int, steps: int, warmup: i
     return out
 
 
+def time_inference(model, *, device, batch: int, size: int, steps: int, warmup: int, amp: bool,
+                   channels_last: bool) -> dict:
+    """Time `steps` eval-mode forward passes after `warmup` ones; returns images/s and ms per batch."""
+    import torch
+
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    model = model.to(device=device, memory_format=memory_format).eval()
+    x = torch.randn(batch, 3, size, size, generator=torch.Generator(device="cpu").manual_seed(1))
+    x = x.to(device=device, memory_format=memory_format)
+
+    def step():
+        with torch.no_grad(), torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp):
+            return model(x)
+
+    for _ in range(warmup):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elapsed = time.perf_counter() - t0
+    return {"images_per_s": batch * steps / elapsed, "batch_ms": elapsed / steps * 1e3}
+
+
 def involution_backend(device) -> str:
     """The backend `involution2d(backend='auto')` picks on this device (recorded with the results)."""
     try:
@@ -109,9 +138,15 @@ def machine_info(device) -> dict:
     return info
 
 
+MODES = ("train", "infer")
+
+
 def run(models, baseline, *, device="auto", batch=128, size=224, steps=20, warmup=5, amp=True,
-        channels_last=True, num_classes=1000, log=print) -> dict:
-    """Benchmark `baseline` then each of `models`; returns the JSON-ready result dict."""
+        channels_last=True, num_classes=1000, modes=MODES, log=print) -> dict:
+    """Benchmark `baseline` then each of `models`; returns the JSON-ready result dict.
+
+    results[i]: model, params_m, and per mode in `modes` '<mode>_images_per_s', the step / batch time and
+    '<mode>_ratio_vs_baseline' (train also 'final_loss' and, on CUDA, 'train_peak_memory_gib'); or 'error'."""
     import torch
 
     for name, v in (("batch", batch), ("size", size), ("steps", steps), ("num_classes", num_classes)):
@@ -119,6 +154,9 @@ def run(models, baseline, *, device="auto", batch=128, size=224, steps=20, warmu
             raise ValueError(f"{name} must be a positive int; got {v!r}")
     if not isinstance(warmup, int) or warmup < 0:
         raise ValueError(f"warmup must be a non-negative int; got {warmup!r}")
+    unknown = sorted(set(modes) - set(MODES))
+    if unknown or not modes:
+        raise ValueError(f"modes must be a non-empty subset of {MODES}; got {tuple(modes)}")
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(device)
@@ -128,34 +166,74 @@ def run(models, baseline, *, device="auto", batch=128, size=224, steps=20, warmu
         torch.backends.cudnn.benchmark = True
 
     config = {"batch": batch, "size": size, "steps": steps, "warmup": warmup, "amp_bf16": amp,
-              "channels_last": channels_last, "num_classes": num_classes}
+              "channels_last": channels_last, "num_classes": num_classes, "modes": list(modes)}
+    specs = [baseline, *[m for m in models if m != baseline]]
+    for spec in specs:  # unknown names fail before anything is timed
+        if not spec.startswith("torchvision:"):
+            from workloads.models import list_models
+
+            if spec not in list_models():
+                raise ValueError(f"unknown model {spec!r}; known: {', '.join(list_models())} or torchvision:<name>")
     results = []
-    for spec in [baseline, *[m for m in models if m != baseline]]:
+    for spec in specs:
         log(f"[{spec}] building ...", flush=True)
-        model = build(spec, num_classes)
-        params = sum(p.numel() for p in model.parameters())
-        log(f"[{spec}] {params / 1e6:.2f} M params; {warmup} warm-up + {steps} timed steps "
-            f"(batch {batch}, {size} px, {device})", flush=True)
-        res = time_training(model, device=device, batch=batch, size=size, steps=steps, warmup=warmup, amp=amp,
-                            channels_last=channels_last, num_classes=num_classes)
-        res = {"model": spec, "params_m": params / 1e6, **res}
+        res = {"model": spec}
+        try:
+            model = build(spec, num_classes)
+            res["params_m"] = sum(p.numel() for p in model.parameters()) / 1e6
+            log(f"[{spec}] {res['params_m']:.2f} M params; {warmup} warm-up + {steps} timed iterations "
+                f"(batch {batch}, {size} px, {device})", flush=True)
+            if "train" in modes:
+                t = time_training(model, device=device, batch=batch, size=size, steps=steps, warmup=warmup,
+                                  amp=amp, channels_last=channels_last, num_classes=num_classes)
+                res.update({"train_images_per_s": t["images_per_s"], "train_step_ms": t["step_ms"],
+                            "final_loss": t["final_loss"]})
+                if "peak_memory_gib" in t:
+                    res["train_peak_memory_gib"] = t["peak_memory_gib"]
+                log(f"[{spec}] train {t['images_per_s']:.1f} images/s ({t['step_ms']:.1f} ms/step)", flush=True)
+            if "infer" in modes:
+                t = time_inference(model, device=device, batch=batch, size=size, steps=steps, warmup=warmup,
+                                   amp=amp, channels_last=channels_last)
+                res.update({"infer_images_per_s": t["images_per_s"], "infer_batch_ms": t["batch_ms"]})
+                log(f"[{spec}] infer {t['images_per_s']:.1f} images/s ({t['batch_ms']:.1f} ms/batch)", flush=True)
+        except Exception as exc:  # noqa: BLE001 - one model failing (OOM, a kernel error) must not end the run
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            res["error"] = f"{type(exc).__name__}: {first}"[:300]
+            log(f"[{spec}] failed: {res['error']}", flush=True)
         results.append(res)
-        log(f"[{spec}] {res['images_per_s']:.1f} images/s ({res['step_ms']:.1f} ms/step)", flush=True)
-        del model
+        model = None
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    base = results[0]["images_per_s"]
+    base = results[0]
     for r in results:
-        r["ratio_vs_baseline"] = r["images_per_s"] / base
+        for mode in modes:
+            key = f"{mode}_images_per_s"
+            if key in r and key in base:
+                r[f"{mode}_ratio_vs_baseline"] = r[key] / base[key]
     return {"machine": machine_info(device), "involution_backend": involution_backend(device),
             "config": config, "baseline": baseline, "results": results}
 
 
 def format_table(report: dict) -> str:
-    lines = ["| model | params (M) | images/s | ms/step | vs baseline |", "| --- | ---: | ---: | ---: | ---: |"]
+    modes = report["config"].get("modes", list(MODES))
+    head = "| model | params (M) |"
+    rule = "| --- | ---: |"
+    for mode, unit in (("train", "ms/step"), ("infer", "ms/batch")):
+        if mode in modes:
+            head += f" {mode} images/s | {unit} | {mode} vs baseline |"
+            rule += " ---: | ---: | ---: |"
+    lines = [head, rule]
     for r in report["results"]:
-        lines.append(f"| {r['model']} | {r['params_m']:.2f} | {r['images_per_s']:.1f} | {r['step_ms']:.1f} | "
-                     f"{r['ratio_vs_baseline']:.2f}x |")
+        if "error" in r:
+            lines.append(f"| {r['model']} | {r.get('params_m', float('nan')):.2f} | failed: {r['error']} |")
+            continue
+        line = f"| {r['model']} | {r['params_m']:.2f} |"
+        for mode, key in (("train", "train_step_ms"), ("infer", "infer_batch_ms")):
+            if mode in modes:
+                ratio = r.get(f"{mode}_ratio_vs_baseline")
+                line += (f" {r[f'{mode}_images_per_s']:.1f} | {r[key]:.1f} | "
+                         f"{'n/a' if ratio is None else f'{ratio:.2f}x'} |")
+        lines.append(line)
     return "\n".join(lines)
 
 
@@ -171,12 +249,13 @@ def main(argv=None) -> int:
     p.add_argument("--num-classes", type=int, default=1000)
     p.add_argument("--no-amp", action="store_true", help="float32 instead of bf16 autocast")
     p.add_argument("--no-channels-last", action="store_true")
+    p.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES, help="train and/or infer")
     p.add_argument("--json", default=None, help="write the results here")
     args = p.parse_args(argv)
     try:
         report = run(args.models, args.baseline, device=args.device, batch=args.batch, size=args.size,
                      steps=args.steps, warmup=args.warmup, amp=not args.no_amp,
-                     channels_last=not args.no_channels_last, num_classes=args.num_classes)
+                     channels_last=not args.no_channels_last, num_classes=args.num_classes, modes=args.modes)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -1,66 +1,97 @@
-"""Benchmark of the involution operator backends at the RedNet-50 stage shapes.
+"""Operator benchmark: every involution implementation at the four RedNet-50 stage shapes.
 
-For each stage (C=64@56x56, 128@28x28, 256@14x14, 512@7x7 at 224 px; K=7, G=C/16, stride 1) and each
-implementation:
-    unfold  the published naive formulation (nn.Unfold, materialises the K*K-times unfolded input), autograd
-    torch   workloads.ops backend='torch' (strided-view accumulation, explicit backward)
-    cupy    workloads.ops backend='cupy' (NVRTC kernels), CUDA only and only when CuPy works
-it measures forward and forward+backward time (median of --repeat runs after a warm-up) and the peak memory
-allocated on top of the inputs, and derives the achieved bandwidth from the minimal bytes each pass must move
-(forward: read x and kernel, write y; backward: read grad_y, kernel, x, write grad_x and grad_kernel).
+Implementations (`IMPLEMENTATIONS`):
+    unfold      the published naive formulation (nn.Unfold; materialises the K*K-times unfolded input), autograd
+    torch       workloads.ops backend='torch' (strided-view accumulation, explicit backward)
+    published   the published CUDA kernel design (benchmarks/published_kernels.py); CUDA + CuPy
+    ours        workloads.ops backend='cupy' (this project's kernels, default backward policy); CUDA + CuPy
+    ours-fused  the same with CVLAB_INVOLUTION_BACKWARD=fused (one backward kernel reading grad_y once);
+                only the backward passes differ from `ours`, so only those are timed
+Passes: forward (no autograd), backward (grad_x and grad_kernel of an existing graph), fwd_bwd (both).
+Per row: the median CUDA-event time (benchmarks/timing.py: L2 flushed between runs), the bytes the pass must move
+(benchmarks/bandwidth.py's count: read inputs and write outputs once), the achieved GB/s, its fraction of the
+device-to-device copy bandwidth measured in the same run, and the peak memory allocated above the inputs.
+A row that cannot run says why (`skipped`) and one that fails keeps its error (`error`); the sweep goes on.
 
-Peak memory: CUDA uses torch.cuda.max_memory_allocated(); CPU resets the kernel's resident-set high-water
-mark (/proc/self/clear_refs) and reads VmHWM, with glibc's mmap threshold fixed so large tensors really are
-returned to the OS on free (otherwise reused heap pages hide allocations).
-
-    python -m benchmarks.ops --device cpu --batch 8
-    python -m benchmarks.ops --device cuda --dtype float16        # -> benchmarks/results/ops-cuda.json
+    python -m benchmarks.ops                          # GPU: fp32+bf16, batch 32+128, every implementation
+    python -m benchmarks.ops --device cpu --quick     # CPU smoke run (unfold, torch; the rest say why not)
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import json
+import os
 import platform
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
-from workloads.ops import cupy_backend, involution2d
+if __package__ in (None, ""):  # run as a file (`python benchmarks/ops.py`): make the repository importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-STAGES = [(64, 56), (128, 28), (256, 14), (512, 7)]  # RedNet-50 stages at 224 px: (channels, spatial size)
-KERNEL_SIZE = 7
-GROUP_CHANNELS = 16
+from benchmarks.bandwidth import REDNET50_LAYERS, InvolutionShape, involution_bytes, measure_copy_bandwidth  # noqa: E402
+from benchmarks.timing import time_ms  # noqa: E402
+
+STAGES = tuple(s for s in REDNET50_LAYERS if s.name in ("stage1", "stage2", "stage3", "stage4"))
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
+PASSES = ("forward", "backward", "fwd_bwd")
+IMPLEMENTATIONS = ("unfold", "torch", "published", "ours", "ours-fused")
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 
-def unfold_involution(x: torch.Tensor, kernel: torch.Tensor, stride: int = 1, padding: int | None = None,
-                      dilation: int = 1) -> torch.Tensor:
-    """Baseline: the unfold formulation of the published naive RedNet code."""
-    b, c, _, _ = x.shape
-    _, g, k, _, ho, wo = kernel.shape
-    padding = dilation * (k - 1) // 2 if padding is None else padding
-    cols = F.unfold(x, k, dilation=dilation, padding=padding, stride=stride).view(b, g, c // g, k * k, ho, wo)
-    return (cols * kernel.reshape(b, g, 1, k * k, ho, wo)).sum(3).reshape(b, c, ho, wo)
+# ---------------------------------------------------------------------------------------------------- implementations
 
 
-IMPLEMENTATIONS = {
-    "unfold": unfold_involution,
-    "torch": lambda x, k: involution2d(x, k, backend="torch"),
-    "cupy": lambda x, k: involution2d(x, k, backend="cupy"),
-}
+@contextlib.contextmanager
+def _backward_mode(mode: str | None):
+    old = os.environ.get("CVLAB_INVOLUTION_BACKWARD")
+    if mode is not None:
+        os.environ["CVLAB_INVOLUTION_BACKWARD"] = mode
+    try:
+        yield
+    finally:
+        if mode is not None:
+            if old is None:
+                os.environ.pop("CVLAB_INVOLUTION_BACKWARD", None)
+            else:
+                os.environ["CVLAB_INVOLUTION_BACKWARD"] = old
+
+
+def availability(impl: str, device: torch.device) -> tuple[bool, str]:
+    """(runs here, why not)."""
+    if impl not in IMPLEMENTATIONS:
+        return False, f"unknown implementation {impl!r}"
+    if impl in ("unfold", "torch"):
+        return True, ""
+    if device.type != "cuda":
+        return False, "needs a CUDA device"
+    from workloads.ops import cupy_backend
+
+    ok, reason = cupy_backend.cupy_status()
+    return (True, "") if ok else (False, f"CuPy unusable: {reason}")
+
+
+def implementation(impl: str):
+    """fn(x, kernel, stride) -> y for one implementation, and the backward mode it runs under."""
+    from benchmarks.published_kernels import involution2d_published, involution2d_unfold
+    from workloads.ops import involution2d
+
+    fns = {"unfold": lambda x, k, s: involution2d_unfold(x, k, s),
+           "torch": lambda x, k, s: involution2d(x, k, s, backend="torch"),
+           "published": lambda x, k, s: involution2d_published(x, k, s),
+           "ours": lambda x, k, s: involution2d(x, k, s, backend="cupy"),
+           "ours-fused": lambda x, k, s: involution2d(x, k, s, backend="cupy")}
+    return fns[impl], ("fused" if impl == "ours-fused" else None)
 
 
 # ---------------------------------------------------------------------------------------------------- memory
 
 
 class _CpuPeak:
-    """Peak resident memory above the level at `start()`, via /proc (Linux)."""
+    """Peak resident memory above the level at `start()`, via /proc (Linux); None elsewhere."""
 
     def __init__(self):
         self.ok = Path("/proc/self/clear_refs").exists()
@@ -105,111 +136,170 @@ class _CudaPeak:
         return (torch.cuda.max_memory_allocated(self.device) - self.base) / 2**20
 
 
-# ---------------------------------------------------------------------------------------------------- timing
+# ---------------------------------------------------------------------------------------------------- one case
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _time_ms(fn, device: torch.device, repeat: int, warmup: int) -> float:
-    for _ in range(warmup):
-        fn()
-    _sync(device)
-    times = []
-    for _ in range(repeat):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
-
-
-def _bytes(b: int, c: int, hw: int, g: int, k: int, elem: int) -> tuple[int, int]:
-    """Minimal bytes moved by the forward pass and by forward+backward."""
-    x = b * c * hw * hw
-    kern = b * g * k * k * hw * hw
-    fwd = (x + kern + x) * elem                      # read x, kernel; write y
-    bwd = ((x + kern + x) + (x + x + kern)) * elem   # grad_x: read gy, kernel, write; grad_k: read gy, x, write
-    return fwd, fwd + bwd
-
-
-def bench_case(name: str, c: int, hw: int, batch: int, device: torch.device, dtype: torch.dtype, repeat: int,
-               warmup: int) -> dict:
-    g, k = c // GROUP_CHANNELS, KERNEL_SIZE
-    fn = IMPLEMENTATIONS[name]
-    x = torch.randn(batch, c, hw, hw, device=device, dtype=dtype, requires_grad=True)
-    kern = torch.randn(batch, g, k, k, hw, hw, device=device, dtype=dtype, requires_grad=True)
-    gy = torch.randn(batch, c, hw, hw, device=device, dtype=dtype)
-    peak = _CudaPeak(device) if device.type == "cuda" else _CpuPeak()
-
+def _closures(fn, x, kernel, gy, stride):
     def forward():
         with torch.no_grad():
-            return fn(x, kern)
+            return fn(x, kernel, stride)
 
-    def forward_backward():
-        out = fn(x, kern)
-        return torch.autograd.grad(out, (x, kern), gy)
+    graph = {}
 
-    row = {"impl": name, "channels": c, "size": hw, "batch": batch, "groups": g, "kernel_size": k}
-    fwd_bytes, total_bytes = _bytes(batch, c, hw, g, k, x.element_size())
-    for mode, f, nbytes in (("fwd", forward, fwd_bytes), ("fwd_bwd", forward_backward, total_bytes)):
-        f()  # warm-up / compile outside the memory measurement
-        peak.start()
-        f()
-        row[f"{mode}_peak_mb"] = peak.peak_mb()
-        ms = _time_ms(f, device, repeat, warmup)
-        row[f"{mode}_ms"] = ms
-        row[f"{mode}_gbps"] = nbytes / (ms * 1e-3) / 1e9
-    return row
+    def backward():
+        if "y" not in graph:
+            graph["y"] = fn(x, kernel, stride)
+        return torch.autograd.grad(graph["y"], (x, kernel), gy, retain_graph=True)
+
+    def fwd_bwd():
+        return torch.autograd.grad(fn(x, kernel, stride), (x, kernel), gy)
+
+    return {"forward": forward, "backward": backward, "fwd_bwd": fwd_bwd}
 
 
-def _format_table(rows: list[dict]) -> str:
-    head = (f"{'impl':<7} {'stage':<11} {'fwd ms':>9} {'fwd MB':>8} {'fwd GB/s':>9} "
-            f"{'f+b ms':>9} {'f+b MB':>8} {'f+b GB/s':>9}")
-    lines = [head, "-" * len(head)]
-
-    def mb(v):
-        return "n/a" if v is None else f"{v:.1f}"
-
-    for r in rows:
-        lines.append(f"{r['impl']:<7} {str(r['channels']) + '@' + str(r['size']) + 'x' + str(r['size']):<11} "
-                     f"{r['fwd_ms']:>9.2f} {mb(r['fwd_peak_mb']):>8} {r['fwd_gbps']:>9.3g} "
-                     f"{r['fwd_bwd_ms']:>9.2f} {mb(r['fwd_bwd_peak_mb']):>8} {r['fwd_bwd_gbps']:>9.3g}")
-    return "\n".join(lines)
+def _error(exc: BaseException) -> str:
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return f"{type(exc).__name__}: {first}"[:300]
 
 
-def _device_name(device: torch.device) -> str:
+def bench_layer(impl: str, shape: InvolutionShape, batch: int, dtype: torch.dtype, device: torch.device,
+                copy_bandwidth: float, repeat: int, warmup: int, passes=PASSES, memory: bool = True) -> list[dict]:
+    """Rows for one implementation at one layer: every pass, or the reason it did not run."""
+    dname = str(dtype).split(".")[-1]
+    base = {"impl": impl, "layer": shape.name, "channels": shape.channels, "size": shape.height,
+            "kernel_size": shape.kernel_size, "stride": shape.stride, "batch": batch, "dtype": dname}
+    if impl == "ours-fused":
+        passes = [p for p in passes if p != "forward"]  # the forward is `ours`
+    ok, reason = availability(impl, device)
+    if not ok:
+        return [{**base, "pass": p, "skipped": reason} for p in passes]
+    k, s, g = shape.kernel_size, shape.stride, shape.groups
+    nbytes = involution_bytes(batch, shape.channels, shape.height, shape.width, g, k, s, shape.dilation, dtype=dtype)
+    try:
+        fn, mode = implementation(impl)
+        x = torch.randn(batch, shape.channels, shape.height, shape.width, device=device, dtype=dtype,
+                        requires_grad=True)
+        ho, wo = (shape.height - 1) // s + 1, (shape.width - 1) // s + 1
+        kernel = torch.randn(batch, g, k, k, ho, wo, device=device, dtype=dtype, requires_grad=True)
+        gy = torch.randn(batch, shape.channels, ho, wo, device=device, dtype=dtype)
+    except Exception as exc:  # noqa: BLE001 - an import or allocation failure ends this layer only
+        return [{**base, "pass": p, "error": _error(exc)} for p in passes]
+    peak = _CudaPeak(device) if device.type == "cuda" else _CpuPeak()
+    rows = []
+    with _backward_mode(mode):
+        closures = _closures(fn, x, kernel, gy, s)
+        for p in passes:
+            moved = {"forward": nbytes["forward"], "backward": nbytes["backward"], "fwd_bwd": nbytes["total"]}[p]
+            row = {**base, "pass": p, "bytes": moved}
+            try:
+                closures[p]()  # compile / first call outside the measurements
+                if memory:
+                    peak.start()
+                    closures[p]()
+                    row["peak_mb"] = peak.peak_mb()
+                row["ms"] = time_ms(closures[p], device, repeat, warmup)
+                row["gbps"] = moved / (row["ms"] * 1e-3) / 1e9
+                row["copy_fraction"] = moved / (row["ms"] * 1e-3) / copy_bandwidth
+            except Exception as exc:  # noqa: BLE001 - one failing row (OOM, a kernel error) must not end the sweep
+                row["error"] = _error(exc)
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+            rows.append(row)
+    return rows
+
+
+def run(impls, stages, batches, dtypes, device, repeat: int = 20, warmup: int = 3, passes=PASSES,
+        copy_bandwidth: float | None = None, memory: bool = True, log=print, on_rows=None) -> dict:
+    """The whole sweep; `on_rows(rows)` is called after each (dtype, batch, layer, impl) so callers can save
+    partial results."""
+    device = torch.device(device)
+    if copy_bandwidth is None:
+        copy_bandwidth = measure_copy_bandwidth(device)
+    rows = []
+    for dname in dtypes:
+        for batch in batches:
+            for shape in stages:
+                for impl in impls:
+                    log(f"  {impl:10s} {shape.name:8s} {dname:8s} batch {batch} ...", flush=True)
+                    new = bench_layer(impl, shape, batch, DTYPES[dname], device, copy_bandwidth, repeat, warmup,
+                                      passes, memory)
+                    rows += new
+                    if on_rows is not None:
+                        on_rows(new)
+    return {"device": str(device), "device_name": device_name(device), "torch": torch.__version__,
+            "copy_bandwidth_bytes_per_s": copy_bandwidth, "repeat": repeat, "warmup": warmup, "rows": rows}
+
+
+def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     return f"{platform.processor() or platform.machine()} ({torch.get_num_threads()} torch threads)"
 
 
+# ---------------------------------------------------------------------------------------------------- report
+
+
+def _cell(row: dict | None) -> str:
+    if row is None:
+        return "n/a"
+    if "skipped" in row:
+        return "skipped"
+    if "error" in row:
+        return "OOM" if "OutOfMemory" in row["error"] or "out of memory" in row["error"] else "error"
+    return f"{row['ms']:.3f} ({row['gbps']:.3g} GB/s, {row['copy_fraction']:.0%})"
+
+
+def format_tables(result: dict) -> str:
+    """Markdown: one table per (dtype, batch, pass); rows = layers, columns = implementations, cells
+    'ms (GB/s, fraction of copy)'. Then the rows that were skipped or failed, with the reason."""
+    rows = result["rows"]
+    impls = list(dict.fromkeys(r["impl"] for r in rows))
+    out = [f"copy bandwidth (device to device, read + write): {result['copy_bandwidth_bytes_per_s'] / 1e9:.0f} GB/s",
+           ""]
+    for dname in dict.fromkeys(r["dtype"] for r in rows):
+        for batch in dict.fromkeys(r["batch"] for r in rows):
+            for p in PASSES:
+                sub = [r for r in rows if r["dtype"] == dname and r["batch"] == batch and r["pass"] == p]
+                if not sub:
+                    continue
+                cols = [i for i in impls if any(r["impl"] == i for r in sub)]
+                out.append(f"{dname}, {p}, batch {batch}: ms (GB/s, fraction of copy bandwidth)\n")
+                out.append("| layer | " + " | ".join(cols) + " |")
+                out.append("| --- | " + " | ".join("---:" for _ in cols) + " |")
+                for layer in dict.fromkeys(r["layer"] for r in sub):
+                    first = next(r for r in sub if r["layer"] == layer)
+                    label = f"{layer} ({first['channels']}@{first['size']}x{first['size']})"
+                    cells = [_cell(next((r for r in sub if r["layer"] == layer and r["impl"] == i), None))
+                             for i in cols]
+                    out.append(f"| {label} | " + " | ".join(cells) + " |")
+                out.append("")
+    bad = [r for r in rows if "skipped" in r or "error" in r]
+    if bad:
+        out.append("Rows not measured:\n")
+        for reason in dict.fromkeys(r.get("skipped") or r.get("error") for r in bad):
+            which = sorted({r["impl"] for r in bad if (r.get("skipped") or r.get("error")) == reason})
+            kind = "skipped" if any(r.get("skipped") == reason for r in bad) else "failed"
+            n = sum(1 for r in bad if (r.get("skipped") or r.get("error")) == reason)
+            out.append(f"- {n} rows of {', '.join(which)} {kind}: {reason}")
+        out.append("")
+    return "\n".join(out)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.ops", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--batch", type=int, default=32, help="batch size (default 32, the 224 px reference)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="cpu, cuda or cuda:N (default: cuda when available)")
-    parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
-    parser.add_argument("--repeat", type=int, default=10, help="timed runs per case (median reported)")
-    parser.add_argument("--out", type=Path, default=None,
-                        help="JSON output (default benchmarks/results/ops-<device>.json)")
-    parser.add_argument("--quick", action="store_true",
-                        help="smoke run: 1 timed run, no warm-up, only the smallest stage (512@7x7)")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch CPU threads (default: torch's choice; 1 is steadier on a shared machine)")
-    parser.add_argument("--impl", action="append", choices=sorted(IMPLEMENTATIONS),
-                        help="implementations to run (repeatable; default: all available)")
+    parser.add_argument("--batch", type=int, nargs="+", default=None, help="default 32 128 on CUDA, 2 on CPU")
+    parser.add_argument("--dtype", nargs="+", default=["float32", "bfloat16"], choices=sorted(DTYPES))
+    parser.add_argument("--impl", nargs="+", default=list(IMPLEMENTATIONS), choices=IMPLEMENTATIONS)
+    parser.add_argument("--repeat", type=int, default=20, help="timed runs per row (median reported)")
+    parser.add_argument("--quick", action="store_true", help="smoke run: 1 timed run, no warm-up, stage4 only")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 is steadier on a shared CPU)")
+    parser.add_argument("--out", type=Path, default=None, help="JSON output (default benchmarks/results/ops-<device>.json)")
     args = parser.parse_args(argv)
-    if args.batch < 1 or args.repeat < 1:
+    if args.batch is None:
+        args.batch = [32, 128] if args.device.startswith("cuda") else [2]
+    if min(args.batch) < 1 or args.repeat < 1:
         parser.error("--batch and --repeat must be >= 1")
     try:
         device = torch.device(args.device)
@@ -221,44 +311,16 @@ def main(argv: list[str] | None = None) -> int:
         if args.threads < 1:
             parser.error("--threads must be >= 1")
         torch.set_num_threads(args.threads)
-    dtype = DTYPES[args.dtype]
-    repeat, warmup = (1, 0) if args.quick else (args.repeat, 2)
-    stages = STAGES[3:] if args.quick else STAGES
-
-    impls = args.impl or ["unfold", "torch", "cupy"]
-    notes = []
-    if "cupy" in impls:
-        ok, reason = cupy_backend.cupy_status() if device.type == "cuda" else (False, "CPU device")
-        if not ok:
-            impls = [i for i in impls if i != "cupy"]
-            notes.append(f"cupy skipped: {reason}")
-    if device.type == "cpu" and dtype in (torch.float16,) and "unfold" in impls:
-        notes.append("float16 on CPU is slow in PyTorch; timings are not representative")
-
-    rows = []
-    for c, hw in stages:
-        for name in impls:
-            print(f"  {name:<6} C={c:<3} {hw}x{hw} batch {args.batch} ...", file=sys.stderr, flush=True)
-            try:
-                rows.append(bench_case(name, c, hw, args.batch, device, dtype, repeat, warmup))
-            except torch.OutOfMemoryError as exc:  # report and continue: the unfold baseline is memory-hungry
-                notes.append(f"{name} C={c}: out of memory ({str(exc).splitlines()[0]})")
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()
-
-    result = {
-        "device": str(device), "device_name": _device_name(device), "dtype": args.dtype, "batch": args.batch,
-        "repeat": repeat, "kernel_size": KERNEL_SIZE, "group_channels": GROUP_CHANNELS,
-        "torch": torch.__version__, "notes": notes, "rows": rows,
-    }
+    repeat, warmup = (1, 0) if args.quick else (args.repeat, 3)
+    stages = STAGES[-1:] if args.quick else STAGES
+    copy_bw = measure_copy_bandwidth(device, None if device.type == "cuda" else 16 << 20, iters=5 if args.quick else 20)
+    result = run(args.impl, stages, args.batch, args.dtype, device, repeat, warmup, copy_bandwidth=copy_bw,
+                 log=lambda *a, **k: print(*a, file=sys.stderr, **k))
     out = args.out or RESULTS_DIR / f"ops-{device.type}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"involution2d, RedNet-50 stages, K={KERNEL_SIZE}, G=C/{GROUP_CHANNELS}, batch {args.batch}, "
-          f"{args.dtype}, {result['device_name']}; median of {repeat}; MB = peak memory above the inputs")
-    print(_format_table(rows))
-    for note in notes:
-        print(f"note: {note}")
+    print(f"involution2d at the RedNet-50 stages, K=7, G=C/16, {result['device_name']}; median of {repeat}")
+    print(format_tables(result))
     print(f"wrote {out}")
     return 0
 

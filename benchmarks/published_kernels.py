@@ -6,19 +6,19 @@
   torch's current stream, differentiable through a `torch.autograd.Function`. CUDA tensors only.
 * `involution2d_unfold`: the unfold formulation of the published naive code (materialises the K*K-times
   unfolded input); runs anywhere torch runs.
-* `build_cpu_emulator`: compiles the same `.cu` kernel bodies as C++ with g++ and runs every (block, thread)
-  in sequence, so the kernels' arithmetic and indexing can be checked on a machine without a GPU.
+* `build_cpu_emulator`: compiles the same `.cu` kernel bodies as C++ with g++ under the CPU emulator of
+  benchmarks/cuda_emulator.py (float32 / float64), so the kernels' arithmetic and indexing can be checked on a
+  machine without a GPU.
 
-Run `python -m benchmarks.published_kernels --check` on a GPU machine to compare the compiled kernels with
-the unfold formulation for every dtype (forward and both gradients).
+Run `python -m benchmarks.published_kernels --check` on a GPU machine to compare the compiled kernels with a
+float64 reference for every dtype (forward and both gradients), held to the dtype's rounding
+(workloads.ops.testing).
 """
 from __future__ import annotations
 
 import argparse
-import ctypes
 import functools
 import os
-import subprocess
 import sys
 import threading
 from pathlib import Path
@@ -26,6 +26,9 @@ from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
+
+if __package__ in (None, ""):  # run as a file: make the repository importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 KERNEL_SOURCE = Path(__file__).with_name("published_kernels.cu")
 THREADS_PER_BLOCK = 1024  # the published design's block size
@@ -233,70 +236,30 @@ def involution2d_published(x, kernel, stride=1, padding=None, dilation=1):
 # --------------------------------------------------------------------------------------------------------
 # CPU emulation of the same kernel source
 # --------------------------------------------------------------------------------------------------------
-CPU_SHIM = r"""
-// CPU shim: just enough of the CUDA execution model for kernels without shared memory or barriers.
-#include <cstddef>
-struct inv_dim3 { unsigned int x, y, z; };
-static thread_local inv_dim3 blockIdx, threadIdx, blockDim, gridDim;
-#define __global__
-#define __device__
-#define __forceinline__ inline
-
-// Runs every (block, thread) of a 1-D launch in sequence.
-template <typename... P, typename... A>
-static void inv_emulate_launch(unsigned int grid, unsigned int block, void (*kernel)(P...), A... args) {
-  gridDim = inv_dim3{grid, 1, 1};
-  blockDim = inv_dim3{block, 1, 1};
-  for (unsigned int b = 0; b < grid; ++b) {
-    for (unsigned int t = 0; t < block; ++t) {
-      blockIdx = inv_dim3{b, 0, 0};
-      threadIdx = inv_dim3{t, 0, 0};
-      kernel(args...);
-    }
-  }
-}
-"""
-
-_CPU_WRAPPERS = r"""
-#define INV_WRAP(KNAME, T, SUFFIX)                                                                  \
-  extern "C" void KNAME##_##SUFFIX(const T* a, const T* b, T* out, int B, int C, int H, int W, int G, \
-                                   int K, int Ho, int Wo, int stride, int pad, int dil,              \
-                                   unsigned int grid, unsigned int block) {                          \
-    inv_emulate_launch(grid, block, KNAME<T>, a, b, out, B, C, H, W, G, K, Ho, Wo, stride, pad, dil); \
-  }
-INV_WRAP(involution_forward, float, f32)
-INV_WRAP(involution_grad_input, float, f32)
-INV_WRAP(involution_grad_kernel, float, f32)
-INV_WRAP(involution_forward, double, f64)
-INV_WRAP(involution_grad_input, double, f64)
-INV_WRAP(involution_grad_kernel, double, f64)
-"""
-
-
 class CpuEmulator:
-    """The kernels of published_kernels.cu compiled as C++ and run sequentially (float32/float64)."""
+    """The kernels of published_kernels.cu compiled as C++ and run by the CPU emulator (float32 / float64)."""
 
-    _SUFFIX: ClassVar[dict] = {torch.float32: "f32", torch.float64: "f64"}
+    _TYPES: ClassVar[dict] = {torch.float32: "float", torch.float64: "double"}
 
-    def __init__(self, library_path: str | os.PathLike):
-        self.library_path = str(library_path)
-        self._lib = ctypes.CDLL(self.library_path)
-        argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int] * 11 + [ctypes.c_uint] * 2
-        for name in KERNEL_NAMES:
-            for suffix in self._SUFFIX.values():
-                fn = getattr(self._lib, f"{name}_{suffix}")
-                fn.argtypes, fn.restype = argtypes, None
+    def __init__(self, emulator):
+        self.emulator = emulator
+
+    @classmethod
+    def specs(cls):
+        from benchmarks.cuda_emulator import KernelSpec
+
+        return [KernelSpec(f"{name}<{t}>", (f"const {t}*", f"const {t}*", f"{t}*") + ("int",) * 11)
+                for name in KERNEL_NAMES for t in cls._TYPES.values()]
 
     def _run(self, kernel_name, a, b, out, geom, blocks=None):
-        if a.dtype not in self._SUFFIX:
+        if a.dtype not in self._TYPES:
             raise ValueError(f"the CPU emulator supports float32 and float64; got {a.dtype}")
         a, b = a.detach().contiguous().cpu(), b.detach().to(a.dtype).contiguous().cpu()
-        n = out.numel()
-        grid, block = launch_config(n)
+        grid, block = launch_config(out.numel())
         if blocks is not None:  # fewer blocks than elements/1024 exercises the grid-stride loop
             grid = blocks
-        fn = getattr(self._lib, f"{kernel_name}_{self._SUFFIX[a.dtype]}")
-        fn(a.data_ptr(), b.data_ptr(), out.data_ptr(), *_geometry_args(geom), grid, block)
+        self.emulator.launch(f"{kernel_name}<{self._TYPES[a.dtype]}>", (grid,), (block,), 0,
+                             [a, b, out, *_geometry_args(geom)], outputs={2})
         return out
 
     def forward(self, x, kernel, stride=1, padding=None, dilation=1, blocks=None):
@@ -316,18 +279,11 @@ class CpuEmulator:
         return self._run("involution_grad_kernel", grad_out, x, out, geom, blocks)
 
 
-def build_cpu_emulator(build_dir: str | os.PathLike, cxx: str = "g++") -> CpuEmulator:
-    """Compile published_kernels.cu with the CPU shim into a shared library under build_dir."""
-    build_dir = Path(build_dir)
-    build_dir.mkdir(parents=True, exist_ok=True)
-    src = build_dir / "published_kernels_cpu.cpp"
-    src.write_text(CPU_SHIM + f'\n#include "{KERNEL_SOURCE}"\n' + _CPU_WRAPPERS)
-    lib = build_dir / "libpublished_kernels_cpu.so"
-    cmd = [cxx, "-std=c++14", "-O1", "-shared", "-fPIC", str(src), "-o", str(lib)]
-    proc = subprocess.run(cmd, check=False, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr}")
-    return CpuEmulator(lib)
+def build_cpu_emulator(build_dir: str | os.PathLike, cxx: str | None = None) -> CpuEmulator:
+    """Compile published_kernels.cu under the CPU emulator into a shared library under build_dir."""
+    from benchmarks.cuda_emulator import build
+
+    return CpuEmulator(build(KERNEL_SOURCE, CpuEmulator.specs(), build_dir, cxx=cxx, name="published_kernels"))
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -339,12 +295,13 @@ CHECK_CASES = (  # (B, C, H, W, G, K, stride, dilation)
     (1, 16, 15, 12, 1, 5, 1, 2),
     (2, 256, 14, 14, 16, 7, 1, 1),
 )
-# max |published - unfold(float64)| relative to the reference's max magnitude
-CHECK_TOLERANCE = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 3e-2}
 
 
 def check_on_gpu(device="cuda", verbose=True) -> bool:
-    """Compare published forward / grad-input / grad-kernel with the unfold formulation in float64."""
+    """Published forward / grad-input / grad-kernel against float64 (unfold + autograd on the same rounded
+    inputs), every dtype, held to the dtype's rounding (workloads.ops.testing)."""
+    from workloads.ops import testing
+
     ok = True
     gen = torch.Generator(device="cpu").manual_seed(0)
     for b, c, h, w, g, k, s, d in CHECK_CASES:
@@ -353,23 +310,22 @@ def check_on_gpu(device="cuda", verbose=True) -> bool:
         x64 = torch.randn(b, c, h, w, generator=gen, dtype=torch.float64)
         k64 = torch.randn(b, g, k, k, ho, wo, generator=gen, dtype=torch.float64)
         gy64 = torch.randn(b, c, ho, wo, generator=gen, dtype=torch.float64)
-        for dtype, tol in CHECK_TOLERANCE.items():
-            xr = x64.to(dtype).double().to(device).requires_grad_()
-            kr = k64.to(dtype).double().to(device).requires_grad_()
-            gyr = gy64.to(dtype).double().to(device)
-            ref = involution2d_unfold(xr, kr, s, None, d)
-            ref_gx, ref_gk = torch.autograd.grad(ref, (xr, kr), gyr)
-            xt = xr.detach().to(dtype).requires_grad_()
-            kt = kr.detach().to(dtype).requires_grad_()
+        for dtype in CUDA_TYPE_NAMES:
+            xt = x64.to(dtype).to(device).requires_grad_()
+            kt = k64.to(dtype).to(device).requires_grad_()
+            gyt = gy64.to(dtype).to(device)
             out = involution2d_published(xt, kt, s, None, d)
-            gx, gk = torch.autograd.grad(out, (xt, kt), gyr.to(dtype))
-            for name, got, want in (("forward", out, ref), ("grad_input", gx, ref_gx), ("grad_kernel", gk, ref_gk)):
-                err = ((got.double() - want).abs().max() / want.abs().max().clamp_min(1e-30)).item()
-                passed = err <= tol
+            gx, gk = torch.autograd.grad(out, (xt, kt), gyt)
+            refs = testing.reference(xt, kt, s, pad, d, grad_out=gyt)
+            for name, got in (("y", out), ("grad_x", gx), ("grad_kernel", gk)):
+                ref, mag = refs[name]
+                n_terms = testing.terms(name, xt.shape, kt.shape, False)
+                ratio, _ = testing.rounding_errors(got, ref, mag, dtype, n_terms)
+                passed = ratio <= 1.0
                 ok &= passed
                 if verbose:
                     print(f"{'ok  ' if passed else 'FAIL'} B{b} C{c} {h}x{w} G{g} K{k} s{s} d{d} "
-                          f"{dtype!s:15s} {name:12s} rel.err {err:.2e} (tol {tol:.0e})", flush=True)
+                          f"{dtype!s:15s} {name:12s} error / rounding tolerance {ratio:.2f}", flush=True)
     return ok
 
 
@@ -390,7 +346,13 @@ def main(argv=None) -> int:
             return 2
         return 0 if check_on_gpu() else 1
     if args.cpu_check:
-        emu = build_cpu_emulator(args.cpu_check)
+        from benchmarks.cuda_emulator import EmulationError
+
+        try:
+            emu = build_cpu_emulator(args.cpu_check)
+        except EmulationError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
         x = torch.randn(2, 8, 9, 11, dtype=torch.float64)
         k = torch.randn(2, 2, 3, 3, 9, 11, dtype=torch.float64)
         err = (emu.forward(x, k) - involution2d_unfold(x, k)).abs().max().item()

@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from orchestrator.cli import main
-from orchestrator.spec_loader import spec_from_dict
+from orchestrator.config.loader import spec_from_dict
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": str(REPO)}
@@ -67,23 +67,21 @@ def test_data_make_imagenet(tmp_path, capsys):
     assert "classes must be an integer" in capsys.readouterr().err
 
 
-def test_data_make_coco_without_generator(tmp_path, capsys, monkeypatch):
-    monkeypatch.setitem(sys.modules, "workloads.detection.synthetic_coco", None)
-    assert main(["data", "make-coco", str(tmp_path / "coco")]) == 2
-    assert "COCO generator is not available" in capsys.readouterr().err
+def test_data_make_coco_and_cityscapes_write_sets_that_pass_their_checks(tmp_path, capsys):
+    from workloads.detection.coco_check import check_coco_dataset
+    from workloads.segmentation.cityscapes import check_cityscapes_dataset
 
-
-def test_data_make_coco_rejects_options_the_generator_lacks(tmp_path, capsys, monkeypatch):
-    import types
-
-    calls = []
-    fake = types.ModuleType("workloads.detection.synthetic_coco")
-    fake.make_coco = lambda root, images=4: calls.append((root, images)) or {"images": images}
-    monkeypatch.setitem(sys.modules, "workloads.detection.synthetic_coco", fake)
-    assert main(["data", "make-coco", str(tmp_path / "c"), "--images", "6"]) == 0
-    assert calls == [(str(tmp_path / "c"), 6)]
-    assert main(["data", "make-coco", str(tmp_path / "c"), "--size", "64"]) == 2
-    assert "does not take --size" in capsys.readouterr().err
+    assert main(["data", "make-coco", str(tmp_path / "coco"), "--images", "3", "--val-images", "2",
+                 "--size", "64"]) == 0
+    report = check_coco_dataset(tmp_path / "coco")
+    assert report["train"]["images"] == 3 and report["val"]["images"] == 2
+    assert main(["data", "make-cityscapes", str(tmp_path / "cs"), "--images", "3", "--val-images", "2",
+                 "--height", "64", "--width", "128"]) == 0
+    report = check_cityscapes_dataset(tmp_path / "cs")
+    assert report["train"]["images"] == 3 and report["val"]["images"] == 2
+    capsys.readouterr()
+    assert main(["data", "make-cityscapes", str(tmp_path / "cs2"), "--images", "0"]) == 2
+    assert "must be >= 1" in capsys.readouterr().err
 
 
 def test_validate_prints_resolved_yaml(tmp_path, capsys, monkeypatch):

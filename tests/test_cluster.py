@@ -12,11 +12,11 @@ import pytest
 import tomllib
 import yaml
 
-from orchestrator import local_cluster
+from orchestrator.cluster import local as local_cluster
 from orchestrator.cli import main
 from orchestrator.errors import CvlabError
-from orchestrator.spec_loader import load_spec
-from orchestrator.storage import (
+from orchestrator.config.loader import load_spec
+from orchestrator.runs.storage import (
     is_remote_storage,
     resolve_storage,
     storage_join,
@@ -215,6 +215,23 @@ def _get(url: str, token: str | None = None) -> int:
 
 
 @pytest.mark.slow
+def _listening_addresses(leaders: list[int]) -> dict[int, set[str]]:
+    """port -> the addresses that the processes of these sessions listen on."""
+    import psutil
+
+    bound: dict[int, set[str]] = {}
+    for leader in leaders:
+        for pid in local_cluster.session_members(leader):
+            try:
+                conns = psutil.Process(pid).net_connections(kind="inet")
+            except psutil.Error:
+                continue
+            for c in conns:
+                if c.status == psutil.CONN_LISTEN:
+                    bound.setdefault(c.laddr.port, set()).add(c.laddr.ip)
+    return bound
+
+
 def test_local_cluster_up_with_token_auth_and_mlflow_then_down(tmp_path, monkeypatch, capsys):
     state = tmp_path / "st"
     ports = {flag: local_cluster.free_port() for flag in ("--ray-port", "--dashboard-port", "--mlflow-port")}
@@ -245,6 +262,10 @@ def test_local_cluster_up_with_token_auth_and_mlflow_then_down(tmp_path, monkeyp
         assert f"export RAY_AUTH_TOKEN_PATH={state}/auth_token" in out
         assert (state / "auth_token").stat().st_mode & 0o077 == 0, "the token file is private"
         assert _get(f"http://127.0.0.1:{ports['--mlflow-port']}/health") == 200
+        # The servers bind to 127.0.0.1 itself (one that listens on 0.0.0.0 or :: would also answer there).
+        bound = _listening_addresses(leaders)
+        assert bound.get(ports["--mlflow-port"]) == {"127.0.0.1"}, bound
+        assert bound.get(ports["--dashboard-port"]) == {"127.0.0.1"}, bound
 
         # Token auth: no token and a wrong token end in one clear message; the right one works.
         monkeypatch.setenv("RAY_AUTH_MODE", "disabled")  # the client side must not load ~/.ray tokens itself
@@ -328,7 +349,8 @@ def test_two_worker_train_run_spans_two_nodes(tmp_path):
         nodes = [None] * dist.get_world_size()
         dist.all_gather_object(nodes, node)  # also proves the two workers talk to each other across nodes
         model = prepare_model(torch.nn.Linear(4, 1))
-        model(torch.ones(2, 4)).sum().backward()  # DDP averages the gradients over both nodes
+        # Each rank its own input: rank r's gradient alone would be 8 * (r + 1); DDP averages them over the nodes.
+        model(torch.full((2, 4), float(context.get_world_rank() + 1))).sum().backward()
         weight = model.module.weight if hasattr(model, "module") else model.weight
         record = {"node": node, "all_nodes": nodes, "grad": float(weight.grad.sum())}
         out = Path(config["out"]) / f"rank{context.get_world_rank()}.json"
@@ -360,8 +382,9 @@ def test_two_worker_train_run_spans_two_nodes(tmp_path):
         assert {r["node"] for r in records} <= alive
         assert records[0]["all_nodes"] == records[1]["all_nodes"] == [records[0]["node"], records[1]["node"]]
         # (node_rank is not checked: Ray Train numbers nodes by IP, and both nodes here share one.)
-        # d/dw of sum(w.x + b) over two rows of ones is 2 per weight: 8 in total, on both workers.
-        assert [r["grad"] for r in records] == [pytest.approx(8.0)] * 2
+        # d/dw of sum(w.x + b) over two rows of (r + 1) is 2 (r + 1) per weight: 8 on rank 0 and 16 on rank 1
+        # alone; the all-reduced average, 12, on both workers (a missing all-reduce would leave 8 and 16).
+        assert [r["grad"] for r in records] == [pytest.approx(12.0)] * 2
     finally:
         ray.shutdown()
         cluster.shutdown()

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from orchestrator.cli import main
-from orchestrator.search_report import rank_rows, write_report
+from orchestrator.search.report import rank_rows, write_report
 
 
 @pytest.fixture(scope="module")
@@ -120,3 +120,22 @@ def test_rank_rows_and_report_handle_categorical_and_missing(tmp_path):
     written = write_report(rows, ["model.name", "optim.lr"], "val/loss", tmp_path, mode="min")
     assert set(written) == {"csv", "md", "metric_vs_params", "parallel_coordinates"}
     assert written["md"].read_text().splitlines()[4].startswith("| 1 | b |")
+
+
+def test_metric_vs_params_marks_stopped_runs_and_labels_discrete_values():
+    """Early-stopped runs get their own marker and the epoch they reached; the best-per-value line joins
+    finished runs only; a discrete searched value is labelled 1, 2, 4, 8, 16 (not 10^0, 10^1)."""
+    from orchestrator.search.report import metric_vs_params_figure
+
+    rows = [{"run": f"r{r}", "complete": r in (2, 4, 16), "params": {"model.reduction_ratio": r},
+             "metrics": {"val/top1": top1, "epoch": 6 if r in (2, 4, 16) else 2}}
+            for r, top1 in ((1, 0.3), (2, 0.85), (4, 0.8), (8, 0.35), (16, 0.77))]
+    fig = metric_vs_params_figure(rows, ["model.reduction_ratio"], "val/top1")
+    ax = fig.axes[0]
+    fig.canvas.draw()
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["1", "2", "4", "8", "16"]
+    markers = {c.get_label(): c.get_offsets().data[:, 0].tolist() for c in ax.collections}
+    assert markers["finished"] == [2, 4, 16] and sorted(markers["stopped early / failed"]) == [1, 8]
+    assert sorted(t.get_text() for t in ax.texts) == ["ep 2", "ep 2"]
+    (line,) = [ln for ln in ax.get_lines() if ln.get_label().startswith("best")]
+    assert line.get_xdata().tolist() == [2, 4, 16]  # no line through the runs stopped at epoch 2

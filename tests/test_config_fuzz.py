@@ -1,14 +1,16 @@
 """Property-based robustness of the config path: bad configs end in one CvlabError, never a traceback.
 
-Cases per run (hypothesis `max_examples`, all derandomized so CI is reproducible):
+Cases per run (hypothesis `max_examples`; the fixed ones derandomized, the fresh ones new each run):
   malformed YAML text             100  (load_spec)
   mutated valid YAML files         80  (load_spec and `cvlab validate`)
   random nested spec dicts        120  (load_spec, spec_from_dict and `cvlab validate`)
   random model sections            60  (load_spec against the real model registry when importable)
   random --set strings            120  (`cvlab validate X.yaml --set=...`)
   random apply_overrides maps      80  (apply_overrides)
+  fresh random spec dicts          30  (`cvlab validate`; new cases every run, seed printed)
+  fresh random --set strings       30  (`cvlab validate`; new cases every run, seed printed)
   ----------------------------------
-  total                           560 generated cases (each exercises 1-3 entry points)
+  total                           620 generated cases (each exercises 1-3 entry points)
 Each test asserts that every case either validates or raises CvlabError / exits with code 2 and a
 one-line-per-problem "cvlab: error:" message; any other exception fails the test.
 """
@@ -16,24 +18,21 @@ from __future__ import annotations
 
 import contextlib
 import io
+import os
+import random
 import tempfile
 from pathlib import Path
 
 import pytest
 import yaml
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, given, seed, settings
 from hypothesis import strategies as st
 
 from orchestrator.cli import main
 from orchestrator.errors import CvlabError
-from orchestrator.spec import ExperimentSpec
-from orchestrator.spec_loader import (
-    MODEL_OVERRIDE_KEYS,
-    apply_overrides,
-    load_spec,
-    spec_from_dict,
-    valid_paths,
-)
+from orchestrator.config.schema import ExperimentSpec
+from orchestrator.config.loader import apply_overrides, load_spec, spec_from_dict
+from orchestrator.config.paths import MODEL_OVERRIDE_KEYS, valid_paths
 
 SETTINGS = {"deadline": None, "derandomize": True, "database": None,
             "suppress_health_check": [HealthCheck.too_slow, HealthCheck.filter_too_much]}
@@ -203,8 +202,44 @@ def test_random_apply_overrides(workdir, mapping):
         assert isinstance(new, ExperimentSpec) and base.optim.lr == 0.1
 
 
+# Fresh cases: the fixed cases above are the same every run (derandomized); these are new each run, from a
+# seed printed here (set CVLAB_FUZZ_SEED to replay a failure).
+FRESH_SEED = int(os.environ.get("CVLAB_FUZZ_SEED") or random.SystemRandom().randrange(2**32))
+FRESH = {"database": None, "deadline": None, "derandomize": False,
+         "suppress_health_check": [HealthCheck.too_slow, HealthCheck.filter_too_much]}
+
+
+@seed(FRESH_SEED)
+@settings(max_examples=30, **FRESH)
+@given(d=spec_dicts)
+def test_fresh_random_specs(workdir, d):
+    """30 new random nested specs every run (seed printed by test_case_count)."""
+    _count("fresh nested dicts")
+    d.pop("_base_", None)
+    path = workdir / "fresh.yaml"
+    try:
+        path.write_text(yaml.safe_dump(d, allow_unicode=True))
+    except (yaml.YAMLError, UnicodeEncodeError):
+        return
+    _cli_ok_or_exit_2(["validate", str(path)])
+
+
+@seed(FRESH_SEED + 1)
+@settings(max_examples=30, **FRESH)
+@given(items=st.lists(set_strings, min_size=1, max_size=3))
+def test_fresh_random_set_strings(workdir, items):
+    """30 new random `--set` strings every run."""
+    _count("fresh --set")
+    _cli_ok_or_exit_2(["validate", str(workdir / "valid.yaml"), *[f"--set={s}" for s in items]])
+
+
+# The number of cases each property above must have generated.
+EXPECTED = {"yaml text": 100, "mutated yaml": 80, "nested dicts": 120, "model sections": 60, "--set": 120,
+            "apply_overrides": 80, "fresh nested dicts": 30, "fresh --set": 30}
+
+
 def test_case_count():
-    """Runs last in this module: the properties above generated their cases (printed with -s)."""
-    print("fuzz cases:", COUNTS, "total", sum(COUNTS.values()))
-    if len(COUNTS) == 6:  # the whole module ran (not a -k selection)
-        assert sum(COUNTS.values()) >= 400
+    """Runs last in this module: every property above generated all its cases (printed with -s)."""
+    print(f"fuzz cases: {COUNTS}, total {sum(COUNTS.values())}; fresh cases from seed {FRESH_SEED} "
+          f"(replay: CVLAB_FUZZ_SEED={FRESH_SEED})")
+    assert COUNTS == EXPECTED

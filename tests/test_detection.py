@@ -328,8 +328,8 @@ def test_train_step_and_inference(config_name, with_mask):
 
 
 def test_build_config_from_quickstart_spec(coco_root, tmp_path):
-    from orchestrator.detection import build_detection_config
-    from orchestrator.spec_loader import load_spec
+    from orchestrator.drivers.detection import build_detection_config
+    from orchestrator.config.loader import load_spec
 
     spec = load_spec("experiments/det_quickstart.yaml",
                      [f"detection.data_root={coco_root}", "detection.max_epochs=6",
@@ -346,13 +346,17 @@ def test_build_config_from_quickstart_spec(coco_root, tmp_path):
 
     spec2 = load_spec("experiments/det_quickstart.yaml",
                       [f"detection.data_root={coco_root}", "model.name=rednet26"])
-    assert build_detection_config(spec2).model.backbone.arch == "rednet26"
+    from orchestrator.drivers.detection import DetectionDriver
+
+    cfg2, model = DetectionDriver(spec2).config_and_model()
+    assert cfg2.model.backbone.arch == "rednet26" and model.backbone.arch == "rednet26"
 
 
 def test_detection_errors_before_workers(tmp_path, coco_root):
-    from orchestrator.detection import build_detection_config, prepare_coco, run_detection
+    from orchestrator.cli.run import run_experiment as run_detection
+    from orchestrator.drivers.detection import build_detection_config, prepare_coco
     from orchestrator.errors import CvlabError
-    from orchestrator.spec_loader import load_spec, spec_from_dict
+    from orchestrator.config.loader import load_spec, spec_from_dict
 
     with pytest.raises(CvlabError, match="detection:"):
         run_detection(spec_from_dict({"workload": "detection"}))

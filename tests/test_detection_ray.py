@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _spec(tmp_path, max_epochs, fail_marker=None):
-    from orchestrator.spec_loader import spec_from_dict
+    from orchestrator.config.loader import spec_from_dict
 
     d = yaml.safe_load((ROOT / "experiments" / "det_quickstart.yaml").read_text())
     d["detection"].update(
@@ -40,7 +40,7 @@ def test_detection_on_ray_train_with_failure_and_resume(tmp_path, monkeypatch):
     import ray
     from mlflow import MlflowClient
 
-    from orchestrator.detection import run_detection
+    from orchestrator.cli.run import run_experiment as run_detection
 
     monkeypatch.chdir(tmp_path)
     marker = tmp_path / "failed_once"
@@ -58,7 +58,8 @@ def test_detection_on_ray_train_with_failure_and_resume(tmp_path, monkeypatch):
             assert key in run.data.metrics, key
         assert {m.step for m in client.get_metric_history(run.info.run_id, "val/bbox_mAP")} == {1, 2}
         assert run.data.params["det.world_size"] == "2"
-        assert [a.path for a in client.list_artifacts(run.info.run_id, "checkpoints")] == ["checkpoints/epoch_2.pth"]
+        assert {a.path for a in client.list_artifacts(run.info.run_id, "checkpoints/last")} == {
+            "checkpoints/last/epoch_2.pth"}
 
         second = run_detection(_spec(tmp_path, max_epochs=3), resume=True)
         assert second["run_id"] == first["run_id"] and second["ray_run"] == first["ray_run"]

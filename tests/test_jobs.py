@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator import jobs
+from orchestrator.cluster import jobs
 from orchestrator.cli import main
 from orchestrator.errors import CvlabError
 

@@ -16,7 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator import jobs, local_cluster
+from orchestrator.cluster import jobs
+from orchestrator.cluster import local as local_cluster
 from orchestrator.cli import main
 
 pytestmark = pytest.mark.slow

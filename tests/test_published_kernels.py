@@ -1,26 +1,21 @@
-"""The published-design baseline kernels: compile checks (nvcc, NVRTC) and a CPU emulation of their arithmetic.
+"""The published-design baseline kernels: NVRTC compile checks and a CPU emulation of their arithmetic.
 
-Timings need a GPU; these tests check that the CUDA source compiles for every dtype and that the kernels compute
-the right thing (forward, grad-input, grad-kernel) by running the same source as C++ on the CPU.
+Timings need a GPU; these tests check that the CUDA source compiles for every dtype with NVRTC (torch's libnvrtc,
+the compiler CuPy uses: never skipped), within the register budget of its 1024-thread blocks, and that the
+kernels compute the right thing (forward, grad-input, grad-kernel) by running the same source on the CPU
+emulator (benchmarks/cuda_emulator.py).
 """
 from __future__ import annotations
 
-import ctypes
-import glob
 import itertools
-import os
 import re
-import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from benchmarks import nvrtc
 from benchmarks import published_kernels as pk
-
-NVCC = "/usr/local/bin/nvcc" if os.path.exists("/usr/local/bin/nvcc") else shutil.which("nvcc")
 
 
 def naive_involution(x, w, stride, padding, dilation):
@@ -62,96 +57,22 @@ def _reference(x, ker, gy, s, p, d):
 # ------------------------------------------------------------------------------------------------------
 # Compilation of the CUDA source
 # ------------------------------------------------------------------------------------------------------
-def _instantiation_source() -> str:
-    lines = [f'#include "{pk.KERNEL_SOURCE}"']
-    params = "const T*, const T*, T*, " + ", ".join(["int"] * 11)
-    for t in pk.CUDA_TYPE_NAMES.values():
-        for name in pk.KERNEL_NAMES:
-            lines.append(f"template __global__ void {name}<{t}>({params.replace('T', t)});")
-    return "\n".join(lines) + "\n"
-
-
-@pytest.mark.skipif(NVCC is None, reason="nvcc not installed")
-@pytest.mark.parametrize("variant", [[], ["-DINV_NO_FP_HEADERS"]], ids=["cuda-fp-headers", "own-16bit-types"])
-def test_nvcc_compiles_every_dtype(tmp_path, variant):
-    src = tmp_path / "inst.cu"
-    src.write_text(_instantiation_source())
-    ptx = tmp_path / "inst.ptx"
-    proc = subprocess.run([NVCC, "--ptx", "-arch=sm_90", *variant, str(src), "-o", str(ptx)],
-                          check=False, capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr
-    entries = re.findall(r"\.entry\s+(\S+?)\(", ptx.read_text())
-    assert len(entries) == len(pk.KERNEL_NAMES) * len(pk.CUDA_TYPE_NAMES), entries
-    for name in pk.KERNEL_NAMES:  # Itanium mangling: _Z<len><name>I<type>E...
-        kinds = [e for e in entries if f"{len(name)}{name}I" in e]
-        assert len(kinds) == 4, (name, entries)
-    candidates = [os.path.join(os.path.dirname(NVCC), "ptxas"), shutil.which("ptxas"), "/usr/local/cuda/bin/ptxas"]
-    ptxas = next((c for c in candidates if c and os.path.exists(c)), None)
-    if variant or ptxas is None:
-        return
-    # 1024-thread blocks need <= 64 registers per thread on sm_90 (64K registers per SM), and no spills.
-    proc = subprocess.run([ptxas, "-arch=sm_90", "-v", str(ptx), "-o", os.devnull], check=False,
-                          capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr
-    regs = [int(r) for r in re.findall(r"Used (\d+) registers", proc.stderr)]
-    assert len(regs) == len(entries) and max(regs) <= 64, proc.stderr
-    assert "0 bytes spill stores" in proc.stderr and not re.search(r"[1-9]\d* bytes spill stores", proc.stderr)
-
-
-def _find_nvrtc():
-    patterns = []
-    for p in sys.path:
-        patterns += [os.path.join(p, "nvidia", "*", "lib", "libnvrtc.so*"),
-                     os.path.join(p, "nvidia", "cuda_nvrtc", "lib", "libnvrtc.so*")]
-    patterns += ["/usr/local/cuda/lib64/libnvrtc.so*"]
-    for pat in patterns:
-        for path in sorted(glob.glob(pat)):
-            if "builtins" not in path and "alt" not in os.path.basename(path):
-                return path
-    return None
-
-
-NVRTC = _find_nvrtc()
-
-
-def _nvrtc_compile(lib, source: str, options: list[str], names: list[str]) -> tuple[int, str, dict]:
-    prog = ctypes.c_void_p()
-    assert lib.nvrtcCreateProgram(ctypes.byref(prog), source.encode(), b"published_kernels.cu", 0, None, None) == 0
-    for n in names:
-        assert lib.nvrtcAddNameExpression(prog, n.encode()) == 0
-    opts = (ctypes.c_char_p * len(options))(*[o.encode() for o in options])
-    rc = lib.nvrtcCompileProgram(prog, len(options), opts)
-    size = ctypes.c_size_t()
-    lib.nvrtcGetProgramLogSize(prog, ctypes.byref(size))
-    log = ctypes.create_string_buffer(size.value)
-    lib.nvrtcGetProgramLog(prog, log)
-    lowered = {}
-    if rc == 0:
-        for n in names:
-            p = ctypes.c_char_p()
-            assert lib.nvrtcGetLoweredName(prog, n.encode(), ctypes.byref(p)) == 0
-            lowered[n] = p.value.decode()
-    lib.nvrtcDestroyProgram(ctypes.byref(prog))
-    return rc, log.value.decode(errors="replace"), lowered
-
-
-@pytest.mark.skipif(NVRTC is None, reason="libnvrtc not found (torch's CUDA wheels ship it)")
 def test_nvrtc_compiles_with_the_launcher_options():
-    """The exact route CuPy takes on a GPU machine: NVRTC with name expressions, both option sets."""
-    builtins = glob.glob(os.path.join(os.path.dirname(NVRTC), "libnvrtc-builtins.so*"))
-    for path in builtins:  # NVRTC dlopens it by soname; preload so no LD_LIBRARY_PATH is needed
-        if "alt" not in os.path.basename(path):
-            ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
-    lib = ctypes.CDLL(NVRTC)
+    """The exact route CuPy takes on a GPU machine: NVRTC with name expressions, both option sets, for sm_90;
+    1024-thread blocks need <= 64 registers per thread (64K registers per SM) and no spills."""
     source = pk.KERNEL_SOURCE.read_text()
     names = pk._name_expressions()
     option_sets = pk.nvrtc_option_sets()
     assert option_sets[-1] == ("-DINV_NO_FP_HEADERS",)
+    assert len(option_sets) == 2, "the CUDA fp16/bf16 headers of torch's nvidia wheels were not found"
     for options in option_sets:
-        rc, log, lowered = _nvrtc_compile(lib, source, ["-arch=compute_90", *options], names)
-        assert rc == 0, f"{options}: {log}"
-        assert len(set(lowered.values())) == len(names), lowered
-        assert lowered["involution_forward<float>"].startswith("_Z18involution_forwardIf")
+        prog = nvrtc.compile_program(source, names, (*nvrtc.CUPY_OPTIONS, *options, "--ptxas-options=-v"),
+                                     "published_kernels.cu")
+        assert len(set(prog.lowered.values())) == len(names), prog.lowered
+        assert prog.lowered["involution_forward<float>"].startswith("_Z18involution_forwardIf")
+        regs = [int(r) for r in re.findall(r"Used (\d+) registers", prog.log)]
+        assert len(regs) == len(names) and max(regs) <= 64, prog.log
+        assert not re.search(r"[1-9]\d* bytes spill stores", prog.log), prog.log
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -159,8 +80,6 @@ def test_nvrtc_compiles_with_the_launcher_options():
 # ------------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def emulator(tmp_path_factory):
-    if shutil.which("g++") is None:
-        pytest.skip("g++ not installed")
     return pk.build_cpu_emulator(tmp_path_factory.mktemp("pk_cpu"))
 
 

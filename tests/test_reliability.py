@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import os
+import random
 import socket
 import subprocess
 import sys
@@ -24,7 +25,7 @@ METRICS = ("train/loss", "val/loss", "val/top1", "val/top5", "lr", "images_per_s
 
 
 def _spec(tmp, *, name, epochs=3, db, **sections):
-    from orchestrator.spec_loader import spec_from_dict
+    from orchestrator.config.loader import spec_from_dict
 
     d = {
         "experiment": {"name": name, "seed": 0},
@@ -50,7 +51,7 @@ def _history(client, run_id, key):
 
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="this machine has CUDA")
 def test_use_gpu_without_cuda_fails_before_any_work(tmp_path, monkeypatch):
-    from orchestrator.train import run_experiment
+    from orchestrator.cli.run import run_experiment
 
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     db = f"sqlite:///{tmp_path}/mlflow.db"
@@ -70,7 +71,7 @@ def test_checkpoint_with_pickled_code_is_refused(tmp_path):
     """`load_checkpoint` and the resume path use weights_only=True: a file that would run code is refused."""
     import torch
 
-    from workloads.classification.loop import verify_training_checkpoint
+    from workloads.classification.checkpoint import verify_training_checkpoint
     from workloads.models import build_model, load_checkpoint, save_checkpoint
 
     canary = tmp_path / "pwned"
@@ -91,14 +92,95 @@ def test_checkpoint_with_pickled_code_is_refused(tmp_path):
     assert not canary.exists()
 
 
+def _write_checkpoint(directory: str, kill_at_replace: int | None = None) -> None:
+    """Write a small training checkpoint; with `kill_at_replace` = n, the process SIGKILLs itself at the
+    n-th rename to a checkpoint file's real name (the moment between writing a file and publishing it)."""
+    import signal
+
+    import torch
+
+    from workloads.classification import checkpoint
+    from workloads.models import build_model
+
+    if kill_at_replace is not None:
+        calls = {"n": 0}
+        real_replace = os.replace
+
+        def replace(src, dst):
+            if os.path.basename(dst) in (checkpoint.MODEL_FILE, checkpoint.STATE_FILE):
+                calls["n"] += 1
+                if calls["n"] == kill_at_replace:
+                    os.kill(os.getpid(), signal.SIGKILL)
+            real_replace(src, dst)
+
+        os.replace = replace  # in this child process only
+    model = build_model("resnet26", num_classes=3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 1.0)
+    checkpoint.save_training_checkpoint(directory, model, opt, sched, torch.amp.GradScaler("cpu", enabled=False),
+                                        epoch=4, extra={"best_top1": 0.5})
+
+
+@pytest.mark.parametrize("kill_at", [1, 2])
+def test_checkpoint_killed_while_publishing_leaves_nothing_half_written(tmp_path, kill_at):
+    """A worker killed between writing a checkpoint file and renaming it: nothing half-written ever sits
+    under a real name, and what is there is either complete or refused as unreadable (resume skips it)."""
+    import multiprocessing
+
+    from workloads.classification.checkpoint import (
+        MODEL_FILE,
+        STATE_FILE,
+        read_training_checkpoint,
+    )
+    from workloads.models import load_checkpoint
+
+    # spawn, not fork: the module's Ray cluster and torch's threads live in this process
+    proc = multiprocessing.get_context("spawn").Process(target=_write_checkpoint, args=(str(tmp_path), kill_at))
+    proc.start()
+    proc.join(120)
+    assert proc.exitcode == -9  # it died at the rename, as arranged
+    names = set(os.listdir(tmp_path))
+    if kill_at == 1:  # before the model file was published: neither real name exists
+        assert MODEL_FILE not in names and STATE_FILE not in names
+    else:  # between the two renames: the model file is complete, the state never appeared
+        assert STATE_FILE not in names
+        load_checkpoint(tmp_path / MODEL_FILE)  # loads: complete
+    with pytest.raises(ValueError, match="unreadable"):
+        read_training_checkpoint(str(tmp_path))
+
+
+def test_checkpoint_that_does_not_reload_is_never_published(tmp_path, monkeypatch):
+    from workloads.classification import checkpoint
+
+    def broken_read(*args):
+        raise ValueError("checkpoint x is unreadable (verification failed)")
+
+    monkeypatch.setattr(checkpoint, "_read", broken_read)
+    with pytest.raises(ValueError, match="verification failed"):
+        _write_checkpoint(str(tmp_path))
+    names = set(os.listdir(tmp_path))
+    assert checkpoint.MODEL_FILE not in names and checkpoint.STATE_FILE not in names
+    assert {n for n in names if n.endswith(checkpoint.PARTIAL_SUFFIX)} == {
+        checkpoint.MODEL_FILE + checkpoint.PARTIAL_SUFFIX, checkpoint.STATE_FILE + checkpoint.PARTIAL_SUFFIX}
+
+
 # ----------------------------------------------------------------------------------------------------------
 # MLflow server going away
 
 
 def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free port below Linux's ephemeral range (32768+) and above Ray's worker ports (10002-19999), so
+    that no connection or `bind(0)` takes it while a stopped server is away."""
+    rng = random.Random()
+    for _ in range(200):
+        port = rng.randrange(20000, 32000)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port in 20000-32000")
 
 
 class _Server:
@@ -109,6 +191,12 @@ class _Server:
         self.uri = f"http://127.0.0.1:{port}"
 
     def start(self, timeout=120):
+        with socket.socket() as probe:  # a restart must get its port back, or the test says so
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as servers do: TIME_WAIT is fine
+            try:
+                probe.bind(("127.0.0.1", self.port))
+            except OSError as err:
+                raise RuntimeError(f"port {self.port} was taken while the MLflow server was down: {err}") from err
         env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(self.port),
@@ -151,7 +239,8 @@ def mlflow_server(tmp_path):
 def test_epoch_logger_buffers_while_the_server_is_down(mlflow_server, capfd):
     from mlflow import MlflowClient
 
-    from orchestrator.tracking import MlflowEpochLogger, create_run, ensure_experiment
+    from orchestrator.tracking.epoch_logger import MlflowEpochLogger
+    from orchestrator.tracking.runs import create_run, ensure_experiment
 
     client = MlflowClient(mlflow_server.uri)
     run_id = create_run(client, ensure_experiment(client, "buffer"), "buffer")
@@ -178,7 +267,7 @@ def test_epoch_logger_buffers_while_the_server_is_down(mlflow_server, capfd):
 
 
 def test_epoch_logger_queue_is_bounded_and_flush_gives_up(tmp_path, capfd):
-    from orchestrator.tracking import MlflowEpochLogger
+    from orchestrator.tracking.epoch_logger import MlflowEpochLogger
 
     # Nothing listens on this port: every request is refused at once.
     logger = MlflowEpochLogger(f"http://127.0.0.1:{_free_port()}", "0" * 32, max_pending=2,
@@ -213,7 +302,8 @@ def test_worker_killed_mid_epoch_restarts_from_checkpoint(data, db, ray_cluster)
     with every epoch logged once and the same result as an unfaulted run of the same seed."""
     from mlflow import MlflowClient
 
-    from orchestrator.train import FAULT_MARKER, run_experiment
+    from orchestrator.cli.run import run_experiment
+    from orchestrator.names import FAULT_MARKER_FILE as FAULT_MARKER
 
     reference = run_experiment(_spec(data, name="unfaulted", db=db))
     faulted = run_experiment(_spec(data, name="faulted", db=db, run={
@@ -226,6 +316,15 @@ def test_worker_killed_mid_epoch_restarts_from_checkpoint(data, db, ray_cluster)
     assert client.get_run(faulted["run_id"]).info.status == "FINISHED"
     for key in METRICS:
         assert [s for s, _ in _history(client, faulted["run_id"], key)] == [1, 2, 3], key
+    # The restarted workers resumed from the latest checkpoint (epoch 1's), at epoch 2 ...
+    assert _history(client, faulted["run_id"], "train/resumed_from_epoch") == [(2, 1.0)]
+    assert _history(client, reference["run_id"], "train/resumed_from_epoch") == []
+    # ... and trained only what followed it: epoch 2 was logged by a worker that had run one epoch of steps,
+    # where a restart from scratch (or the unfaulted run) had run two.
+    steps = dict(_history(client, faulted["run_id"], "train/steps_this_attempt"))
+    unfaulted = dict(_history(client, reference["run_id"], "train/steps_this_attempt"))
+    assert steps[2] == unfaulted[1] and unfaulted[2] == 2 * unfaulted[1]
+    assert steps[3] == 2 * unfaulted[1]
     # Determinism: per-epoch seeds, the sampler's epoch and the checkpoint's model/optimizer/scheduler/RNG
     # state make the replayed epoch 2 identical on CPU; allow float-summation noise on the losses only.
     for key in ("val/top1", "val/top5"):
@@ -241,8 +340,9 @@ def test_worker_killed_mid_epoch_restarts_from_checkpoint(data, db, ray_cluster)
 def test_truncated_latest_checkpoint_falls_back_on_resume(data, db, ray_cluster, capfd):
     from mlflow import MlflowClient
 
-    from orchestrator.train import list_checkpoints, run_experiment
-    from workloads.classification.loop import verify_training_checkpoint
+    from orchestrator.cli.run import run_experiment
+    from orchestrator.runs.records import list_local_checkpoints as list_checkpoints
+    from workloads.classification.checkpoint import verify_training_checkpoint
 
     # checkpoints_kept 10: Ray deletes none, so the folders show what the resumed run trained.
     spec = _spec(data, name="corrupt", epochs=2, db=db, run={"checkpoints_kept": 10})
@@ -280,14 +380,16 @@ def test_truncated_latest_checkpoint_falls_back_on_resume(data, db, ray_cluster,
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_tracking_server_down_mid_run_loses_no_epoch(data, ray_cluster, mlflow_server, capfd):
-    """The MLflow server is stopped once epoch 1 is logged and started again after epoch 3's checkpoint:
-    training never stops, and the run ends FINISHED with every epoch in MLflow exactly once."""
+    """The MLflow server is stopped once epoch 1 is logged and started again only after training has ended
+    (all 5 checkpoints written): training never stops, the end of the run waits for the server, and the run
+    ends FINISHED with every epoch in MLflow exactly once and its checkpoints logged."""
     import glob
     import threading
 
     from mlflow import MlflowClient
 
-    from orchestrator.train import list_checkpoints, run_experiment
+    from orchestrator.cli.run import run_experiment
+    from orchestrator.runs.records import list_local_checkpoints as list_checkpoints
 
     client = MlflowClient(mlflow_server.uri)
     spec = _spec(data, name="server-outage", epochs=5, db=mlflow_server.uri,
@@ -308,7 +410,10 @@ def test_tracking_server_down_mid_run_loses_no_epoch(data, ray_cluster, mlflow_s
             time.sleep(0.3)
         while time.monotonic() < deadline:
             folders = glob.glob(str(data / "outage-runs" / "server-outage*"))
-            if folders and len(list_checkpoints(folders[0])) >= 3:
+            if folders and len(list_checkpoints(folders[0])) >= 5:
+                # Training is over; the run now waits for the server to log the rest (worker flush, then the
+                # driver's end-of-run wait). Come back a little later, well within that wait.
+                time.sleep(5)
                 timeline.append(f"restarting after {len(list_checkpoints(folders[0]))} checkpoints")
                 mlflow_server.start()
                 timeline.append("started")
@@ -320,7 +425,7 @@ def test_tracking_server_down_mid_run_loses_no_epoch(data, ray_cluster, mlflow_s
     result = run_experiment(spec)
     watcher.join(timeout=60)
     assert timeline[0] == "stopped" and timeline[-1] == "started", timeline
-    assert int(timeline[1].split()[2]) < 5, timeline  # the server was away while epochs 2-3 trained
+    assert int(timeline[1].split()[2]) == 5, timeline  # away while epochs 2-5 trained and when training ended
 
     err = capfd.readouterr().err
     assert "is not answering" in err and "answers again" in err
@@ -330,3 +435,57 @@ def test_tracking_server_down_mid_run_loses_no_epoch(data, ray_cluster, mlflow_s
         assert [s for s, _ in _history(client, result["run_id"], key)] == [1, 2, 3, 4, 5], key
     assert {a.path for a in client.list_artifacts(result["run_id"], "checkpoints")} == {
         "checkpoints/best", "checkpoints/last"}
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_interrupted_run_resumes_and_logs_every_epoch_once(data, tmp_path):
+    """`cvlab run` stopped for real with Ctrl-C (SIGINT) in the middle of epoch 2: the run ends KILLED,
+    `cvlab run --resume` continues it from epoch 1's checkpoint in the same MLflow run, and every epoch is
+    in MLflow exactly once."""
+    import signal
+
+    import yaml
+    from mlflow import MlflowClient
+
+    from orchestrator.config.loader import spec_to_dict
+
+    db = f"sqlite:///{tmp_path}/mlflow.db"
+    spec = _spec(data, name="interrupted", epochs=3, db=db, run={"storage_path": str(tmp_path / "runs")})
+    exp_file = tmp_path / "interrupted.yaml"
+    exp_file.write_text(yaml.safe_dump(spec_to_dict(spec)))
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    cmd = [sys.executable, "-m", "orchestrator", "run", str(exp_file)]
+    log = open(tmp_path / "first.log", "wb")
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT)
+    client = MlflowClient(db)
+
+    def epochs_logged() -> list[int]:
+        try:  # the run creates the database while we poll it: any error means "not yet"
+            exp = client.get_experiment_by_name("cvlab-reliability")
+            runs = client.search_runs([exp.experiment_id], "tags.mlflow.runName = 'interrupted'") if exp else []
+            return [s for s, _ in _history(client, runs[0].info.run_id, "val/top1")] if runs else []
+        except Exception:  # noqa: BLE001
+            return []
+
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None and epochs_logged() != [1]:
+        time.sleep(0.3)
+    assert epochs_logged() == [1], (tmp_path / "first.log").read_text()[-3000:]
+    time.sleep(1.0)  # well inside epoch 2 (an epoch takes several seconds here)
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(120) == 130, (tmp_path / "first.log").read_text()[-3000:]
+    (run,) = client.search_runs([client.get_experiment_by_name("cvlab-reliability").experiment_id],
+                                "tags.mlflow.runName = 'interrupted'")
+    assert run.info.status == "KILLED" and "interrupted" in run.data.tags["cvlab.error"]
+    assert epochs_logged() == [1]  # epoch 2 never finished
+
+    resumed = subprocess.run([*cmd, "--resume"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                             timeout=400)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert "resuming from the checkpoint of epoch 1" in resumed.stdout + resumed.stderr
+    run = client.get_run(run.info.run_id)
+    assert run.info.status == "FINISHED"
+    for key in METRICS:
+        assert [s for s, _ in _history(client, run.info.run_id, key)] == [1, 2, 3], key
+    assert _history(client, run.info.run_id, "train/resumed_from_epoch") == [(2, 1.0)]

@@ -1,8 +1,10 @@
 """The experiment spec loader: `_base_` inheritance, `--set` overrides, error messages, helpers."""
 from __future__ import annotations
 
+import re
 import sys
 import textwrap
+import time
 import types
 from pathlib import Path
 
@@ -10,19 +12,18 @@ import numpy as np
 import pytest
 
 from orchestrator.errors import CvlabError
-from orchestrator.spec import ExperimentSpec
-from orchestrator.spec_loader import (
+from orchestrator.config.schema import ExperimentSpec
+from orchestrator.config.loader import (
     MAX_PARAM_CHARS,
     apply_overrides,
     flatten_spec,
     load_spec,
     load_spec_with_sources,
-    nearest_path,
     parse_set,
     spec_from_dict,
     spec_to_dict,
-    valid_paths,
 )
+from orchestrator.config.paths import nearest_path, valid_paths
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -157,7 +158,7 @@ def test_wrong_type_names_file_path_expected_and_got(tmp_path, no_model_registry
     assert "2 problems" in msg
     assert f"{path}:2: data.batch_size: expected int, got 'many' (str)" in msg
     assert "precision.autocast: expected one of 'fp32', 'bf16', 'fp16', got 'fp8'" in msg
-    with pytest.raises(CvlabError, match=r"model: expected a mapping \(section\), got 'cednet50'"):
+    with pytest.raises(CvlabError, match=r"model: expected a mapping \(section\)( or null)?, got 'cednet50'"):
         load_spec(write(tmp_path / "m.yaml", "model: cednet50\n"))
     with pytest.raises(CvlabError, match=r"run\.name: expected str or null, got 5"):
         load_spec(write(tmp_path / "n.yaml", "run: {name: 5}\n"))
@@ -187,9 +188,9 @@ def test_set_values_are_yaml(tmp_path, no_model_registry):
     assert parse_set("a=b=c") == ("a", "b=c")
     assert parse_set("x=") == ("x", None)
     assert parse_set("model.drop_path_rate=1e-1") == ("model.drop_path_rate", 0.1)  # YAML 1.2 float
-    sci = load_spec(write(tmp_path / "sci.yaml", "model: {drop_path_rate: 5e-2}\noptim: {weight_decay: 1e-4}\n"))
+    sci = load_spec(write(tmp_path / "sci.yaml", "model: {name: cednet26, drop_path_rate: 5e-2}\noptim: {weight_decay: 1e-4}\n"))
     assert sci.model.overrides["drop_path_rate"] == 0.05 and sci.optim.weight_decay == 1e-4
-    spec = load_spec(path, ["optim.lr=0.3", "model.out_indices=[0,1]", "tracking.tracking_uri=null",
+    spec = load_spec(path, ["optim.lr=0.3", "model.name=cednet26", "model.out_indices=[0,1]", "tracking.tracking_uri=null",
                             "search.num_samples=4", "experiment.tags.team=vision",
                             "search.space.model.reduction_ratio={grid: [4, 8]}"])
     assert spec.optim.lr == 0.3
@@ -221,10 +222,6 @@ def test_model_errors_from_registry(tmp_path, fake_registry):
 
 
 def test_model_errors_from_the_real_registry(tmp_path):
-    pytest.importorskip("torch")
-    models = pytest.importorskip("workloads.models")
-    if not hasattr(models, "validate_model_config"):
-        pytest.skip("the model registry has no validate_model_config yet")
     with pytest.raises(CvlabError, match=r"r\.yaml:1: model\.name: .*rednet5"):
         load_spec(write(tmp_path / "r.yaml", "model: {name: rednet5}\n"))
     with pytest.raises(CvlabError, match=r"k\.yaml:1: model\.kernel_sise"):
@@ -244,7 +241,7 @@ def test_round_trip_flatten_and_paths(no_model_registry):
     assert len(flat["experiment.tags.a"]) == MAX_PARAM_CHARS and flat["experiment.tags.a"].endswith("...")
     assert all(isinstance(v, str) for v in flat.values())
     assert not any(k.startswith(("search", "detection")) for k in flat)  # unset sections left out
-    paths = valid_paths(spec)
+    paths = valid_paths(flatten_spec(spec))
     assert {"optim.lr", "model.name", "model.reduction_ratio", "search.num_samples",
             "detection.config"} <= set(paths)
     assert nearest_path("optim.lrr", paths) == "optim.lr"
@@ -288,3 +285,81 @@ def test_published_recipe_files(model):
     assert spec.precision.autocast == "bf16" and spec.precision.channels_last
     assert spec.scaling.use_gpu and spec.run.checkpoint_every == 1 and spec.run.max_failures == 3
     assert spec.experiment.name == f"{model}-imagenet"
+
+
+# ---------------------------------------------------------------------------------------------- value ranges
+
+
+@pytest.mark.parametrize("line, expected", [
+    ("data: {batch_size: 0}", r"data\.batch_size: got 0 \(int\): must be greater than or equal to 1"),
+    ("optim: {epochs: -3}", r"optim\.epochs: got -3 \(int\): must be greater than or equal to 1"),
+    ("scaling: {num_workers: 0}", r"scaling\.num_workers: got 0"),
+    ("optim: {lr: -1}", r"optim\.lr: got -1 \(int\): must be greater than 0"),
+    ("data: {image_size: 3}", r"data\.image_size \(3\) is smaller than the model's total stride"),
+    ("optim: {weight_decay: .nan}", r"optim\.weight_decay: got nan"),
+    ("optim: {warmup_epochs: .nan}", r"optim\.warmup_epochs: got nan"),
+    ("optim: {warmup_epochs: .inf}", r"optim\.warmup_epochs: got inf .*finite"),
+    ("optim: {weight_decay: true}", r"optim\.weight_decay: got True \(bool\): a boolean is not a number"),
+    ("optim: {label_smoothing: -1}", r"optim\.label_smoothing: got -1"),
+    ("optim: {label_smoothing: 1.0}", r"optim\.label_smoothing: got 1\.0 \(float\): must be less than 1"),
+    ("model: {}", r"model\.name: missing; it is required"),
+    ("optim: {epochs: 4, warmup_epochs: 4}", r"optim\.warmup_epochs \(4\) must be shorter than optim\.epochs \(4\)"),
+    ("run: {checkpoint_every: 0}", r"run\.checkpoint_every: got 0"),
+    ("data: {augment: {hflip: 1.5}}", r"data\.augment\.hflip is a probability and must be in \[0, 1\], got 1\.5"),
+])
+def test_bad_values_are_refused_with_file_and_line(tmp_path, line, expected, capsys):
+    """Each value a new user tried (issue 13) ends with exit 2 and `file:line: dotted.path: ...`."""
+    path = write(tmp_path / "bad.yaml", "experiment: {name: bad}\n" + line + "\n")
+    from orchestrator.cli import main
+
+    assert main(["validate", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert re.search(rf"cvlab: error: {re.escape(str(path))}:2: {expected}", err), err
+    assert "Traceback" not in err
+
+
+def test_alias_bomb_and_oversized_files_are_refused_quickly(tmp_path):
+    lines = ['a: &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]']
+    for prev, name in zip("abcdefgh", "bcdefghi"):
+        lines.append(f"{name}: &{name} [{','.join(['*' + prev] * 9)}]")
+    bomb = write(tmp_path / "bomb.yaml", "\n".join(lines) + "\n")
+    start = time.perf_counter()
+    with pytest.raises(CvlabError, match=r"anchors and aliases .* expand to \d+ values, more than the 20000"):
+        load_spec(bomb)
+    assert time.perf_counter() - start < 5
+    with pytest.raises(CvlabError, match="anchors and aliases"):  # the same in a --set value
+        parse_set("search.space={a: &a [1,2,3,4,5,6,7,8,9,10], b: &b [*a,*a,*a,*a,*a,*a,*a,*a,*a,*a], "
+                  "c: &c [*b,*b,*b,*b,*b,*b,*b,*b,*b,*b], d: &d [*c,*c,*c,*c,*c,*c,*c,*c,*c,*c], e: [*d,*d,*d]}")
+    big = tmp_path / "big.yaml"
+    big.write_text("experiment: {name: big}\n" + "# padding\n" * 120_000)
+    with pytest.raises(CvlabError, match="too large for an experiment file"):
+        load_spec(big)
+    # Aliases within the bound are fine.
+    ok = write(tmp_path / "ok.yaml", "experiment: &e {name: ok}\nsearch: {space: {experiment.seed: {grid: [1]}}}\n"
+                                      "optim: &o {lr: 0.2}\n")
+    assert load_spec(ok).optim.lr == 0.2
+
+
+@pytest.mark.parametrize("verb", ["run", "tune", "submit"])
+def test_bad_value_starts_nothing(tmp_path, monkeypatch, capsys, verb):
+    """`cvlab run|tune|submit` refuse a bad value before any MLflow run, Ray start or job submission."""
+    import ray
+
+    from orchestrator.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    path = write(tmp_path / "bad.yaml", f"""
+        experiment: {{name: bad}}
+        data: {{root: {tmp_path / 'data'}, generate: true}}
+        optim: {{epochs: -3}}
+        run: {{storage_path: {tmp_path / 'runs'}}}
+        tracking: {{tracking_uri: "sqlite:///{tmp_path / 'mlflow.db'}"}}
+        search: {{space: {{optim.lr: {{grid: [0.1]}}}}}}
+    """)
+    argv = [verb, str(path)] + (["--address", "http://127.0.0.1:9"] if verb == "submit" else [])
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"{path}:4: optim.epochs: got -3" in err
+    assert not ray.is_initialized()
+    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "runs").exists()
+    assert not (tmp_path / "data").exists()

@@ -7,7 +7,7 @@ import time
 import pytest
 
 from orchestrator.errors import CvlabError
-from orchestrator.spec import ExperimentSpec
+from orchestrator.config.schema import ExperimentSpec
 
 
 @pytest.fixture(scope="module")
@@ -22,7 +22,7 @@ def _spec(**tracking):
 
 
 def test_tracking_uri_precedence(tmp_path, monkeypatch):
-    from orchestrator.tracking import default_artifact_location, resolve_tracking_uri
+    from orchestrator.tracking.server import default_artifact_location, resolve_tracking_uri
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
@@ -37,7 +37,7 @@ def test_tracking_uri_precedence(tmp_path, monkeypatch):
 
 
 def test_unreachable_server_is_a_clear_error():
-    from orchestrator.tracking import check_tracking_server
+    from orchestrator.tracking.server import check_tracking_server
 
     start = time.perf_counter()
     with pytest.raises(CvlabError, match=r"MLflow tracking server http://127\.0\.0\.1:9 is unreachable.*not started"):
@@ -45,30 +45,43 @@ def test_unreachable_server_is_a_clear_error():
     assert time.perf_counter() - start < 10
 
 
-def test_run_with_unreachable_server_does_not_start(tmp_path, capsys):
+# The smallest experiment file of each workload that would start a run (generating its data first).
+WORKLOAD_SECTIONS = {
+    "classification": "data: {{root: {root}, generate: true}}\n",
+    "detection": "workload: detection\n"
+                 "detection: {{config: quickstart/mask-rcnn_cednet26_fpn64_tiny.py, data_root: {root}, generate: true}}\n",
+}
+
+
+@pytest.mark.parametrize("workload", sorted(WORKLOAD_SECTIONS))
+def test_run_with_unreachable_server_does_not_start(tmp_path, capsys, monkeypatch, workload):
+    """Nothing is created: no MLflow run (nor a fallback mlflow.db), no data, no Ray Train run folder, no Ray."""
+    import psutil
+    import ray
+
     from orchestrator.cli import main
 
+    monkeypatch.chdir(tmp_path)
+    before = {p.pid for p in psutil.Process().children(recursive=True)}
     yaml_file = tmp_path / "exp.yaml"
     yaml_file.write_text(
-        f"data: {{root: {tmp_path}/nodata}}\n"
-        f"run: {{storage_path: {tmp_path}/runs}}\n"
+        WORKLOAD_SECTIONS[workload].format(root=tmp_path / "data")
+        + f"run: {{storage_path: {tmp_path}/runs}}\n"
         "tracking: {tracking_uri: 'http://127.0.0.1:9'}\n"
     )
     assert main(["run", str(yaml_file)]) == 2
     err = capsys.readouterr().err
     assert "unreachable" in err and "not started" in err and "Traceback" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["exp.yaml"]  # no data, runs/, mlflow.db
+    assert not ray.is_initialized()
+    started = [p for p in psutil.Process().children(recursive=True) if p.pid not in before]
+    assert not [p for p in started if p.name().startswith(("raylet", "gcs_server"))]
 
 
 def test_experiment_run_params_and_epoch_logger(db):
-    from orchestrator.tracking import (
-        ERROR_TAG,
-        MlflowEpochLogger,
-        create_run,
-        end_run,
-        ensure_experiment,
-        log_params,
-        make_client,
-    )
+    from orchestrator.names import ERROR_TAG
+    from orchestrator.tracking.epoch_logger import MlflowEpochLogger
+    from orchestrator.tracking.runs import create_run, end_run, ensure_experiment, log_params, make_client
 
     uri, path = db
     client = make_client(uri)
@@ -99,21 +112,55 @@ def test_experiment_run_params_and_epoch_logger(db):
     assert run.info.status == "FAILED" and run.data.tags[ERROR_TAG] == "boom"
 
 
-def test_log_pytorch_model_keeps_the_run_open(db):
-    import mlflow
+def test_logged_classifier_loads_and_predicts_without_pickle(db, tmp_path, caplog):
+    """The logged MLflow model: a pyfunc "model from code" with a signature and an input example, whose
+    predict() gives class probabilities named by class; logging it pickles nothing (no MLflow warning), and
+    the run stays open for its caller to end."""
+    import logging
 
-    from orchestrator.tracking import create_run, ensure_experiment, log_pytorch_model, make_client
-    from workloads.models import build_model
+    import mlflow
+    import numpy as np
+    import torch
+
+    from orchestrator.inference.classifier import Classifier
+    from orchestrator.tracking.models import log_classifier_model
+    from orchestrator.tracking.runs import create_run, ensure_experiment, make_client
+    from workloads.classification.recipe import InputConfig
+    from workloads.models import build_model, save_checkpoint
 
     uri, path = db
     client = make_client(uri)
     exp = ensure_experiment(client, "models", (path / "art").as_uri())
     run_id = create_run(client, exp, "r")
-    model = build_model("resnet26", num_classes=3)
-    model_uri = log_pytorch_model(uri, run_id, model, input_size=(1, 3, 32, 32), registered_model_name="tiny")
+    classes = ["cat", "dog", "eel"]
+    torch.manual_seed(0)
+    model = build_model("cednet26", num_classes=3).eval()
+    inputs = InputConfig(image_size=32)
+    ckpt = save_checkpoint(tmp_path / "model.pt", model, extra={"classes": classes})
+    with caplog.at_level(logging.WARNING, logger="mlflow"):
+        model_uri = log_classifier_model(uri, run_id, Classifier(model, "cednet26", classes, inputs), ckpt,
+                                         registered_model_name="tiny")
+    assert not [r for r in caplog.records if "pickle" in r.getMessage().lower()]
     assert client.get_run(run_id).info.status == "RUNNING"
     assert mlflow.active_run() is None
     logged = client.get_logged_model(model_uri.split("/")[-1])
     assert logged.experiment_id == exp and logged.source_run_id == run_id
     (version,) = client.search_model_versions("name='tiny'")
     assert version.run_id == run_id
+
+    mlflow.set_tracking_uri(uri)
+    try:
+        loaded = mlflow.pyfunc.load_model(model_uri)
+    finally:
+        mlflow.set_tracking_uri(None)
+    info = loaded.metadata
+    assert info.get_input_schema().inputs[0].shape == (-1, 3, 32, 32)
+    assert [c.name for c in info.get_output_schema().inputs] == classes
+    assert info.saved_input_example_info is not None
+    batch = np.random.default_rng(0).standard_normal((5, 3, 32, 32)).astype(np.float32)
+    probs = loaded.predict(batch)
+    assert list(probs.columns) == classes and probs.shape == (5, 3)
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, rtol=1e-5)
+    with torch.no_grad():
+        expected = torch.softmax(model(torch.from_numpy(batch)), 1).numpy()
+    np.testing.assert_allclose(probs.to_numpy(), expected, rtol=1e-4, atol=1e-6)

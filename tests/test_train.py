@@ -17,7 +17,7 @@ from workloads.classification.synthetic import make_imagenet
 
 
 def _spec(tmp, *, name="tiny", model="cednet26", epochs=2, db=None, **sections):
-    from orchestrator.spec_loader import spec_from_dict
+    from orchestrator.config.loader import spec_from_dict
 
     d = {
         "experiment": {"name": name, "seed": 0},
@@ -67,7 +67,7 @@ def test_schedule_warmup_then_cosine():
 
 
 def test_scan_skips_and_counts_unreadable_images(tmp_path):
-    from orchestrator.train import prepare_data
+    from orchestrator.drivers.classification import prepare_data
 
     root = _dataset(tmp_path)
     bad = _corrupt(root)
@@ -79,11 +79,13 @@ def test_scan_skips_and_counts_unreadable_images(tmp_path):
 
 
 def test_tolerant_loader_replaces_file_that_breaks_after_the_scan(tmp_path):
-    from workloads.classification.data import build_transforms, make_dataset
+    from workloads.classification.data import make_dataset
+    from workloads.classification.recipe import InputConfig
+    from workloads.classification.transforms import build_val_transform
 
     root = _dataset(tmp_path, classes=2, per_class=3)
     classes = sorted(os.listdir(root / "train"))
-    ds = make_dataset(str(root / "train"), classes, (), build_transforms(32)[1])
+    ds = make_dataset(str(root / "train"), classes, (), build_val_transform(InputConfig(image_size=32)))
     first = ds.samples[0][0]
     with open(first, "wb") as fh:
         fh.write(b"\xff\xd8broken")
@@ -101,7 +103,7 @@ def test_empty_class_folder_stops_before_training(tmp_path, capsys):
         f.unlink()
     (empty / "broken.JPEG").write_bytes(b"")  # unreadable files do not count as images
     with pytest.raises(CvlabError, match=f"class folder {empty} has no readable images"):
-        from orchestrator.train import run_experiment
+        from orchestrator.cli.run import run_experiment
 
         run_experiment(_spec(tmp_path))
     # Nothing reached MLflow: the data is checked before the run is created.
@@ -121,7 +123,7 @@ def test_empty_class_folder_stops_before_training(tmp_path, capsys):
 
 
 def test_empty_split_and_missing_root(tmp_path):
-    from orchestrator.train import prepare_data
+    from orchestrator.drivers.classification import prepare_data
 
     (tmp_path / "data" / "train").mkdir(parents=True)
     (tmp_path / "data" / "val").mkdir()
@@ -132,15 +134,64 @@ def test_empty_split_and_missing_root(tmp_path):
         prepare_data(_spec(tmp_path))
 
 
-def test_generates_the_embedded_dataset_once(tmp_path):
-    from orchestrator.train import prepare_data
+def test_generates_the_embedded_dataset_once(tmp_path, capsys):
+    from orchestrator.drivers.classification import prepare_data
 
     spec = _spec(tmp_path, data={"generate": True, "num_classes_generated": 3, "per_class_generated": 4,
                                  "generated_size": 32})
     info = prepare_data(spec)
-    assert info.generated and len(info.classes) == 3 and info.train_images == 12
+    assert "generating the embedded dataset" in capsys.readouterr().out
+    assert len(info.classes) == 3 and info.train_images == 12
     again = prepare_data(spec)
-    assert not again.generated and again.train_images == 12
+    assert "generating" not in capsys.readouterr().out and again.train_images == 12
+
+
+def test_skipped_step_updates_nothing_and_the_run_fails_after_n_skips():
+    """The non-finite-loss policy with optim.skip_nonfinite_steps = 2: a skipped step leaves weights and
+    optimizer state exactly as they were (the lr schedule still advances); the third bad step fails."""
+    import copy
+    from types import SimpleNamespace
+
+    import torch
+
+    from workloads.classification.hooks import NonFiniteLossError, NonFiniteLossPolicy, StepHook
+    from workloads.classification.loop import EpochTrainer
+
+    class NanAt(StepHook):
+        def on_loss(self, epoch, step, loss):
+            return loss * float("nan") if step in (2, 3, 4) else loss
+
+    torch.manual_seed(0)
+    trainer = EpochTrainer.__new__(EpochTrainer)  # the step logic alone, without Ray
+    trainer.model = torch.nn.Linear(4, 3)
+    trainer.optimizer = torch.optim.SGD(trainer.model.parameters(), lr=0.1, momentum=0.9)
+    trainer.scheduler = torch.optim.lr_scheduler.LambdaLR(trainer.optimizer, lambda i: 1.0 / (1 + i))
+    trainer.scaler = torch.amp.GradScaler("cpu", enabled=False)
+    trainer.criterion = trainer.train_criterion = torch.nn.CrossEntropyLoss()
+    trainer.mixup, trainer.ema, trainer.optimizer_steps = None, None, 0
+    trainer.device, trainer.amp_dtype, trainer.channels_last = torch.device("cpu"), None, False
+    trainer.cfg = SimpleNamespace(optim=SimpleNamespace(grad_clip=None))
+    policy = NonFiniteLossPolicy(limit=2, steps_per_epoch=10, rank=0, agree=lambda bad: bad)
+    trainer.hooks = [NanAt(), policy]
+    images, targets = torch.randn(8, 4), torch.randint(0, 3, (8,))
+
+    def snapshot():
+        return copy.deepcopy((trainer.model.state_dict(), trainer.optimizer.state_dict()))
+
+    before = snapshot()
+    assert trainer.train_step(1, 1, images, targets) is not None  # a good step updates
+    after_good = snapshot()
+    assert not torch.equal(before[0]["weight"], after_good[0]["weight"])
+    for step in (2, 3):
+        lr_before = trainer.optimizer.param_groups[0]["lr"]
+        assert trainer.train_step(1, step, images, targets) is None
+        weights, optim_state = snapshot()
+        assert all(torch.equal(weights[k], after_good[0][k]) for k in weights)
+        assert torch.equal(optim_state["state"][0]["momentum_buffer"], after_good[1]["state"][0]["momentum_buffer"])
+        assert trainer.optimizer.param_groups[0]["lr"] < lr_before  # the schedule moved on
+    assert policy.skipped == 2
+    with pytest.raises(NonFiniteLossError, match=r"at epoch 1, step 4 .* after skipping 2 such step\(s\)"):
+        trainer.train_step(1, 4, images, targets)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -170,8 +221,8 @@ def test_run_then_resume_logs_every_epoch_once(tmp_path, ray_cluster, db, capsys
     from mlflow import MlflowClient
 
     from orchestrator.cli import main
-    from orchestrator.spec_loader import spec_to_dict
-    from orchestrator.train import run_experiment
+    from orchestrator.config.loader import spec_to_dict
+    from orchestrator.cli.run import run_experiment
 
     root = _dataset(tmp_path)
     _corrupt(root)
@@ -218,7 +269,7 @@ def test_run_then_resume_logs_every_epoch_once(tmp_path, ray_cluster, db, capsys
 def test_nan_loss_fails_the_run_with_step_and_epoch(tmp_path, ray_cluster, db):
     from mlflow import MlflowClient
 
-    from orchestrator.train import run_experiment
+    from orchestrator.cli.run import run_experiment
 
     _dataset(tmp_path)
     spec = _spec(tmp_path, name="nan", model="resnet26", epochs=1, db=db,
@@ -240,7 +291,7 @@ def test_nan_step_skipped_up_to_the_limit(tmp_path, ray_cluster, db):
     allowance the same fault fails the run naming that exact epoch and step."""
     from mlflow import MlflowClient
 
-    from orchestrator.train import run_experiment
+    from orchestrator.cli.run import run_experiment
 
     _dataset(tmp_path)
     drill = {"fault_nan_loss_at": {"epoch": 2, "step": 3}}
@@ -254,3 +305,30 @@ def test_nan_step_skipped_up_to_the_limit(tmp_path, ray_cluster, db):
 
     with pytest.raises(CvlabError, match=r"non-finite training loss \(nan\) at epoch 2, step 3 \(global step"):
         run_experiment(_spec(tmp_path, name="nan-fail", db=db, run=drill))
+
+
+@pytest.mark.slow
+def test_default_recipe_reproduces_the_earlier_quickstart_numbers(tmp_path, ray_cluster):
+    """The timm-based pipeline with default keys trains exactly as the workload did before it: a short
+    quickstart run gives the per-epoch numbers recorded with the earlier code (tests/data)."""
+    import json
+    from pathlib import Path
+
+    from mlflow import MlflowClient
+
+    from orchestrator.cli.run import run_experiment
+    from orchestrator.config.loader import load_spec
+
+    ref = json.loads((Path(__file__).parent / "data" / "quickstart_reference.json").read_text())
+    repo = Path(__file__).resolve().parents[1]
+    spec = load_spec(repo / "experiments" / "quickstart.yaml", [
+        *ref["overrides"], f"data.root={tmp_path / 'data'}", f"run.storage_path={tmp_path / 'runs'}",
+        f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}"])
+    summary = run_experiment(spec)
+    client = MlflowClient(summary["tracking_uri"])
+    for key, by_epoch in ref["metrics"].items():
+        got = {str(s): v for s, v in _history(client, summary["run_id"], key)}
+        assert got.keys() == by_epoch.keys(), key
+        for epoch, value in by_epoch.items():
+            # accuracies are counts: equal; losses: the same sums, up to float summation order
+            assert got[epoch] == pytest.approx(value, rel=1e-6, abs=1e-7), (key, epoch)

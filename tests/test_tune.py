@@ -43,6 +43,11 @@ def _spec_dict(tmp: Path, **search) -> dict:
     }
 
 
+# Searches here run with 3 logical CPUs on the 2-core CI machine on purpose: two trials at once, each a
+# 1-CPU Ray Train worker plus its trial process, which asks for 0.25 CPU and mostly waits.
+SEARCH_CPUS = "3"
+
+
 def _write(tmp: Path, d: dict) -> Path:
     path = tmp / "search.yaml"
     path.write_text(yaml.safe_dump(d, sort_keys=False))
@@ -51,7 +56,7 @@ def _write(tmp: Path, d: dict) -> Path:
 
 # ------------------------------------------------------------------------------------------ fast tests
 def test_end_status_tells_completed_from_early_stopped():
-    from orchestrator.tune import end_status
+    from orchestrator.search.callbacks import end_status
 
     assert end_status({"epoch": 3}, 3, "asha") == ("FINISHED", "completed")
     status, reason = end_status({"epoch": 1}, 3, "asha")
@@ -60,8 +65,8 @@ def test_end_status_tells_completed_from_early_stopped():
 
 
 def test_concurrency_plan_and_infeasible_trials():
-    from orchestrator.spec_loader import spec_from_dict
-    from orchestrator.tune import plan_concurrency, trial_resources
+    from orchestrator.config.loader import spec_from_dict
+    from orchestrator.search.tune import plan_concurrency, trial_resources
 
     spec = spec_from_dict({"model": {"name": "cednet26"}, "scaling": {"num_workers": 2},
                            "search": {"space": {"optim.lr": {"grid": [0.1]}}}})
@@ -80,7 +85,8 @@ def test_status_callback_ends_trial_runs_with_a_reason(tmp_path):
     """The driver callback: early-stopped -> KILLED + reason + last metrics; errors -> FAILED."""
     from mlflow import MlflowClient
 
-    from orchestrator.tune import TAG_END_REASON, make_status_callback
+    from orchestrator.names import END_REASON_TAG as TAG_END_REASON
+    from orchestrator.search.callbacks import TrialBookkeeping, make_status_callback
 
     uri = f"sqlite:///{tmp_path / 'm.db'}"
     client = MlflowClient(uri)
@@ -94,7 +100,8 @@ def test_status_callback_ends_trial_runs_with_a_reason(tmp_path):
     client.set_terminated(runs["t4"], "FINISHED")  # ended by the trial itself: left alone
     error_file = tmp_path / "error.txt"
     error_file.write_text("Traceback ...\nRuntimeError: training failed on worker 0: boom\n")
-    cb = make_status_callback(uri, exp, parent, epochs=3, metric="val/top1", scheduler="asha")
+    cb = make_status_callback(TrialBookkeeping(uri, exp, parent, metric="val/top1", mode="max", scheduler="asha",
+                                               step_metric="epoch", budget=3, budget_path="optim.epochs"))
     cb = __import__("pickle").loads(__import__("ray.cloudpickle", fromlist=["x"]).dumps(cb))  # as restored
     def trial(tid, **kw):
         return SimpleNamespace(trial_id=tid, error_file=None, **kw)
@@ -121,7 +128,7 @@ def test_interrupted_trials_are_told_apart_with_mlflow(tmp_path):
     such a TERMINATED trial counts as interrupted only while its MLflow run was never ended."""
     from mlflow import MlflowClient
 
-    from orchestrator.tune import _trial_states
+    from orchestrator.search.tune import _trial_states
 
     client = MlflowClient(f"sqlite:///{tmp_path / 'm.db'}")
     exp = client.create_experiment("states", artifact_location=(tmp_path / "a").as_uri())
@@ -156,8 +163,8 @@ def test_bad_space_refuses_before_anything_starts(tmp_path, capsys):
 
 
 def test_resume_without_an_earlier_search(tmp_path, capsys):
-    from orchestrator.spec_loader import spec_from_dict
-    from orchestrator.tune import run_search
+    from orchestrator.config.loader import spec_from_dict
+    from orchestrator.search.tune import run_search
 
     with pytest.raises(CvlabError, match="nothing to resume: experiment 'tune-test' has no search"):
         run_search(spec_from_dict(_spec_dict(tmp_path)), resume=True)
@@ -192,14 +199,18 @@ def _group_members(pgid: int) -> list[int]:
 def test_search_killed_then_resumed(tmp_path, monkeypatch, capsys):
     from mlflow import MlflowClient
 
-    spec_path = _write(tmp_path, _spec_dict(tmp_path))
+    # Rungs only at epoch 2 (of 3): a trial is never stopped after its first epoch, so once one trial has
+    # finished, the next one stays RUNNING with epoch 1 logged for a whole epoch -- the moment to kill.
+    d = _spec_dict(tmp_path, grace_period=2)
+    d["data"]["per_class_generated"] = 16  # epochs long enough for the poll below to see that moment
+    spec_path = _write(tmp_path, d)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     env = {**os.environ, "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2", "RAY_AUTH_MODE": "disabled",
            "RAY_USAGE_STATS_ENABLED": "0", "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "600",
            "PYTHONPATH": str(REPO)}
     env.pop("RAY_ADDRESS", None)
     log = open(tmp_path / "phase1.log", "w")  # noqa: SIM115 - closed after the subprocess ends
-    proc = subprocess.Popen([sys.executable, "-m", "orchestrator", "tune", str(spec_path), "--num-cpus", "3"],
+    proc = subprocess.Popen([sys.executable, "-m", "orchestrator", "tune", str(spec_path), "--num-cpus", SEARCH_CPUS],
                             cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     # ---- phase 1: wait until one trial finished and another is mid-run (>= 1 epoch logged), then SIGKILL
     before: dict = {}
@@ -207,7 +218,7 @@ def test_search_killed_then_resumed(tmp_path, monkeypatch, capsys):
         deadline = time.time() + 600
         client = None
         while time.time() < deadline:
-            time.sleep(1.0)
+            time.sleep(0.5)
             assert proc.poll() is None, "the search ended before it could be interrupted:\n" + \
                 (tmp_path / "phase1.log").read_text()[-3000:]
             # open the store only once the driver has created it (two migrations at once collide)
@@ -236,7 +247,9 @@ def test_search_killed_then_resumed(tmp_path, monkeypatch, capsys):
         if proc.poll() is None:
             _kill_group(proc)
         log.close()
-    time.sleep(2)
+    deadline = time.time() + 60  # the kernel reaps the killed group's processes in its own time
+    while _group_members(proc.pid) and time.time() < deadline:
+        time.sleep(0.5)
     assert _group_members(proc.pid) == []  # SIGKILL of the group left nothing behind
     assert client.get_run(parent_id).info.status == "RUNNING"  # killed: nobody ended it
     finished_before = {rid for rid, (st, *_rest) in before.items() if st == "FINISHED"}
@@ -245,13 +258,13 @@ def test_search_killed_then_resumed(tmp_path, monkeypatch, capsys):
     # ---- phase 2: resume in this process, on a Ray cluster the test owns (to inspect actors afterwards)
     import ray
 
-    from orchestrator.spec_loader import load_spec
-    from orchestrator.tune import run_search
+    from orchestrator.config.loader import load_spec
+    from orchestrator.search.tune import run_search
 
     monkeypatch.setenv("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "600")
     monkeypatch.chdir(tmp_path)
     # with the dashboard: Train's PlacementGroupCleaner needs the state API to free stopped trials' groups
-    ray.init(num_cpus=3)
+    ray.init(num_cpus=int(SEARCH_CPUS))
     try:
         summary = run_search(load_spec(spec_path), resume=True)
         from ray._private.state import actors  # the GCS actor table (the state API needs the dashboard)
@@ -326,7 +339,7 @@ def test_diverging_trial_fails_and_the_search_goes_on(tmp_path, capsys):
 
     d = _spec_dict(tmp_path, scheduler="fifo", space={"optim.lr": {"grid": [0.05, 1.0e30]}})
     d["optim"].update(epochs=2, warmup_epochs=0.0, label_smoothing=0.0)
-    rc = main(["tune", str(_write(tmp_path, d)), "--num-cpus", "3"])
+    rc = main(["tune", str(_write(tmp_path, d)), "--num-cpus", SEARCH_CPUS])
     out = capsys.readouterr().out
     assert rc == 1 and "1 trial(s) failed" in out
 

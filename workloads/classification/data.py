@@ -149,24 +149,6 @@ def scan_split(
     return SplitScan(root=split_dir, classes=list(classes), counts=counts, bad=bad, missing_classes=missing)
 
 
-def build_transforms(image_size: int, val_resize: int | None = None):
-    """(train, val) torchvision transforms: RandomResizedCrop + flip / resize + center crop, normalised."""
-    from torchvision import transforms as T
-
-    resize = val_resize or round(image_size / 0.875)
-    normalize = T.Normalize(IMAGENET_MEAN, IMAGENET_STD)
-    train = T.Compose(
-        [
-            T.RandomResizedCrop(image_size, antialias=True),
-            T.RandomHorizontalFlip(),
-            T.ToTensor(),
-            normalize,
-        ]
-    )
-    val = T.Compose([T.Resize(resize, antialias=True), T.CenterCrop(image_size), T.ToTensor(), normalize])
-    return train, val
-
-
 def _image_folder_class():
     from torchvision.datasets import ImageFolder
 

@@ -1,34 +1,41 @@
 """The per-worker training loop of the classification workload (runs inside Ray Train workers).
 
-`train_loop_per_worker(config)` is handed to `ray.train.torch.TorchTrainer`. `config` holds plain data:
+`train_loop_per_worker(cfg)` is handed to `ray.train.torch.TorchTrainer` with a frozen
+`workloads.classification.config.TrainConfig`. It runs in named steps:
 
-- `spec`: the experiment spec as a dict (sections model, data, optim, precision, run, experiment);
-- `data`: `train_dir`, `val_dir`, `classes`, `train_skip`, `val_skip` (paths relative to the split
-  folder, found unreadable on the driver) and `skipped` (their number);
-- `epoch_logger`: an object with `logged_epochs() -> set[int]` and `log_epoch(epoch, metrics)`, used by
-  rank 0 only (the orchestrator passes an MLflow logger), or None.
+- set-up (`EpochTrainer.__init__`): model, data loaders, optimizer, schedule, step hooks;
+- `restore()`: Ray Train's latest checkpoint (or an older readable one) when the run restarts or resumes;
+- per epoch: `train_one_epoch()`, `evaluate()` (the whole validation set, summed across workers), then
+  `checkpoint_and_report()`: every worker calls `ray.train.report(metrics)`; every `checkpoint_every` epochs
+  and after the last, rank 0 attaches a checkpoint.
 
-Every epoch all workers call `ray.train.report(metrics)`; every `run.checkpoint_every` epochs and after
-the last one, rank 0 attaches a checkpoint (model, optimizer, scheduler, scaler, epoch, RNG states).
-Epoch metrics go to the epoch logger only after the checkpoint that covers them was reported, and epochs
-already in the logger's history are skipped, so a restart from a checkpoint never logs an epoch twice.
+Epoch metrics go to the epoch logger (rank 0) only after the checkpoint that covers them was reported, and
+epochs already in the logger's history are skipped, so a restart never logs an epoch twice.
 """
 from __future__ import annotations
 
-import math
-import os
-import random
-import sys
+import dataclasses
+import logging
 import tempfile
 import time
-from typing import Any
 
-MODEL_FILE = "model.pt"
-STATE_FILE = "train_state.pt"
+from workloads.classification.checkpoint import (
+    apply_training_state,
+    read_training_checkpoint,
+    save_training_checkpoint,
+    seed_everything,
+    unwrap,
+)
+from workloads.classification.config import TrainConfig
+from workloads.classification.ema import ema_state_dict, load_ema_state_dict, update_ema
+from workloads.classification.hooks import KillDrill, NanDrill, NonFiniteLossPolicy, StepHook
+from workloads.system_metrics import start_system_metrics
+
+log = logging.getLogger(__name__)
 
 
-class NonFiniteLossError(FloatingPointError):
-    """The training loss became NaN or infinite."""
+def train_loop_per_worker(cfg: TrainConfig) -> None:
+    EpochTrainer(cfg).fit()
 
 
 def _fmt_eta(seconds: float) -> str:
@@ -38,111 +45,8 @@ def _fmt_eta(seconds: float) -> str:
     return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
 
 
-def _unwrap(model):
-    return getattr(model, "module", model)
-
-
-def _seed_everything(seed: int) -> None:
-    import numpy as np
-    import torch
-
-    random.seed(seed)
-    np.random.seed(seed % (2**32))
-    torch.manual_seed(seed)
-
-
-def _rng_state() -> dict[str, Any]:
-    import numpy as np
-    import torch
-
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
-    state = {
-        "python": random.getstate(),
-        "numpy": (kind, torch.from_numpy(keys.astype("int64")), pos, has_gauss, cached),
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    import numpy as np
-    import torch
-
-    random.setstate(state["python"])
-    kind, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((kind, keys.numpy().astype("uint32"), pos, has_gauss, cached))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def save_training_checkpoint(directory: str, model, optimizer, scheduler, scaler, epoch: int, extra: dict):
-    """Write the model (loadable with `workloads.models.load_checkpoint`) and the training state."""
-    import torch
-
-    from workloads.models import save_checkpoint
-
-    # Each file is written under a temporary name and renamed once complete (a process killed meanwhile
-    # leaves no half-written file under the real name); the caller verifies, then publishes the folder.
-    model_tmp = os.path.join(directory, MODEL_FILE + ".partial")
-    save_checkpoint(model_tmp, _unwrap(model), extra={"epoch": epoch, **extra})
-    os.replace(model_tmp, os.path.join(directory, MODEL_FILE))
-    state_tmp = os.path.join(directory, STATE_FILE + ".partial")
-    torch.save(
-        {
-            "epoch": epoch,
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "scaler": scaler.state_dict(),
-            "rng": _rng_state(),
-            **extra,
-        },
-        state_tmp,
-    )
-    os.replace(state_tmp, os.path.join(directory, STATE_FILE))
-
-
-def read_training_checkpoint(directory: str) -> tuple[dict, dict]:
-    """Both files of a training checkpoint, loaded with weights_only: (model state dict, training state).
-
-    ValueError naming the folder when it is unusable (truncated file, bad pickle, missing file or key).
-    """
-    import torch
-
-    from workloads.models import load_checkpoint
-
-    try:
-        saved_model, _ = load_checkpoint(os.path.join(directory, MODEL_FILE), map_location="cpu")
-        state = torch.load(os.path.join(directory, STATE_FILE), map_location="cpu", weights_only=True)
-        int(state["epoch"])
-    except Exception as err:  # every failure here means "this checkpoint cannot be used"
-        raise ValueError(f"checkpoint {directory} is unreadable ({type(err).__name__}: {err})") from err
-    return saved_model.state_dict(), state
-
-
-def verify_training_checkpoint(directory: str) -> int:
-    """Reload both files of a training checkpoint; returns its epoch, ValueError if unusable."""
-    return int(read_training_checkpoint(directory)[1]["epoch"])
-
-
-def load_training_checkpoint(directory: str, model, optimizer, scheduler, scaler) -> dict:
-    """Restore what `save_training_checkpoint` wrote; returns the state dict (epoch, best_top1, ...)."""
-    return _apply_training_state(read_training_checkpoint(directory), model, optimizer, scheduler, scaler)
-
-
-def _apply_training_state(loaded: tuple[dict, dict], model, optimizer, scheduler, scaler) -> dict:
-    model_state, state = loaded
-    _unwrap(model).load_state_dict(model_state)
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    scaler.load_state_dict(state["scaler"])
-    _set_rng_state(state["rng"])
-    return state
-
-
-def _all_reduce(tensor, op: str = "sum"):
+def all_reduce(tensor, op: str = "sum"):
+    """Sum (or max) a tensor over the workers' process group; unchanged outside one."""
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
@@ -150,11 +54,23 @@ def _all_reduce(tensor, op: str = "sum"):
     return tensor
 
 
+def sync_buffers(model) -> None:
+    """Give every worker rank 0's buffers (BatchNorm statistics). After its last training step each rank holds
+    statistics updated by its own batch; validating with those would score, on each shard, a slightly
+    different model than the one rank 0 checkpoints."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        for buffer in unwrap(model).buffers():
+            dist.broadcast(buffer, src=0)
+
+
 def evaluate(model, loader, criterion, device, amp_dtype=None, channels_last=False) -> dict[str, float]:
-    """Loss, top-1 and top-5 accuracy over this worker's shard, summed across all workers."""
+    """Loss, top-1 and top-5 accuracy over this worker's shard, summed across all workers (exact, not an
+    average of per-worker averages)."""
     import torch
 
-    net = _unwrap(model)  # no DDP collectives: shards may hold different numbers of batches
+    net = unwrap(model)  # no DDP collectives: shards may hold different numbers of batches
     net.eval()
     totals = torch.zeros(5, dtype=torch.float64, device=device)  # loss_sum, top1, top5, n, failures
     with torch.no_grad():
@@ -167,277 +83,326 @@ def evaluate(model, loader, criterion, device, amp_dtype=None, channels_last=Fal
             logits = logits.float()
             loss = criterion(logits, targets)
             k = min(5, logits.shape[1])
-            topk = logits.topk(k, dim=1).indices
-            hits = topk.eq(targets[:, None])
+            hits = logits.topk(k, dim=1).indices.eq(targets[:, None])
             n = targets.shape[0]
-            totals += torch.tensor(
-                [loss.item() * n, hits[:, 0].sum().item(), hits.any(dim=1).sum().item(), n,
-                 failures.sum().item()],
-                dtype=torch.float64,
-                device=device,
-            )
-    _all_reduce(totals)
+            totals += torch.tensor([loss.item() * n, hits[:, 0].sum().item(), hits.any(dim=1).sum().item(), n,
+                                    failures.sum().item()], dtype=torch.float64, device=device)
+    all_reduce(totals)
     loss_sum, top1, top5, n, failures = totals.tolist()
     n = max(n, 1.0)
     return {"loss": loss_sum / n, "top1": top1 / n, "top5": top5 / n, "failures": failures}
 
 
-def train_loop_per_worker(config: dict) -> None:
-    import ray.train
-    import ray.train.torch
-    import torch
+class EpochPublisher:
+    """Rank 0's hand-off of epoch metrics to the epoch logger: an epoch is published once the checkpoint
+    covering it was reported, and never twice (epochs already in the logger's history are skipped)."""
 
-    from workloads.classification.data import ShardSampler, build_transforms, make_dataset
-    from workloads.classification.schedule import build_optimizer, build_scheduler, scaled_lr
-    from workloads.models import build_model
+    def __init__(self, logger):
+        self.logger = logger
+        self.logged = logger.logged_epochs() if logger is not None else set()
+        self.pending: list[tuple[int, dict]] = []
 
-    spec, data = config["spec"], config["data"]
-    dcfg, ocfg, pcfg, rcfg = spec["data"], spec["optim"], spec["precision"], spec["run"]
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = ray.train.torch.get_device()
-    is_cuda = device.type == "cuda"
-    seed = int(spec["experiment"]["seed"])
-    epoch_logger = config.get("epoch_logger") if rank == 0 else None
+    def add(self, epoch: int, metrics: dict, checkpointed: bool) -> None:
+        if self.logger is None:
+            return
+        self.pending.append((epoch, metrics))
+        if checkpointed:
+            for e, m in self.pending:
+                if e not in self.logged:
+                    self.logger.log_epoch(e, m)
+                    self.logged.add(e)
+            self.pending.clear()
 
-    def say(msg: str) -> None:
-        # Not print(): Ray Train patches it to go through a logger *and* the stream (lines doubled).
-        if rank == 0:
-            sys.stdout.write(msg + "\n")
-            sys.stdout.flush()
+    def note(self, epoch: int, metrics: dict) -> None:
+        """Metrics about the attempt itself (e.g. where it resumed), logged at once at step `epoch`."""
+        if self.logger is not None:
+            self.logger.log_epoch(epoch, metrics)
 
-    # Model: same initial weights on every rank (DDP broadcasts them anyway).
-    _seed_everything(seed)
-    overrides = dict(spec["model"])
-    name = overrides.pop("name")
-    overrides["num_classes"] = len(data["classes"])
-    model = build_model(name, **overrides)
-    channels_last = bool(pcfg["channels_last"]) and is_cuda
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    model = ray.train.torch.prepare_model(model)
+    def close(self) -> None:
+        if self.logger is not None and hasattr(self.logger, "flush"):
+            self.logger.flush()  # metrics queued while the tracking server was away
 
-    amp_dtype = None
-    if pcfg["autocast"] != "fp32":
-        if is_cuda:
-            amp_dtype = torch.bfloat16 if pcfg["autocast"] == "bf16" else torch.float16
-        else:
-            say(f"precision.autocast={pcfg['autocast']} is used on GPU only; training in fp32 on CPU")
-    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
 
-    # Data: each worker reads its shard (DistributedSampler from prepare_data_loader).
-    train_tf, val_tf = build_transforms(dcfg["image_size"], dcfg["val_resize"])
-    train_set = make_dataset(data["train_dir"], data["classes"], data["train_skip"], train_tf)
-    val_set = make_dataset(data["val_dir"], data["classes"], data["val_skip"], val_tf)
-    loader_kw = {
-        "batch_size": dcfg["batch_size"],
-        "num_workers": dcfg["num_workers"],
-        "pin_memory": is_cuda,
-        "persistent_workers": dcfg["num_workers"] > 0,
-    }
-    train_loader = torch.utils.data.DataLoader(train_set, shuffle=True, drop_last=True, **loader_kw)
-    train_loader = ray.train.torch.prepare_data_loader(train_loader)
-    val_loader = torch.utils.data.DataLoader(val_set, sampler=ShardSampler(len(val_set), rank, world), **loader_kw)
-    steps_per_epoch = len(train_loader)
-    if steps_per_epoch == 0:
-        raise ValueError(
-            f"the training split ({len(train_set)} images) is smaller than one global batch "
-            f"({world} workers x {dcfg['batch_size']}); lower data.batch_size"
-        )
+class EpochTrainer:
+    """One worker's training state and its named steps (see the module docstring)."""
 
-    global_batch = dcfg["batch_size"] * world
-    peak_lr = scaled_lr(ocfg["lr"], global_batch, ocfg["base_batch_size"], ocfg["scale_lr"])
-    optimizer = build_optimizer(model, ocfg, peak_lr)
-    scheduler = build_scheduler(optimizer, ocfg, steps_per_epoch, peak_lr)
-    criterion = torch.nn.CrossEntropyLoss(label_smoothing=ocfg["label_smoothing"])
+    def __init__(self, cfg: TrainConfig):
+        import ray.train
+        import ray.train.torch
+        import torch
 
-    epochs = int(ocfg["epochs"])
-    start_epoch, best_top1 = 1, -1.0
-    skip_limit, skipped_steps = int(ocfg.get("skip_nonfinite_steps") or 0), 0
-    state = _restore(ray.train.get_checkpoint(), config.get("fallback_checkpoints") or (),
-                     model, optimizer, scheduler, scaler, say)
-    if state is not None:
-        start_epoch = int(state["epoch"]) + 1
-        best_top1 = float(state.get("best_top1", -1.0))
-        skipped_steps = int(state.get("skipped_steps", 0))
-        say(f"resuming from the checkpoint of epoch {state['epoch']} (epoch {start_epoch} of {epochs} next)")
-    if start_epoch > epochs:
-        say(f"nothing to train: the checkpoint is at epoch {start_epoch - 1} and optim.epochs is {epochs}")
-    logged = epoch_logger.logged_epochs() if epoch_logger is not None else set()
-    pending: list[tuple[int, dict]] = []  # epoch metrics waiting for their checkpoint to be reported
-    say(
-        f"training {name} on {len(train_set)} images ({len(data['classes'])} classes), {world} worker(s), "
-        f"global batch {global_batch}, peak lr {peak_lr:.4g}, {steps_per_epoch} steps/epoch, device {device}"
-    )
+        from workloads.classification.data import ShardSampler, make_dataset
+        from workloads.classification.ema import create_ema
+        from workloads.classification.mixup import build_mixup, build_train_criterion
+        from workloads.classification.schedule import build_optimizer, build_scheduler, scaled_lr
+        from workloads.classification.transforms import build_train_transform, build_val_transform
+        from workloads.logs import configure, quiet_ray_train_reports
+        from workloads.models import build_model
 
-    fault = _fault_plan(rcfg, config.get("fault_marker"))
-    nan_at = rcfg.get("fault_nan_loss_at")
-    nan_at = (int(nan_at["epoch"]), int(nan_at["step"])) if nan_at else None
-    run_start = time.perf_counter()
-    steps_done = 0
-    for epoch in range(start_epoch, epochs + 1):
+        self.cfg = cfg
+        ctx = ray.train.get_context()
+        self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+        # Rank 0 speaks for the group; the others only warn.
+        configure(cfg.verbosity if self.rank == 0 else min(cfg.verbosity, -1))
+        quiet_ray_train_reports(cfg.verbosity)
+        self.device = ray.train.torch.get_device()
+        is_cuda = self.device.type == "cuda"
+
+        # Model: same initial weights on every rank (DDP broadcasts them anyway).
+        seed_everything(cfg.seed)
+        overrides = {**cfg.model_overrides, "num_classes": len(cfg.data.classes)}
+        model = build_model(cfg.model_name, **overrides)
+        self.channels_last = cfg.channels_last and is_cuda
+        if self.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        self.model = ray.train.torch.prepare_model(model)
+
+        self.amp_dtype = None
+        if cfg.autocast != "fp32":
+            if is_cuda:
+                self.amp_dtype = torch.bfloat16 if cfg.autocast == "bf16" else torch.float16
+            else:
+                log.info("precision.autocast=%s is used on GPU only; training in fp32 on CPU", cfg.autocast)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
+
+        # Data: each worker reads its shard (DistributedSampler from prepare_data_loader).
+        data = cfg.data
+        self.train_set = make_dataset(data.train_dir, list(data.classes), data.train_skip,
+                                      build_train_transform(cfg.inputs, cfg.augment))
+        val_set = make_dataset(data.val_dir, list(data.classes), data.val_skip, build_val_transform(cfg.inputs))
+        loader_kw = {"batch_size": cfg.batch_size, "num_workers": cfg.loader_workers, "pin_memory": is_cuda,
+                     "persistent_workers": cfg.loader_workers > 0}
+        train_loader = torch.utils.data.DataLoader(self.train_set, shuffle=True, drop_last=True, **loader_kw)
+        self.train_loader = ray.train.torch.prepare_data_loader(train_loader)
+        self.val_loader = torch.utils.data.DataLoader(
+            val_set, sampler=ShardSampler(len(val_set), self.rank, self.world), **loader_kw)
+        self.steps_per_epoch = len(self.train_loader)
+        if self.steps_per_epoch == 0:
+            raise ValueError(f"the training split ({len(self.train_set)} images) is smaller than one global batch "
+                             f"({self.world} workers x {cfg.batch_size}); lower data.batch_size")
+
+        o = cfg.optim
+        self.global_batch = cfg.batch_size * self.world
+        self.peak_lr = scaled_lr(o.lr, self.global_batch, o.base_batch_size, o.scale_lr)
+        self.optimizer = build_optimizer(self.model, o, self.peak_lr)
+        self.scheduler = build_scheduler(self.optimizer, o, self.steps_per_epoch, self.peak_lr)
+        # Training loss: soft targets when batches are mixed; validation always on the true labels.
+        self.mixup = build_mixup(cfg.augment, len(data.classes), o.label_smoothing)
+        self.train_criterion = build_train_criterion(cfg.augment, o.label_smoothing)
+        self.criterion = torch.nn.CrossEntropyLoss(label_smoothing=o.label_smoothing)
+        self.ema = create_ema(self.model, o.ema_decay)  # an average of the weights, validated too
+        self.optimizer_steps = 0
+
+        self.nonfinite = NonFiniteLossPolicy(o.skip_nonfinite_steps, self.steps_per_epoch, self.rank,
+                                             agree=self._any_worker)
+        self.hooks: list[StepHook] = [self.nonfinite]
+        f = cfg.faults
+        if f.kill_at is not None and f.kill_marker:
+            self.hooks.insert(0, KillDrill(*f.kill_at, marker=f.kill_marker, my_rank=self.rank))
+        if f.nan_at is not None:
+            self.hooks.insert(0, NanDrill(*f.nan_at))
+        self.publisher = EpochPublisher(cfg.epoch_logger if self.rank == 0 else None)
+        self.start_epoch, self.best_top1 = 1, -1.0
+        self.steps_done = 0  # by this worker process: a restart from a checkpoint runs fewer
+
+    def _any_worker(self, bad: bool) -> bool:
+        import torch
+
+        flag = torch.tensor([1.0 if bad else 0.0], device=self.device)
+        return all_reduce(flag, op="max").item() > 0
+
+    # ---- restore
+    def restore(self) -> None:
+        """Continue from Ray Train's latest checkpoint; when it is unreadable, warn naming it and use the newest
+        readable one among `fallback_checkpoints`. Nothing to do on a fresh run."""
+        import ray.train
+
+        latest = ray.train.get_checkpoint()
+        candidates = ([latest] if latest is not None else []) + [
+            ray.train.Checkpoint(path) for path in self.cfg.fallback_checkpoints
+            if latest is None or path.rstrip("/") != latest.path.rstrip("/")
+        ]
+        for ckpt in candidates:
+            with ckpt.as_directory() as ckpt_dir:
+                try:
+                    loaded = read_training_checkpoint(ckpt_dir)  # read once: verified and then applied
+                except ValueError as err:
+                    log.warning("%s; using the previous checkpoint", err)
+                    continue
+            state = apply_training_state(loaded, self.model, self.optimizer, self.scheduler, self.scaler)
+            if ckpt is not candidates[0]:
+                log.info("resuming from the previous readable checkpoint %s (epoch %s)", ckpt.path, state["epoch"])
+            self.start_epoch = int(state["epoch"]) + 1
+            self.best_top1 = float(state.get("best_top1", -1.0))
+            self.nonfinite.skipped = int(state.get("skipped_steps", 0))
+            self.optimizer_steps = int(state.get("optimizer_steps", 0))
+            if self.ema is not None:
+                if "ema" not in state:
+                    raise ValueError(f"optim.ema_decay is set but the checkpoint {ckpt.path} holds no EMA weights "
+                                     "(it was trained without); resume with the settings it was trained with")
+                load_ema_state_dict(self.ema, state["ema"])
+            log.info("resuming from the checkpoint of epoch %s (epoch %d of %d next)", state["epoch"],
+                     self.start_epoch, self.cfg.optim.epochs)
+            self.publisher.note(self.start_epoch, {"train/resumed_from_epoch": float(state["epoch"])})
+            return
+        if candidates:
+            raise ValueError(f"no readable checkpoint to resume from (tried {[c.path for c in candidates]})")
+
+    # ---- one epoch of training
+    def train_one_epoch(self, epoch: int, run_start: float) -> dict[str, float]:
+        import torch
+
+        cfg, device = self.cfg, self.device
         # Per-epoch seeds make a restarted epoch see the same augmentations and shuffling.
-        _seed_everything(seed + 1000 * epoch + rank)
-        if hasattr(train_loader, "sampler") and hasattr(train_loader.sampler, "set_epoch"):
-            train_loader.sampler.set_epoch(epoch)
-        model.train()
+        seed_everything(cfg.seed + 1000 * epoch + self.rank)
+        sampler = getattr(self.train_loader, "sampler", None)
+        if hasattr(sampler, "set_epoch"):
+            sampler.set_epoch(epoch)
+        self.model.train()
         epoch_start = time.perf_counter()
         sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss_sum, correct, n, failures
-        for step, (images, targets, failures) in enumerate(train_loader, 1):
-            if fault is not None and (epoch, step, rank) == fault[:3]:
-                _inject_fault(fault[3], epoch, step, rank)
-            if channels_last:
-                images = images.contiguous(memory_format=torch.channels_last)
-            with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-                logits = model(images)
-                loss = criterion(logits.float(), targets)
-            if (epoch, step) == nan_at:
-                loss = loss * float("nan")  # the run.fault_nan_loss_at drill
-            loss_value = loss.item()
-            if skip_limit:
-                # Every rank must agree to skip, or DDP's gradient all-reduce would wait forever.
-                bad = _all_reduce(torch.tensor([0.0 if math.isfinite(loss_value) else 1.0], device=device),
-                                  op="max").item() > 0
-            else:
-                bad = not math.isfinite(loss_value)
-            if bad:
-                skipped_steps += 1
-                who = f"on worker {rank}" if not math.isfinite(loss_value) else "on another worker"
-                where = f"at epoch {epoch}, step {step} (global step {(epoch - 1) * steps_per_epoch + step}) {who}"
-                if skipped_steps > skip_limit:
-                    limit = f" after skipping {skip_limit} such step(s)" if skip_limit else ""
-                    value = f" ({loss_value})" if not math.isfinite(loss_value) else ""
-                    raise NonFiniteLossError(
-                        f"non-finite training loss{value} {where}{limit}; "
-                        "lower optim.lr, set optim.grad_clip or train in fp32"
-                    )
-                say(f"warning: non-finite training loss {where}: step skipped "
-                    f"({skipped_steps} of at most {skip_limit})")
-                optimizer.zero_grad(set_to_none=True)
-                scheduler.step()  # keep the lr schedule aligned with the step count
+        for step, (images, targets, failures) in enumerate(self.train_loader, 1):
+            stepped = self.train_step(epoch, step, images, targets)
+            if stepped is None:
                 continue
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            if ocfg["grad_clip"]:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), ocfg["grad_clip"])
-            scaler.step(optimizer)
-            scaler.update()
-            scheduler.step()
-
+            loss_value, correct = stepped
             n = targets.shape[0]
-            correct = logits.detach().argmax(1).eq(targets).sum().item()
-            sums += torch.tensor([loss_value * n, correct, n, failures.sum().item()],
-                                 dtype=torch.float64, device=device)
-            steps_done += 1
-            if rank == 0 and (step % max(1, rcfg["log_every"]) == 0 or step == steps_per_epoch):
-                elapsed = time.perf_counter() - run_start
-                per_step = elapsed / steps_done
-                remaining = (steps_per_epoch - step) + (epochs - epoch) * steps_per_epoch
-                s = sums.tolist()
-                say(
-                    f"epoch {epoch}/{epochs} step {step}/{steps_per_epoch} loss {s[0] / s[2]:.4f} "
-                    f"acc {s[1] / s[2]:.3f} lr {optimizer.param_groups[0]['lr']:.4g} "
-                    f"{s[2] * world / (time.perf_counter() - epoch_start):.1f} img/s "
-                    f"ETA {_fmt_eta(per_step * remaining)}"
-                )
+            sums += torch.tensor([loss_value * n, correct, n, failures.sum().item()], dtype=torch.float64,
+                                 device=device)
+            self.steps_done += 1
+            if step % cfg.log_every == 0 or step == self.steps_per_epoch:
+                self._progress(epoch, step, sums.tolist(), epoch_start, run_start)
         train_time = torch.tensor([time.perf_counter() - epoch_start], dtype=torch.float64, device=device)
-        _all_reduce(sums)
-        _all_reduce(train_time, op="max")
-        val = evaluate(model, val_loader, criterion, device, amp_dtype, channels_last)
-        loss_sum, correct, seen, train_failures = sums.tolist()
-        metrics = {
-            "epoch": epoch,
-            "train/loss": loss_sum / max(seen, 1),
-            "train/top1": correct / max(seen, 1),
-            "val/loss": val["loss"],
-            "val/top1": val["top1"],
-            "val/top5": val["top5"],
-            "lr": optimizer.param_groups[0]["lr"],
-            "images_per_s": seen / max(train_time.item(), 1e-9),
-            "epoch_time_s": time.perf_counter() - epoch_start,
-            "data/skipped_images": float(data["skipped"] + train_failures + val["failures"]),
-        }
-        if skip_limit:
-            metrics["train/skipped_steps"] = float(skipped_steps)
-        best_top1 = max(best_top1, val["top1"])
+        all_reduce(sums)
+        all_reduce(train_time, op="max")
+        loss_sum, correct, seen, failures = sums.tolist()
+        return {"train/loss": loss_sum / max(seen, 1), "train/top1": correct / max(seen, 1),
+                "images_per_s": seen / max(train_time.item(), 1e-9), "failures": failures,
+                "epoch_start": epoch_start}
 
+    def train_step(self, epoch: int, step: int, images, targets) -> tuple[float, int] | None:
+        """One optimisation step around the step hooks: (loss, correct predictions), or None when a hook
+        skipped it (no parameter update; the lr schedule still advances)."""
+        import torch
+
+        for hook in self.hooks:
+            hook.before_step(epoch, step)
+        labels = targets  # the true classes; with mixup `targets` become soft labels
+        if self.mixup is not None:
+            images, targets = self.mixup(images, targets)
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
+                            enabled=self.amp_dtype is not None):
+            logits = self.model(images)
+            loss = self.train_criterion(logits.float(), targets)
+        for hook in self.hooks:
+            loss = hook.on_loss(epoch, step, loss)
+        loss_value = loss.item()
+        if any(hook.skip_step(epoch, step, loss_value) for hook in self.hooks):
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scheduler.step()  # keep the lr schedule aligned with the step count
+            return None
+        self._update(loss)
+        return loss_value, logits.detach().argmax(1).eq(labels).sum().item()
+
+    def _update(self, loss) -> None:
+        import torch
+
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        if self.cfg.optim.grad_clip:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        self.optimizer_steps += 1
+        update_ema(self.ema, self.model, self.optimizer_steps)
+
+    def _progress(self, epoch: int, step: int, sums: list[float], epoch_start: float, run_start: float) -> None:
+        epochs, spe = self.cfg.optim.epochs, self.steps_per_epoch
+        per_step = (time.perf_counter() - run_start) / max(self.steps_done, 1)
+        remaining = (spe - step) + (epochs - epoch) * spe
+        loss_sum, correct, n = sums[:3]
+        log.info("epoch %d/%d step %d/%d loss %.4f acc %.3f lr %.4g %.1f img/s ETA %s", epoch, epochs, step, spe,
+                 loss_sum / max(n, 1), correct / max(n, 1), self.optimizer.param_groups[0]["lr"],
+                 n * self.world / (time.perf_counter() - epoch_start), _fmt_eta(per_step * remaining))
+
+    # ---- evaluation
+    def evaluate(self, model=None) -> dict[str, float]:
+        model = model or self.model
+        sync_buffers(model)
+        return evaluate(model, self.val_loader, self.criterion, self.device, self.amp_dtype, self.channels_last)
+
+    # ---- checkpoint and report
+    def checkpoint_and_report(self, epoch: int, metrics: dict[str, float]) -> bool:
+        """Report the epoch to Ray Train (with rank 0's checkpoint when one is due); True when checkpointed."""
+        import ray.train
+
+        cfg = self.cfg
+        due = epoch % cfg.checkpoint_every == 0 or epoch == cfg.optim.epochs
         with tempfile.TemporaryDirectory(prefix="cvlab-ckpt-") as tmp:
-            to_report = None
-            if epoch % max(1, rcfg["checkpoint_every"]) == 0 or epoch == epochs:
-                if rank == 0:
-                    save_training_checkpoint(
-                        tmp, model, optimizer, scheduler, scaler, epoch,
-                        {"best_top1": best_top1, "val/top1": val["top1"], "skipped_steps": skipped_steps},
-                    )
-                    verify_training_checkpoint(tmp)  # publish only what reloads
-                    to_report = ray.train.Checkpoint.from_directory(tmp)
-                has_checkpoint = True
-            else:
-                has_checkpoint = False
-            ray.train.report(metrics, checkpoint=to_report)
+            checkpoint = None
+            if due and self.rank == 0:
+                info = {"best_top1": self.best_top1, "val/top1": metrics["val/top1"], "classes": list(cfg.data.classes),
+                        "inputs": dataclasses.asdict(cfg.inputs)}  # what predict / export need to feed it
+                extra = {**info, "skipped_steps": self.nonfinite.skipped, "optimizer_steps": self.optimizer_steps}
+                if self.ema is not None:
+                    extra["ema"] = ema_state_dict(self.ema)
+                save_training_checkpoint(tmp, self.model, self.optimizer, self.scheduler, self.scaler, epoch, extra,
+                                         model_info=info)
+                checkpoint = ray.train.Checkpoint.from_directory(tmp)
+            ray.train.report(metrics, checkpoint=checkpoint)
+        self.publisher.add(epoch, metrics, checkpointed=due)
+        return due
 
-        say(
-            f"epoch {epoch}/{epochs} done in {metrics['epoch_time_s']:.1f} s: train/loss {metrics['train/loss']:.4f} "
-            f"val/loss {val['loss']:.4f} val/top1 {val['top1']:.4f} val/top5 {val['top5']:.4f} "
-            f"{metrics['images_per_s']:.1f} img/s" + (" [checkpoint]" if has_checkpoint else "")
-        )
-        if epoch_logger is not None:
-            pending.append((epoch, metrics))
-            if has_checkpoint:
-                for e, m in pending:
-                    if e not in logged:
-                        epoch_logger.log_epoch(e, m)
-                        logged.add(e)
-                pending.clear()
-    if epoch_logger is not None and hasattr(epoch_logger, "flush"):
-        epoch_logger.flush()  # metrics queued while the tracking server was away
+    # ---- the whole loop
+    def fit(self) -> None:
+        monitor = start_system_metrics(self.cfg.system_metrics)
+        try:
+            self._fit()
+        finally:
+            if monitor is not None:
+                monitor.stop()
 
+    def _fit(self) -> None:
+        cfg = self.cfg
+        epochs = cfg.optim.epochs
+        self.restore()
+        if self.start_epoch > epochs:
+            log.info("nothing to train: the checkpoint is at epoch %d and optim.epochs is %d", self.start_epoch - 1,
+                     epochs)
+        log.info("training %s on %d images (%d classes), %d worker(s), global batch %d, peak lr %.4g, %d steps/epoch, "
+                 "device %s", cfg.model_name, len(self.train_set), len(cfg.data.classes), self.world,
+                 self.global_batch, self.peak_lr, self.steps_per_epoch, self.device)
+        run_start = time.perf_counter()
+        for epoch in range(self.start_epoch, epochs + 1):
+            train = self.train_one_epoch(epoch, run_start)
+            val = self.evaluate()
+            ema_val = self.evaluate(self.ema.module) if self.ema is not None else None
+            self.best_top1 = max(self.best_top1, val["top1"])
+            metrics = {
+                "epoch": epoch,
+                "train/loss": train["train/loss"],
+                "train/top1": train["train/top1"],
+                "val/loss": val["loss"],
+                "val/top1": val["top1"],
+                "val/top5": val["top5"],
+                "lr": self.optimizer.param_groups[0]["lr"],
+                "images_per_s": train["images_per_s"],
+                "epoch_time_s": time.perf_counter() - train["epoch_start"],
+                "data/skipped_images": float(cfg.data.skipped + train["failures"] + val["failures"]),
+                "train/steps_this_attempt": float(self.steps_done),
+            }
+            if cfg.optim.skip_nonfinite_steps:
+                metrics["train/skipped_steps"] = float(self.nonfinite.skipped)
+            if ema_val is not None:
+                metrics.update({"val_ema/loss": ema_val["loss"], "val_ema/top1": ema_val["top1"],
+                                "val_ema/top5": ema_val["top5"]})
+            checkpointed = self.checkpoint_and_report(epoch, metrics)
+            log.info("epoch %d/%d done in %.1f s: train/loss %.4f val/loss %.4f val/top1 %.4f val/top5 %.4f "
+                     "%.1f img/s%s", epoch, epochs, metrics["epoch_time_s"], metrics["train/loss"], val["loss"],
+                     val["top1"], val["top5"], metrics["images_per_s"], " [checkpoint]" if checkpointed else "")
+        self.publisher.close()
 
-def _restore(checkpoint, fallbacks, model, optimizer, scheduler, scaler, say) -> dict | None:
-    """Load Ray Train's latest checkpoint; when it is unreadable, warn naming it and use the newest
-    readable one among `fallbacks` (checkpoint folders, newest first). None when there is none."""
-    import ray.train
-
-    candidates = ([checkpoint] if checkpoint is not None else []) + [
-        ray.train.Checkpoint(path) for path in fallbacks
-        if checkpoint is None or os.path.normpath(path) != os.path.normpath(checkpoint.path)
-    ]
-    for ckpt in candidates:
-        with ckpt.as_directory() as ckpt_dir:
-            try:
-                loaded = read_training_checkpoint(ckpt_dir)  # read once: verified and then applied
-            except ValueError as err:
-                sys.stderr.write(f"cvlab: warning: {err}; using the previous checkpoint\n")
-                sys.stderr.flush()
-                continue
-        state = _apply_training_state(loaded, model, optimizer, scheduler, scaler)
-        if ckpt is not candidates[0]:
-            say(f"resuming from the previous readable checkpoint {ckpt.path} (epoch {state['epoch']})")
-        return state
-    if candidates:
-        raise ValueError(f"no readable checkpoint to resume from (tried {[c.path for c in candidates]})")
-    return None
-
-
-def _fault_plan(rcfg: dict, marker: str | None):
-    """`run.fault_kill_rank_at` (a fault-injection drill): (epoch, step, rank, marker) or None.
-
-    The marker file records that the fault happened, so the restarted worker does not repeat it.
-    """
-    plan = rcfg.get("fault_kill_rank_at")
-    if not plan or not marker or os.path.exists(marker):
-        return None
-    return int(plan["epoch"]), int(plan["step"]), int(plan.get("rank", 0)), marker
-
-
-def _inject_fault(marker: str, epoch: int, step: int, rank: int) -> None:
-    import signal
-
-    os.makedirs(os.path.dirname(marker), exist_ok=True)
-    with open(marker, "w") as fh:
-        fh.write(f"killed worker {rank} (pid {os.getpid()}) at epoch {epoch} step {step}\n")
-    sys.stderr.write(f"cvlab: fault drill: killing worker {rank} (pid {os.getpid()}) at epoch {epoch}, "
-                     f"step {step}\n")
-    sys.stderr.flush()
-    os.kill(os.getpid(), signal.SIGKILL)

@@ -24,32 +24,32 @@ def warmup_cosine(step: int, total_steps: int, warmup_steps: int, min_ratio: flo
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def build_optimizer(model, optim: dict, lr: float):
-    """SGD (Nesterov) or AdamW over all parameters, from the `optim` section of the spec (a dict)."""
+def build_optimizer(model, optim, lr: float):
+    """SGD (Nesterov) or AdamW over all parameters, from an `OptimConfig`."""
     import torch
 
     params = [p for p in model.parameters() if p.requires_grad]
-    if optim["name"] == "sgd":
+    if optim.name == "sgd":
         return torch.optim.SGD(
             params,
             lr=lr,
-            momentum=optim["momentum"],
-            nesterov=bool(optim["nesterov"]) and optim["momentum"] > 0,
-            weight_decay=optim["weight_decay"],
+            momentum=optim.momentum,
+            nesterov=bool(optim.nesterov) and optim.momentum > 0,
+            weight_decay=optim.weight_decay,
         )
-    if optim["name"] == "adamw":
-        return torch.optim.AdamW(params, lr=lr, betas=tuple(optim["betas"]), weight_decay=optim["weight_decay"])
-    raise ValueError(f"optim.name must be 'sgd' or 'adamw', got {optim['name']!r}")
+    if optim.name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, betas=tuple(optim.betas), weight_decay=optim.weight_decay)
+    raise ValueError(f"optim.name must be 'sgd' or 'adamw', got {optim.name!r}")
 
 
-def build_scheduler(optimizer, optim: dict, steps_per_epoch: int, peak_lr: float):
+def build_scheduler(optimizer, optim, steps_per_epoch: int, peak_lr: float):
     """A per-iteration LambdaLR: warm-up (`warmup_iters`, else `warmup_epochs`) then cosine to `min_lr`."""
     import torch
 
-    total = max(1, optim["epochs"] * steps_per_epoch)
-    warmup = optim["warmup_iters"] or round(optim["warmup_epochs"] * steps_per_epoch)
+    total = max(1, optim.epochs * steps_per_epoch)
+    warmup = optim.warmup_iters or round(optim.warmup_epochs * steps_per_epoch)
     warmup = min(warmup, total)
-    min_ratio = optim["min_lr"] / peak_lr if peak_lr > 0 else 0.0
+    min_ratio = optim.min_lr / peak_lr if peak_lr > 0 else 0.0
     return torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: warmup_cosine(step, total, warmup, min_ratio)
     )

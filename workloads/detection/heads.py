@@ -11,13 +11,11 @@ from __future__ import annotations
 
 from mmdet.models.dense_heads import RPNHead
 from mmdet.models.roi_heads.mask_heads import FCNMaskHead
-from mmdet.registry import MODELS
 from torch import nn
 
-from .ops_factory import make_op
+from workloads.mmlab.ops_factory import make_op
 
 
-@MODELS.register_module()
 class InvolutionRPNHead(RPNHead):
     default_op = "involution"
 
@@ -43,12 +41,10 @@ class InvolutionRPNHead(RPNHead):
         self.rpn_reg = nn.Conv2d(self.feat_channels, self.num_base_priors * self.bbox_coder.encode_size, 1)
 
 
-@MODELS.register_module()
 class CvolutionRPNHead(InvolutionRPNHead):
     default_op = "cvolution"
 
 
-@MODELS.register_module()
 class InvolutionFCNMaskHead(FCNMaskHead):
     default_op = "involution"
 
@@ -69,6 +65,5 @@ class InvolutionFCNMaskHead(FCNMaskHead):
         )
 
 
-@MODELS.register_module()
 class CvolutionFCNMaskHead(InvolutionFCNMaskHead):
     default_op = "cvolution"

@@ -9,6 +9,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from workloads.mmlab import configs
+
 from . import CONFIG_DIR
 
 ANN = "annotations/instances_{split}2017.json"
@@ -16,29 +18,15 @@ ANN = "annotations/instances_{split}2017.json"
 
 def resolve_config_path(name: str) -> Path:
     """A config path as given, or a file under `workloads/detection/configs/` (".py" optional)."""
-    if not name:
-        raise ValueError("detection.config is empty: name an mmdet config, e.g. "
-                         "'mask-rcnn_cednet50_fpn_1x_coco.py' (see workloads/detection/configs/)")
-    for cand in (Path(name), CONFIG_DIR / name, CONFIG_DIR / f"{name}.py"):
-        if cand.is_file():
-            return cand.resolve()
-    known = sorted(p.name for p in CONFIG_DIR.rglob("*.py") if "_base_" not in p.parts)
-    raise ValueError(f"detection.config={name!r}: no such file (neither a path nor one of "
-                     f"workloads/detection/configs: {', '.join(known)})")
+    return configs.resolve_config_path(name, CONFIG_DIR, "detection.config")
 
 
 def list_configs() -> list[str]:
-    return sorted(str(p.relative_to(CONFIG_DIR)) for p in CONFIG_DIR.rglob("*.py") if "_base_" not in p.parts)
+    return configs.list_configs(CONFIG_DIR)
 
 
 def load_config(name: str):
-    from mmengine.config import Config
-
-    path = resolve_config_path(name)
-    try:
-        return Config.fromfile(str(path))
-    except Exception as err:  # syntax errors, missing mmdet:: bases, failed custom_imports
-        raise ValueError(f"cannot load mmdet config {path}: {type(err).__name__}: {err}") from err
+    return configs.load_config(name, CONFIG_DIR, "detection.config")
 
 
 def classes_from_annotations(data_root) -> list[str]:
@@ -46,18 +34,7 @@ def classes_from_annotations(data_root) -> list[str]:
     return [c["name"] for c in sorted(cats, key=lambda c: c["id"])]
 
 
-def _set_num_classes(model: dict, n: int) -> int:
-    """Set num_classes in every head that has one; returns how many were set."""
-    hits = 0
-    for key, value in list(model.items()):
-        if key == "num_classes" and key in model:
-            model[key] = n
-            hits += 1
-        elif isinstance(value, dict):
-            hits += _set_num_classes(value, n)
-        elif isinstance(value, list):
-            hits += sum(_set_num_classes(v, n) for v in value if isinstance(v, dict))
-    return hits
+_set_num_classes = configs.set_num_classes  # the old private name, used by tests
 
 
 def _datasets(loader: dict) -> list[dict]:
@@ -88,7 +65,7 @@ def build_config(det, *, work_dir: str, seed: int = 0, log_every: int = 10, chec
     classes = list(classes or det.classes or classes_from_annotations(root))
     metainfo = dict(classes=tuple(classes))
 
-    n = _set_num_classes(cfg.model, len(classes))
+    n = configs.set_num_classes(cfg.model, len(classes))
     if n == 0:
         raise ValueError(f"{det.config}: found no num_classes in the model to set to {len(classes)}")
 

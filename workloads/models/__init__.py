@@ -9,6 +9,9 @@ from .complexity import count_flops, count_params
 from .config import list_models
 from .registry import build_model, validate_model_config
 from .visualize import visualize_kernels
+from . import timm_hook as _timm_hook
+
+_timm_hook.install()  # registers the models with timm when timm is imported (rednet50, cednet50, ...)
 
 __all__ = [
     "build_model",

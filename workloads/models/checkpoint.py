@@ -103,6 +103,25 @@ def _published_to_ours(key: str, op_key_maps: dict[str, dict[str, str]]) -> str 
     return key
 
 
+def numpy_safe_globals() -> list:
+    """The numpy types a checkpoint saved by mmcv 1.x / mmengine may keep in its `meta` (e.g. a best score in
+    `hook_msgs`): scalars, arrays and dtypes. Allowed explicitly for weights_only loading, nothing more."""
+    import numpy as np
+
+    multiarray = np._core.multiarray if hasattr(np, "_core") else np.core.multiarray
+    allowed = [np.ndarray, np.dtype, multiarray.scalar, multiarray._reconstruct]
+    dtypes = getattr(np, "dtypes", None)  # numpy >= 1.25 pickles dtypes through their classes
+    if dtypes is not None:
+        allowed += [getattr(dtypes, n) for n in dir(dtypes) if n.endswith("DType")]
+    return allowed
+
+
+def read_published_file(path) -> Mapping:
+    """A published (mmcls / mmcv 1.x) checkpoint file, loaded with weights_only=True and the numpy allow-list."""
+    with torch.serialization.safe_globals(numpy_safe_globals()):
+        return torch.load(os.fspath(path), map_location="cpu", weights_only=True)
+
+
 def load_published_rednet(model: nn.Module, state_dict_or_path, strict: bool = True) -> dict[str, list[str]]:
     """Load a published RedNet ImageNet checkpoint (mmcls format) into a model from `build_model`.
 
@@ -113,7 +132,7 @@ def load_published_rednet(model: nn.Module, state_dict_or_path, strict: bool = T
     """
     target = _unwrap(model)
     if isinstance(state_dict_or_path, (str, os.PathLike)):
-        state_dict_or_path = torch.load(os.fspath(state_dict_or_path), map_location="cpu", weights_only=True)
+        state_dict_or_path = read_published_file(state_dict_or_path)
     if not isinstance(state_dict_or_path, Mapping):
         msg = f"expected a state dict or a checkpoint path, got {type(state_dict_or_path).__name__}"
         raise ValueError(msg)  # noqa: TRY004

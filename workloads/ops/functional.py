@@ -1,13 +1,17 @@
 """`involution2d`: the functional operator, its input validation, and the `cvlab::involution2d` custom op.
 
-The operator is one `torch.library` custom op (`cvlab::involution2d`) with a fake (meta) implementation and
-an autograd formula (`register_autograd`) whose backward calls two more custom ops,
-`cvlab::involution2d_grad_input` and `cvlab::involution2d_grad_kernel`. Each op picks its backend at run
-time, so `torch.compile(model, fullgraph=True)` sees three opaque ops and no graph breaks, and the autograd
-graph never goes through the K*K Python loop of the torch backend.
+The operator is one `torch.library` custom op (`cvlab::involution2d`) with a fake (meta) implementation and an
+autograd formula (`register_autograd`) whose backward is one more custom op, `cvlab::involution2d_backward`
+(grad_x, grad_kernel and grad_gate, each computed only when needed). Each op picks its backend at run time, so
+`torch.compile(model, fullgraph=True)` sees two opaque ops and no graph breaks, and the autograd graph never goes
+through the K*K Python loop of the torch backend.
+
+The optional C-volution `gate` (B, C) is fused: y = gate[b, c] * involution(x, kernel), with its gradient, and
+no x * gate tensor is materialised (`Cvolution2d` uses it).
 """
 from __future__ import annotations
 
+import contextlib
 import warnings
 
 import torch
@@ -18,6 +22,24 @@ SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 BACKENDS = ("auto", "torch", "cupy")
 
 _auto_warned = False
+# Inside `decomposed()` (depth > 0): involution2d is plain PyTorch ops (no custom op), for exporters. A plain
+# module global, which torch.compile can guard on (it cannot trace a ContextVar).
+_decomposed_depth = 0
+# Device types whose tensors the 'auto' backend tries to run with the CuPy kernels.
+CUPY_DEVICE_TYPES = ("cuda",)
+
+
+@contextlib.contextmanager
+def decomposed():
+    """Within this context `involution2d` runs the pure-PyTorch formula as ordinary differentiable ops instead of
+    the `cvlab::involution2d` custom op: what ONNX and TorchScript exporters need, so that an exported model holds
+    only standard ops (pad, strided slices, multiply-add) and runs without this project installed."""
+    global _decomposed_depth
+    _decomposed_depth += 1
+    try:
+        yield
+    finally:
+        _decomposed_depth -= 1
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -29,12 +51,12 @@ def _warn_fallback_once(reason: str) -> None:
     if not _auto_warned:
         _auto_warned = True
         warnings.warn(f"involution2d backend='auto': using the pure-PyTorch path on CUDA because the CuPy "
-                      f"backend is unusable ({reason})", RuntimeWarning, stacklevel=3)
+                      f"backend is unusable ({reason})", RuntimeWarning, stacklevel=4)
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
     """The concrete backend ('torch' or 'cupy') that runs for tensors on `device`."""
-    if backend == "torch" or device.type != "cuda":
+    if backend == "torch" or device.type not in CUPY_DEVICE_TYPES:
         if backend == "cupy":
             raise ValueError(f"backend='cupy' needs CUDA tensors, got a tensor on device {str(device)!r}")
         return "torch"
@@ -51,72 +73,71 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     return "torch"
 
 
+def _backend_module(backend: str, x: torch.Tensor, k: int, stride: int, dilation: int):
+    """The module (torch_backend or cupy_backend) that runs this call."""
+    if resolve_backend(backend, x.device) == "torch":
+        return torch_backend
+    from . import cupy_backend
+
+    if not cupy_backend.supports(k, stride, dilation, x.dtype):
+        msg = (f"the CUDA kernels cannot run K={k}, stride={stride}, dilation={dilation} in {x.dtype} (the input "
+               f"tile does not fit in shared memory)")
+        if backend == "cupy":
+            raise ValueError(msg)
+        _warn_fallback_once(msg)
+        return torch_backend
+    return cupy_backend
+
+
 # --------------------------------------------------------------------------------------------------------------
 # custom ops
 
 
 @torch.library.custom_op("cvlab::involution2d", mutates_args=())
 def _involution2d_op(x: torch.Tensor, kernel: torch.Tensor, stride: int, padding: int, dilation: int,
-                     backend: str) -> torch.Tensor:
-    if resolve_backend(backend, x.device) == "cupy":
-        from . import cupy_backend
-
-        return cupy_backend.involution_forward(x, kernel, stride, padding, dilation)
-    return torch_backend.involution_forward(x, kernel, stride, padding, dilation)
+                     backend: str, gate: torch.Tensor | None = None) -> torch.Tensor:
+    impl = _backend_module(backend, x, kernel.shape[2], stride, dilation)
+    return impl.involution_forward(x, kernel, stride, padding, dilation, gate=gate)
 
 
 @_involution2d_op.register_fake
-def _(x, kernel, stride, padding, dilation, backend):
+def _(x, kernel, stride, padding, dilation, backend, gate=None):
     return x.new_empty(x.shape[0], x.shape[1], kernel.shape[4], kernel.shape[5])
 
 
-@torch.library.custom_op("cvlab::involution2d_grad_input", mutates_args=())
-def _grad_input_op(grad_out: torch.Tensor, kernel: torch.Tensor, input_h: int, input_w: int, stride: int,
-                   padding: int, dilation: int, backend: str) -> torch.Tensor:
-    if resolve_backend(backend, grad_out.device) == "cupy":
-        from . import cupy_backend
-
-        return cupy_backend.involution_grad_input(grad_out, kernel, (input_h, input_w), stride, padding, dilation)
-    return torch_backend.involution_grad_input(grad_out, kernel, (input_h, input_w), stride, padding, dilation)
-
-
-@_grad_input_op.register_fake
-def _(grad_out, kernel, input_h, input_w, stride, padding, dilation, backend):
-    return grad_out.new_empty(grad_out.shape[0], grad_out.shape[1], input_h, input_w)
+@torch.library.custom_op("cvlab::involution2d_backward", mutates_args=())
+def _backward_op(grad_out: torch.Tensor, x: torch.Tensor, kernel: torch.Tensor, gate: torch.Tensor | None,
+                 stride: int, padding: int, dilation: int, backend: str,
+                 output_mask: list[bool]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(grad_x, grad_kernel, grad_gate); an output not asked for by output_mask is an empty tensor."""
+    impl = _backend_module(backend, x, kernel.shape[2], stride, dilation)
+    grads = impl.involution_backward(grad_out, x, kernel, stride, padding, dilation, gate=gate,
+                                     need_input=output_mask[0], need_kernel=output_mask[1],
+                                     need_gate=output_mask[2])
+    return tuple(grad_out.new_empty(0) if g is None else g for g in grads)
 
 
-@torch.library.custom_op("cvlab::involution2d_grad_kernel", mutates_args=())
-def _grad_kernel_op(grad_out: torch.Tensor, x: torch.Tensor, groups: int, kernel_size: int, stride: int,
-                    padding: int, dilation: int, backend: str) -> torch.Tensor:
-    if resolve_backend(backend, grad_out.device) == "cupy":
-        from . import cupy_backend
-
-        return cupy_backend.involution_grad_kernel(grad_out, x, groups, kernel_size, stride, padding, dilation)
-    return torch_backend.involution_grad_kernel(grad_out, x, groups, kernel_size, stride, padding, dilation)
-
-
-@_grad_kernel_op.register_fake
-def _(grad_out, x, groups, kernel_size, stride, padding, dilation, backend):
-    b, _, ho, wo = grad_out.shape
-    return grad_out.new_empty(b, groups, kernel_size, kernel_size, ho, wo)
+@_backward_op.register_fake
+def _(grad_out, x, kernel, gate, stride, padding, dilation, backend, output_mask):
+    return (grad_out.new_empty(x.shape if output_mask[0] else (0,)),
+            grad_out.new_empty(kernel.shape if output_mask[1] else (0,)),
+            gate.new_empty(gate.shape) if output_mask[2] and gate is not None else grad_out.new_empty(0))
 
 
 def _setup_context(ctx, inputs, output):
-    x, kernel, stride, padding, dilation, backend = inputs
-    ctx.save_for_backward(x, kernel)
+    x, kernel, stride, padding, dilation, backend, gate = inputs
+    ctx.save_for_backward(x, kernel, gate)
     ctx.conf = (stride, padding, dilation, backend)
 
 
 def _backward(ctx, grad_out):
-    x, kernel = ctx.saved_tensors
+    x, kernel, gate = ctx.saved_tensors
     stride, padding, dilation, backend = ctx.conf
-    grad_x = grad_kernel = None
-    if ctx.needs_input_grad[0]:
-        grad_x = _grad_input_op(grad_out, kernel, x.shape[2], x.shape[3], stride, padding, dilation, backend)
-    if ctx.needs_input_grad[1]:
-        grad_kernel = _grad_kernel_op(grad_out, x, kernel.shape[1], kernel.shape[2], stride, padding, dilation,
-                                      backend)
-    return grad_x, grad_kernel, None, None, None, None
+    mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], gate is not None and ctx.needs_input_grad[6]]
+    if not any(mask):
+        return None, None, None, None, None, None, None
+    gx, gk, gg = _backward_op(grad_out, x, kernel, gate, stride, padding, dilation, backend, mask)
+    return (gx if mask[0] else None), (gk if mask[1] else None), None, None, None, None, (gg if mask[2] else None)
 
 
 _involution2d_op.register_autograd(_backward, setup_context=_setup_context)
@@ -142,7 +163,7 @@ def _common_dtype(x: torch.Tensor, kernel: torch.Tensor) -> torch.dtype:
 
 
 def involution2d(x: torch.Tensor, kernel: torch.Tensor, stride: int = 1, padding: int | None = None,
-                 dilation: int = 1, backend: str = "auto") -> torch.Tensor:
+                 dilation: int = 1, backend: str = "auto", gate: torch.Tensor | None = None) -> torch.Tensor:
     """Involution: per-pixel, per-group K x K kernels applied to the input's spatial neighbourhood.
 
     Args:
@@ -152,10 +173,13 @@ def involution2d(x: torch.Tensor, kernel: torch.Tensor, stride: int = 1, padding
             padding=None means dilation * (K - 1) // 2 ("same" for stride 1 and odd K).
         backend: 'torch' (pure PyTorch, any device), 'cupy' (CUDA kernels compiled with NVRTC) or 'auto'
             (cupy for CUDA tensors when CuPy works, else torch with one warning per process).
+        gate: optional (B, C) or (B, C, 1, 1) per-channel scale (C-volution), fused into the operator:
+            the result equals involution2d(x * gate, kernel) without materialising x * gate; differentiable.
 
     Returns:
         (B, C, Ho, Wo) tensor. If x and kernel dtypes differ they are cast to a common dtype first (the
-        autocast dtype on CUDA under autocast, otherwise the promoted dtype).
+        autocast dtype on CUDA under autocast, otherwise the promoted dtype). The gate is applied in the
+        accumulation dtype (float32 for half types).
     """
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
@@ -183,6 +207,8 @@ def involution2d(x: torch.Tensor, kernel: torch.Tensor, stride: int = 1, padding
         raise ValueError(f"kernel size must be >= 1, got kernel.shape={tuple(kernel.shape)}")
     if padding is None:
         padding = dilation * (k - 1) // 2
+    if torch.jit.is_tracing():  # shapes are traced as tensors; K (hence the padding) is fixed by the model
+        padding, k = int(padding), int(k)
     _check_int("padding", padding, 0)
     if kb != b:
         raise ValueError(f"kernel batch {kb} does not match x batch {b} "
@@ -202,4 +228,25 @@ def involution2d(x: torch.Tensor, kernel: torch.Tensor, stride: int = 1, padding
     if x.dtype != kernel.dtype:
         dtype = _common_dtype(x, kernel)
         x, kernel = x.to(dtype), kernel.to(dtype)
-    return _involution2d_op(x, kernel, stride, padding, dilation, backend)
+    if gate is not None:
+        gate = _check_gate(gate, x)
+    if _decomposed_depth:
+        return torch_backend.involution_forward_out_of_place(x, kernel, stride, padding, dilation, gate)
+    return _involution2d_op(x, kernel, stride, padding, dilation, backend, gate)
+
+
+def _check_gate(gate, x: torch.Tensor) -> torch.Tensor:
+    """The gate as a (B, C) tensor in the accumulation dtype of x."""
+    if not isinstance(gate, torch.Tensor):
+        raise TypeError(f"gate must be a torch.Tensor or None, got {type(gate).__name__}")
+    b, c = x.shape[:2]
+    if tuple(gate.shape) not in ((b, c), (b, c, 1, 1)):
+        raise ValueError(f"gate must have shape (B, C) = ({b}, {c}) or (B, C, 1, 1), got gate.shape="
+                         f"{tuple(gate.shape)}")
+    if gate.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"gate has unsupported dtype {gate.dtype}; supported: "
+                        f"{', '.join(str(d) for d in SUPPORTED_DTYPES)}")
+    if gate.device != x.device:
+        raise ValueError(f"gate must be on the device of x ({x.device}), got {gate.device}")
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    return gate.reshape(b, c).to(acc)

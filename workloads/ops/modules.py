@@ -98,9 +98,9 @@ class Involution2d(nn.Module):
         b, _, h, wd = w.shape
         return w.view(b, self.groups, self.kernel_size, self.kernel_size, h, wd)
 
-    def _involve(self, x: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
+    def _involve(self, x: torch.Tensor, kernel: torch.Tensor, gate: torch.Tensor | None = None) -> torch.Tensor:
         # The kernel map has ceil(H / stride) rows (ceil-mode pooling), exactly the involution's output size.
-        return involution2d(x, kernel, self.stride, None, self.dilation, backend=self.backend)
+        return involution2d(x, kernel, self.stride, None, self.dilation, backend=self.backend, gate=gate)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._involve(x, self.generate_kernel(x))
@@ -112,7 +112,9 @@ class Cvolution2d(Involution2d):
         gate   = sigmoid(GAP(channel_conv(x)))          channel_conv: 3x3, groups=channel_groups, padding 1,
                                                         no bias, C -> C
         kernel = generate_kernel(x)                     as in Involution2d, from the *ungated* input
-        out    = involution2d(x * gate, kernel)
+        out    = involution2d(x * gate, kernel)        computed with the gate fused into the operator
+                                                        (`involution2d(x, kernel, gate=gate)`): x * gate is
+                                                        never materialised, in either backend
 
     Sigmoid decision: the published C-volution repositories reachable from here carry only READMEs (the
     model code itself was not retrievable), and the paper describes the branch as channel *attention*
@@ -145,4 +147,4 @@ class Cvolution2d(Involution2d):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         kernel = self.generate_kernel(x)
-        return self._involve(x * self.channel_gate(x), kernel)
+        return self._involve(x, kernel, self.channel_gate(x))

@@ -1,0 +1,324 @@
+"""The experiment spec: the pydantic schema of an experiment YAML file, and the one validator of its values.
+
+Every range and cross-field rule lives here as a pydantic constraint, so `cvlab validate`, `run`, `tune`,
+`eval` and `submit` reject a bad value before anything is created. Loading a file (`_base_` inheritance,
+`--set` overrides, messages naming file and line) lives in `orchestrator.config.loader`.
+"""
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    field_validator,
+    model_validator,
+)
+
+# Every model family downsamples by 32 (stem 4 x three strided stages), so a smaller input has no pixels
+# left in the last stage. Kept here as a number: the schema must not import torch.
+MODEL_TOTAL_STRIDE = 32
+WORKLOADS = ("classification", "detection", "segmentation")
+DEFAULT_MODEL = "cednet26"
+
+
+def _not_bool(value: Any) -> Any:
+    # pydantic's lax mode reads `true` as 1; a boolean where a number belongs is always a mistake.
+    if isinstance(value, bool):
+        raise ValueError("a boolean is not a number")
+    return value
+
+
+_NoBool = BeforeValidator(_not_bool)
+Int = Annotated[int, _NoBool]
+PosInt = Annotated[int, _NoBool, Field(ge=1)]
+NonNegInt = Annotated[int, _NoBool, Field(ge=0)]
+Float = Annotated[float, _NoBool, Field(allow_inf_nan=False)]
+PosFloat = Annotated[float, _NoBool, Field(gt=0, allow_inf_nan=False)]
+NonNegFloat = Annotated[float, _NoBool, Field(ge=0, allow_inf_nan=False)]
+Fraction = Annotated[float, _NoBool, Field(ge=0, lt=1, allow_inf_nan=False)]  # [0, 1)
+Resources = dict[str, NonNegFloat]
+
+
+class _Section(BaseModel):
+    # Unknown keys are errors (the loader turns them into "did you mean" messages).
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ExperimentSection(_Section):
+    name: str = Field("default", min_length=1)
+    tags: dict[str, str] = Field(default_factory=dict)
+    seed: NonNegInt = 0
+
+    @field_validator("tags", mode="before")
+    @classmethod
+    def _scalar_tags_to_str(cls, value: Any) -> Any:
+        # `tags: {version: 2}` is meant as the string "2" (MLflow tags are strings).
+        if isinstance(value, dict):
+            return {k: str(v) if isinstance(v, (int, float)) else v for k, v in value.items()}
+        return value
+
+
+class ModelSection(_Section):
+    """`name` is a registry name (`cednet50`, ...); every other key is a constructor override."""
+
+    model_config = ConfigDict(extra="allow", validate_assignment=True)
+    name: str = Field(min_length=1)
+
+    @property
+    def overrides(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
+class AugmentSection(_Section):
+    """Training-time augmentation. The defaults are the paper recipe (crop + flip); the rest is timm's.
+    Values are checked by `workloads.classification.recipe.AugmentConfig`, the worker's own config."""
+
+    scale: tuple[float, float] = (0.08, 1.0)  # RandomResizedCrop area range
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)  # RandomResizedCrop aspect-ratio range
+    hflip: float = 0.5  # probability
+    auto_augment: str | None = None  # timm: 'rand-m9-mstd0.5-inc1', 'augmix-m5-w4-d2', ...; 'trivialaugment'
+    color_jitter: float | list[float] | None = None
+    re_prob: float = 0.0  # random erasing probability
+    mixup: float = 0.0  # Beta alpha; 0 = off
+    cutmix: float = 0.0  # Beta alpha; 0 = off
+    mixup_prob: float = 1.0
+    switch_prob: float = 0.5
+
+    @model_validator(mode="after")
+    def _recipe(self):
+        self.to_config()  # ValueError naming the key (data.augment.scale: ...)
+        return self
+
+    def to_config(self):
+        from workloads.classification.recipe import AugmentConfig
+
+        return AugmentConfig(**self.model_dump())
+
+
+class DataSection(_Section):
+    root: str = "data/tiny-imagenet"
+    # When set and `root` does not exist, the loader generates the embedded dataset there first.
+    generate: bool = False
+    num_classes_generated: Annotated[int, _NoBool, Field(ge=2)] = 10
+    per_class_generated: PosInt = 60
+    generated_size: Annotated[int, _NoBool, Field(ge=8)] = 64
+    image_size: PosInt = 224
+    val_resize: PosInt | None = None  # default: image_size / 0.875
+    batch_size: PosInt = 32  # per worker
+    num_workers: NonNegInt = 4  # data-loader processes per Ray worker
+    augment: AugmentSection = Field(default_factory=AugmentSection)
+    # What the network sees; checked by `workloads.classification.recipe.InputConfig`.
+    mean: list[float] = Field(default_factory=lambda: [0.485, 0.456, 0.406])
+    std: list[float] = Field(default_factory=lambda: [0.229, 0.224, 0.225])
+    grayscale: bool = False  # one input channel (the model gets in_channels: 1)
+    interpolation: Literal["bilinear", "bicubic", "nearest"] = "bilinear"
+
+    @model_validator(mode="after")
+    def _inputs(self):
+        self.input_config()  # ValueError naming the key (data.mean: ..., data.val_resize: ...)
+        return self
+
+    def input_config(self):
+        from workloads.classification.recipe import InputConfig
+
+        return InputConfig(mean=tuple(self.mean), std=tuple(self.std), grayscale=self.grayscale,
+                           interpolation=self.interpolation, image_size=self.image_size,
+                           val_resize=self.val_resize)
+
+
+class OptimSection(_Section):
+    name: Literal["sgd", "adamw"] = "sgd"
+    lr: PosFloat = 0.1
+    # When true, lr is for `base_batch_size` and is scaled linearly to the global batch.
+    scale_lr: bool = True
+    base_batch_size: PosInt = 256
+    momentum: Fraction = 0.9
+    nesterov: bool = True
+    weight_decay: NonNegFloat = 1e-4
+    betas: tuple[Fraction, Fraction] = (0.9, 0.999)
+    label_smoothing: Fraction = 0.1
+    epochs: PosInt = 130
+    warmup_epochs: NonNegFloat = 0.0
+    warmup_iters: NonNegInt = 0  # wins over warmup_epochs when > 0
+    min_lr: NonNegFloat = 0.0
+    grad_clip: PosFloat | None = None
+    # A NaN/inf training loss fails the run (naming epoch and step). With N > 0 such a step is skipped
+    # instead (no update; counted in metric train/skipped_steps) up to N times per run, then it fails.
+    skip_nonfinite_steps: NonNegInt = 0
+    # Exponential moving average of the weights (timm ModelEmaV3), validated every epoch too; null = off.
+    ema_decay: Annotated[float, _NoBool, Field(gt=0, lt=1, allow_inf_nan=False)] | None = None
+
+    @model_validator(mode="after")
+    def _warmup_shorter_than_training(self):
+        if self.warmup_epochs >= self.epochs:
+            raise ValueError(f"optim.warmup_epochs ({self.warmup_epochs:g}) must be shorter than optim.epochs "
+                             f"({self.epochs})")
+        if self.min_lr > self.lr:
+            raise ValueError(f"optim.min_lr ({self.min_lr:g}) is above optim.lr ({self.lr:g})")
+        return self
+
+
+class PrecisionSection(_Section):
+    autocast: Literal["fp32", "bf16", "fp16"] = "fp32"
+    channels_last: bool = False
+
+
+class ScalingSection(_Section):
+    num_workers: PosInt = 1
+    use_gpu: bool = False
+    resources_per_worker: Resources = Field(default_factory=dict)
+    # How Ray places the workers: PACK fills nodes one after another, SPREAD puts them on different nodes.
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+
+
+class FaultKill(_Section):
+    """`run.fault_kill_rank_at`: worker `rank` SIGKILLs itself once at `step` of `epoch`."""
+
+    epoch: PosInt
+    step: PosInt
+    rank: NonNegInt = 0
+
+
+class FaultNan(_Section):
+    """`run.fault_nan_loss_at`: the loss of `step` of `epoch` becomes NaN on every worker."""
+
+    epoch: PosInt
+    step: PosInt
+
+
+class RunSection(_Section):
+    storage_path: str = Field("runs", min_length=1)
+    name: str | None = None  # Ray Train run name; default: experiment name
+    checkpoint_every: PosInt = 1  # epochs
+    checkpoints_kept: PosInt = 2
+    max_failures: Annotated[int, _NoBool, Field(ge=-1)] = 0  # -1: retry without limit
+    log_every: PosInt = 10  # steps between progress lines
+    # Fault-injection drills (reliability testing only). A marker file in the Ray Train run folder keeps
+    # the restarted worker from repeating the kill; combine with max_failures >= 1. Local storage only.
+    fault_kill_rank_at: FaultKill | None = None
+    fault_nan_loss_at: FaultNan | None = None
+
+
+class TrackingSection(_Section):
+    # Explicit URI; else MLFLOW_TRACKING_URI; else sqlite:///mlflow.db with ./mlartifacts.
+    tracking_uri: str | None = None
+    experiment_name: str | None = None  # default: experiment.name
+    register_model: str | None = None
+    log_model: bool = True
+
+
+class SearchSection(_Section):
+    """Ray Tune search (used by `cvlab tune`)."""
+
+    space: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    metric: str = "val/top1"
+    mode: Literal["max", "min"] = "max"
+    num_samples: PosInt = 1
+    scheduler: Literal["fifo", "asha"] = "fifo"
+    max_t: PosInt | None = None
+    grace_period: PosInt = 1
+    reduction_factor: Annotated[float, _NoBool, Field(gt=1, allow_inf_nan=False)] = 2.0
+    max_concurrent_trials: PosInt | None = None
+    resources_per_trial: Resources = Field(default_factory=dict)
+
+
+class DetectionSection(_Section):
+    """mmdet workload (used when `workload: detection`)."""
+
+    config: str = Field(min_length=1)  # an mmdet config file (path, or one under workloads/detection/configs)
+    data_root: str = "data/tiny-coco"
+    generate: bool = False
+    classes: list[str] | None = None
+    batch_size: PosInt = 2  # per worker
+    max_epochs: PosInt = 12
+    val_interval: PosInt = 1
+    overrides: dict[str, Any] = Field(default_factory=dict)  # dotted mmengine cfg keys
+    pretrained: str | None = None  # one of our ImageNet checkpoints for the backbone (init_cfg)
+    image_scale: tuple[PosInt, PosInt] | None = None  # [w, h] for the Resize of train and test pipelines
+    num_train_generated: PosInt = 32  # images written when `generate` is set and data_root is missing
+    num_val_generated: PosInt = 8
+    generated_size: Annotated[int, _NoBool, Field(ge=32)] = 128
+    auto_scale_lr: bool = True  # scale the config's lr from its base batch (16) to the global batch
+    warmup_iters: PosInt | None = None  # replaces the end of the config's linear warm-up
+    num_data_workers: NonNegInt = 2  # data-loader processes per Ray worker (0: load in the worker)
+
+
+class SegmentationSection(_Section):
+    """mmseg workload (used when `workload: segmentation`); iteration-based like mmseg's schedules."""
+
+    config: str = Field(min_length=1)  # an mmseg config (path, or one under workloads/segmentation/configs)
+    data_root: str = "data/tiny-cityscapes"
+    generate: bool = False
+    num_train_generated: PosInt = 40  # images written when `generate` is set and data_root is missing
+    num_val_generated: PosInt = 10
+    generated_size: tuple[Annotated[int, _NoBool, Field(ge=32)], Annotated[int, _NoBool, Field(ge=32)]] = (128, 256)
+    crop_size: tuple[PosInt, PosInt] | None = None  # [h, w]; null: the config's
+    batch_size: PosInt = 2  # per worker
+    max_iters: PosInt = 80000
+    val_interval: PosInt = 8000  # iterations; each validation writes and reports a checkpoint
+    overrides: dict[str, Any] = Field(default_factory=dict)  # dotted mmengine cfg keys
+    pretrained: str | None = None  # backbone checkpoint (init_cfg)
+    pretrained_format: Literal["cvlab", "mmcls"] = "cvlab"
+    num_data_workers: NonNegInt = 2  # data-loader processes per Ray worker (0: load in the worker)
+    sync_bn: Literal["auto", "on", "off"] = "auto"  # auto: SyncBN on GPU, plain BN on CPU workers
+
+    @model_validator(mode="after")
+    def _interval_within_training(self):
+        if self.val_interval > self.max_iters:
+            raise ValueError(f"segmentation.val_interval ({self.val_interval}) is longer than "
+                             f"segmentation.max_iters ({self.max_iters}): nothing would be validated")
+        return self
+
+
+class ExperimentSpec(_Section):
+    experiment: ExperimentSection = Field(default_factory=ExperimentSection)
+    workload: Literal["classification", "detection", "segmentation"] = "classification"
+    model: ModelSection | None = None
+    data: DataSection = Field(default_factory=DataSection)
+    optim: OptimSection = Field(default_factory=OptimSection)
+    precision: PrecisionSection = Field(default_factory=PrecisionSection)
+    scaling: ScalingSection = Field(default_factory=ScalingSection)
+    run: RunSection = Field(default_factory=RunSection)
+    tracking: TrackingSection = Field(default_factory=TrackingSection)
+    search: SearchSection | None = None
+    detection: DetectionSection | None = None
+    segmentation: SegmentationSection | None = None
+
+    # The files (and override sources) this spec was built from, in merge order; set by the loader.
+    _sources: list[str] = PrivateAttr(default_factory=list)
+
+    @property
+    def sources(self) -> list[str]:
+        return list(self._sources)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_classifier(cls, data: Any) -> Any:
+        # A classification file without a model section trains the quickstart's model; one that has the
+        # section must name the model (`model: {}` is refused). Other workloads take theirs from a config.
+        if isinstance(data, dict) and data.get("workload", "classification") == "classification" \
+                and data.get("model") is None:
+            return {**data, "model": {"name": DEFAULT_MODEL}}
+        return data
+
+    @model_validator(mode="after")
+    def _workload_sections(self):
+        if self.workload == "classification":
+            if self.data.image_size < MODEL_TOTAL_STRIDE:
+                raise ValueError(f"data.image_size ({self.data.image_size}) is smaller than the model's total "
+                                 f"stride ({MODEL_TOTAL_STRIDE}): use at least {MODEL_TOTAL_STRIDE}")
+            from workloads.classification.recipe import check_batch_size
+
+            check_batch_size(self.data.augment.to_config(), self.data.batch_size)
+        for workload in ("detection", "segmentation"):
+            if self.workload == workload and getattr(self, workload) is None:
+                raise ValueError(f"workload: {workload} needs a `{workload}:` section (at least {workload}.config)")
+        if self.run.fault_kill_rank_at is not None and \
+                self.run.fault_kill_rank_at.rank >= self.scaling.num_workers:
+            raise ValueError(f"run.fault_kill_rank_at.rank ({self.run.fault_kill_rank_at.rank}) names no worker: "
+                             f"scaling.num_workers is {self.scaling.num_workers}")
+        return self

@@ -1,0 +1,347 @@
+"""`workload: classification`: ImageNet-layout image classification (the driver; the run lifecycle does the rest).
+
+The driver generates the embedded dataset when asked, verifies the images once, checks the model, hands
+every worker a frozen `TrainConfig` (`workloads.classification.loop` trains), and at the end logs the best
+and last checkpoints, a kernel visualisation and the model.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from orchestrator.errors import CvlabError
+from orchestrator.names import BEST_CHECKPOINT_ARTIFACT, FAULT_MARKER_FILE, LAST_CHECKPOINT_ARTIFACT
+from orchestrator.runs.job import Job, RunContext
+
+log = logging.getLogger(__name__)
+
+
+def prepare_data(spec):
+    """Generate the embedded dataset when asked and missing, then verify the images once (on the driver).
+
+    Returns a `workloads.classification.config.DataPlan`. Raises CvlabError for a missing folder, an empty
+    split or a class folder without readable images; unreadable files are listed in the plan (and a warning
+    names the first ones).
+    """
+    from workloads.classification.config import DataPlan
+    from workloads.classification.data import scan_split
+
+    root = Path(spec.data.root).expanduser().absolute()
+    if spec.data.generate and not (root / "train").is_dir():
+        from workloads.classification.synthetic import make_imagenet
+
+        log.info("generating the embedded dataset in %s ...", root)
+        try:
+            make_imagenet(root, classes=spec.data.num_classes_generated, per_class=spec.data.per_class_generated,
+                          size=spec.data.generated_size, seed=spec.experiment.seed, progress=log.info)
+        except ValueError as err:
+            raise CvlabError(f"cannot generate the dataset in {root}: {err}") from err
+    if not root.is_dir():
+        raise CvlabError(
+            f"data.root {root} does not exist; point it at an ImageNet-layout folder (train/<class>/*.JPEG, "
+            "val/<class>/*.JPEG) or set data.generate: true for the embedded synthetic dataset"
+        )
+    try:
+        train = scan_split(str(root / "train"), progress=log.info)
+        val = scan_split(str(root / "val"), classes=train.classes, progress=log.info)
+    except ValueError as err:
+        raise CvlabError(str(err)) from err
+    bad = [(os.path.join(train.root, rel), why) for rel, why in train.bad]
+    bad += [(os.path.join(val.root, rel), why) for rel, why in val.bad]
+    if bad:
+        shown = "; ".join(f"{p} ({why})" for p, why in bad[:5])
+        log.warning("skipping %d unreadable image(s): %s%s", len(bad), shown, " ..." if len(bad) > 5 else "")
+    if val.missing_classes:
+        log.warning("%d training class(es) have no validation folder, e.g. %s", len(val.missing_classes),
+                    val.missing_classes[0])
+    return DataPlan(train_dir=train.root, val_dir=val.root, classes=tuple(train.classes),
+                    train_skip=tuple(train.skipped), val_skip=tuple(val.skipped),
+                    train_images=train.num_images, val_images=val.num_images)
+
+
+def check_batch(spec, data) -> None:
+    """The training split must hold at least one global batch."""
+    global_batch = spec.data.batch_size * spec.scaling.num_workers
+    if data.train_images < global_batch:
+        raise CvlabError(
+            f"the training split has {data.train_images} readable images, fewer than one global batch "
+            f"({spec.scaling.num_workers} workers x data.batch_size {spec.data.batch_size}); lower data.batch_size"
+        )
+
+
+def model_overrides(spec, data) -> dict[str, Any]:
+    """The model's constructor overrides, with the class count of the data (and one input channel for
+    grayscale data)."""
+    overrides = dict(spec.model.overrides)
+    wanted = overrides.get("num_classes")
+    if wanted is not None and wanted != len(data.classes):
+        raise CvlabError(f"model.num_classes is {wanted} but {data.train_dir} has {len(data.classes)} class folders")
+    overrides["num_classes"] = len(data.classes)
+    if spec.data.grayscale:
+        overrides["in_channels"] = 1
+    return overrides
+
+
+class ClassificationDriver(Job):
+    workload = "classification"
+    best_metric = "val/top1"
+    best_mode = "max"
+    step_metric = "epoch"
+    reported_metrics = ("val/top1", "val/top5", "val/loss", "train/loss", "train/top1", "lr", "images_per_s",
+                        "epoch_time_s")
+    data_paths = ("data.root", "data.generate", "data.num_classes_generated", "data.per_class_generated",
+                  "data.generated_size")
+
+    def __init__(self, spec, data=None):
+        super().__init__(spec)
+        self.data = data  # a DataPlan; given by a Tune search, which scans the data once for all trials
+        self.stats: dict[str, Any] = {}
+
+    def prepare(self) -> None:
+        from workloads.models import build_model, count_flops, count_params
+
+        spec = self.spec
+        if self.data is None:
+            self.data = prepare_data(spec)
+        check_batch(spec, self.data)
+        o = spec.optim
+        steps = self.data.train_images // (spec.data.batch_size * spec.scaling.num_workers)
+        if o.warmup_iters and o.warmup_iters >= o.epochs * steps:
+            raise CvlabError(f"optim.warmup_iters ({o.warmup_iters}) must be shorter than training "
+                             f"({o.epochs} epochs x {steps} steps)")
+        try:  # build once on the driver: validates the config; params and GFLOPs at the image size
+            model = build_model(spec.model.name, **model_overrides(spec, self.data))
+        except (ValueError, TypeError, KeyError) as err:
+            raise CvlabError(f"model {spec.model.name}: {err}") from err
+        size, channels = spec.data.image_size, 1 if spec.data.grayscale else 3
+        self.stats = {
+            "model.params": count_params(model),
+            "model.gflops": round(count_flops(model, (1, channels, size, size)) / 1e9, 4),
+            "model.gflops_224": round(count_flops(model, (1, channels, 224, 224)) / 1e9, 4),
+        }
+
+    def params(self) -> dict[str, Any]:
+        return {**self.stats, "data.train_images": self.data.train_images, "data.val_images": self.data.val_images,
+                "data.classes": len(self.data.classes)}
+
+    def dataset_input(self) -> dict[str, Any]:
+        d = self.data
+        digest = hashlib.sha256("\n".join([*d.classes, str(d.train_images), str(d.val_images)]).encode())
+        return {"name": Path(self.spec.data.root).name or "data", "source": str(Path(d.train_dir).parent),
+                "digest": digest.hexdigest()[:16],
+                "profile": {"train_images": d.train_images, "val_images": d.val_images, "classes": len(d.classes),
+                            "skipped_images": d.skipped}}
+
+    def worker(self):
+        from workloads.classification.loop import train_loop_per_worker
+
+        return train_loop_per_worker
+
+    def worker_config(self, ctx: RunContext):
+        from orchestrator.runs.records import list_local_checkpoints
+        from orchestrator.tracking.epoch_logger import MlflowEpochLogger
+        from orchestrator.tracking.system_metrics import SystemMetricsRecorder
+        from workloads.classification.config import FaultDrills, OptimConfig, TrainConfig
+
+        spec, run = self.spec, self.spec.run
+        local = ctx.local_run_dir
+        kill, nan = run.fault_kill_rank_at, run.fault_nan_loss_at
+        faults = FaultDrills(
+            kill_at=(kill.epoch, kill.step, kill.rank) if kill and local else None,
+            kill_marker=os.path.join(local, FAULT_MARKER_FILE) if local else None,
+            nan_at=(nan.epoch, nan.step) if nan else None,
+        )
+        optim = spec.optim.model_dump()
+        optim["betas"] = tuple(optim["betas"])
+        return TrainConfig(
+            model_name=spec.model.name,
+            model_overrides={k: v for k, v in model_overrides(spec, self.data).items() if k != "num_classes"},
+            data=self.data,
+            seed=spec.experiment.seed,
+            inputs=spec.data.input_config(),
+            augment=spec.data.augment.to_config(),
+            batch_size=spec.data.batch_size,
+            loader_workers=spec.data.num_workers,
+            optim=OptimConfig(**optim),
+            autocast=spec.precision.autocast,
+            channels_last=spec.precision.channels_last,
+            checkpoint_every=run.checkpoint_every,
+            log_every=run.log_every,
+            faults=faults,
+            fallback_checkpoints=tuple(list_local_checkpoints(local)) if local and ctx.resumed else (),
+            epoch_logger=MlflowEpochLogger(ctx.tracking_uri, ctx.run_id, key=self.best_metric),
+            system_metrics=SystemMetricsRecorder(ctx.tracking_uri, ctx.run_id),
+            verbosity=ctx.verbosity,
+        )
+
+    def finalize(self, result, ctx: RunContext) -> dict[str, Any]:
+        """Log the best and last checkpoints, the kernel picture and the model; return the summary."""
+        import tempfile
+
+        from orchestrator.inference.classifier import Classifier
+        from orchestrator.runs.trainer import best_and_last
+        from orchestrator.tracking.models import log_classifier_model
+        from workloads.classification.checkpoint import MODEL_FILE
+        from workloads.models import load_checkpoint, visualize_kernels
+
+        summary: dict[str, Any] = {"metrics": dict(result.metrics or {})}
+        best, best_metrics, last = best_and_last(result, self.best_metric, self.best_mode)
+        if last is None:
+            log.warning("the run reported no checkpoint; nothing to log as artifacts")
+            return summary
+        summary.update(best_epoch=best_metrics.get("epoch"), best_val_top1=best_metrics.get(self.best_metric),
+                       checkpoint=last.path)
+        client, run_id = ctx.client, ctx.run_id
+        with best.as_directory() as best_dir:
+            client.log_artifacts(run_id, best_dir, BEST_CHECKPOINT_ARTIFACT)
+        with last.as_directory() as last_dir:
+            client.log_artifacts(run_id, last_dir, LAST_CHECKPOINT_ARTIFACT)
+            model, _extra = load_checkpoint(os.path.join(last_dir, MODEL_FILE))
+            if self.spec.tracking.log_model:
+                classifier = Classifier(model=model.eval(), name=self.spec.model.name,
+                                        classes=list(self.data.classes), inputs=self.spec.data.input_config())
+                summary["model_uri"] = log_classifier_model(
+                    ctx.tracking_uri, run_id, classifier, os.path.join(last_dir, MODEL_FILE),
+                    registered_model_name=self.spec.tracking.register_model)
+
+        with tempfile.TemporaryDirectory(prefix="cvlab-kernels-") as tmp:
+            try:
+                png = visualize_kernels(model, self._kernel_image(), out_png=os.path.join(tmp, "kernels.png"))
+                client.log_artifact(run_id, png)
+            except ValueError as err:  # e.g. the ResNet baseline has no generated kernels
+                log.info("no kernel visualisation: %s", err)
+
+        return summary
+
+    def _kernel_image(self):
+        """One validation image, resized and centre-cropped like the validation transform."""
+        from PIL import Image
+        from torchvision import transforms as T
+
+        from workloads.classification.data import make_dataset
+
+        size = self.spec.data.image_size
+        ds = make_dataset(self.data.val_dir, list(self.data.classes), self.data.val_skip)
+        with Image.open(ds.samples[0][0]) as im:
+            im = im.convert("L" if self.spec.data.grayscale else "RGB")
+            return T.Compose([T.Resize(round(size / 0.875)), T.CenterCrop(size)])(im)
+
+    def summary_lines(self, summary: dict[str, Any]) -> list[str]:
+        m = summary.get("metrics", {})
+        nan = float("nan")
+        lines = []
+        if m:
+            lines.append(f"  final epoch     {m.get('epoch')}: val/top1 {m.get('val/top1', nan):.4f}  val/top5 "
+                         f"{m.get('val/top5', nan):.4f}  val/loss {m.get('val/loss', nan):.4f}  train/loss "
+                         f"{m.get('train/loss', nan):.4f}")
+        if summary.get("best_epoch") is not None:
+            lines.append(f"  best checkpoint epoch {summary['best_epoch']}: val/top1 {summary['best_val_top1']:.4f}")
+        if summary.get("model_uri"):
+            lines.append(f"  model           {summary['model_uri']}")
+        return lines
+
+
+class ClassificationEval(ClassificationDriver):
+    """`cvlab eval` of a classification checkpoint: data-parallel over the validation split, counts summed
+    exactly across workers; a new MLflow run tagged with the source run gets top-1/top-5, per-class accuracy
+    and a confusion-matrix picture."""
+
+    kind = "eval"
+    best_metric = "eval/top1"
+    reported_metrics = ("eval/top1", "eval/top5", "eval/loss")
+
+    def __init__(self, spec, source, data=None):
+        super().__init__(spec, data=data)
+        self.source = source  # orchestrator.inference.sources.Source
+        self.model_name = ""
+        self.overrides: dict[str, Any] = {}
+        self.state_dict: dict = {}
+
+    def run_name(self) -> str:
+        return f"eval-{self.spec.run.name or self.spec.experiment.name}"
+
+    def tags(self) -> dict[str, str]:
+        from orchestrator.inference.sources import short_run_label
+        from orchestrator.names import SOURCE_RUN_TAG
+
+        return {SOURCE_RUN_TAG: short_run_label(self.source)}
+
+    def prepare(self) -> None:
+        from orchestrator.inference.sources import read_classifier
+        from workloads.models import build_model, count_params
+
+        if self.data is None:
+            self.data = prepare_data(self.spec)
+        classes = list(self.data.classes)
+        if self.source.format == "mmcls":  # a published RedNet: the spec names the architecture
+            from workloads.models import load_published_rednet
+
+            self.model_name = self.spec.model.name
+            self.overrides = {k: v for k, v in model_overrides(self.spec, self.data).items() if k != "num_classes"}
+            model = build_model(self.model_name, **self.overrides, num_classes=len(classes))
+            try:
+                load_published_rednet(model, self.source.path)
+            except (ValueError, OSError, RuntimeError) as err:
+                raise CvlabError(f"{self.source.given}: {err}") from err
+            self.state_dict = model.state_dict()
+        else:
+            self.model_name, overrides, self.state_dict, extra = read_classifier(self.source)
+            trained_on = extra.get("classes")
+            if trained_on is not None and list(trained_on) != classes:
+                raise CvlabError(f"{self.source.given} was trained on {len(trained_on)} classes "
+                                 f"({', '.join(map(str, trained_on[:5]))}...), not the {len(classes)} class folders "
+                                 f"of {self.data.val_dir}")
+            self.overrides = {k: v for k, v in overrides.items() if k != "num_classes"}
+            model = build_model(self.model_name, **self.overrides, num_classes=len(classes))
+            try:
+                model.load_state_dict(self.state_dict, strict=True)
+            except RuntimeError as err:
+                raise CvlabError(f"{self.source.given} does not fit {self.model_name} with {len(classes)} classes: "
+                                 f"{str(err).splitlines()[0]}") from err
+        self.stats = {"model.params": count_params(model)}
+        for note in self.source.notes:
+            log.info("%s", note)
+
+    def params(self) -> dict[str, Any]:
+        return {**super().params(), "eval.source": self.source.given, "eval.format": self.source.format,
+                "eval.model": self.model_name}
+
+    def worker(self):
+        from workloads.classification.evaluation import eval_loop_per_worker
+
+        return eval_loop_per_worker
+
+    def worker_config(self, ctx: RunContext):
+        from workloads.classification.evaluation import EvalConfig
+
+        spec = self.spec
+        return EvalConfig(model_name=self.model_name, state_dict=self.state_dict, data=self.data,
+                          model_overrides=self.overrides, inputs=spec.data.input_config(),
+                          batch_size=spec.data.batch_size, loader_workers=spec.data.num_workers,
+                          label_smoothing=spec.optim.label_smoothing, autocast=spec.precision.autocast,
+                          channels_last=spec.precision.channels_last, verbosity=ctx.verbosity)
+
+    def finalize(self, result, ctx: RunContext) -> dict[str, Any]:
+        import tempfile
+
+        from orchestrator.inference.reports import confusion_png, per_class_table
+        from orchestrator.tracking.runs import log_metrics
+
+        metrics = dict(result.metrics or {})
+        scalars = {k: float(v) for k, v in metrics.items() if k.startswith("eval/")}
+        log_metrics(ctx.client, ctx.run_id, scalars, step=0)
+        classes = list(self.data.classes)
+        with tempfile.TemporaryDirectory(prefix="cvlab-eval-") as tmp:
+            for path in per_class_table(metrics["per_class"], tmp):
+                ctx.client.log_artifact(ctx.run_id, path)
+            ctx.client.log_artifact(ctx.run_id, confusion_png(metrics["confusion"], classes, tmp))
+        return {"metrics": scalars, "per_class": metrics["per_class"]}
+
+    def summary_lines(self, summary: dict[str, Any]) -> list[str]:
+        m = summary["metrics"]
+        return [f"  source          {self.source.given} ({self.source.format})",
+                f"  eval            top-1 {m['eval/top1']:.4f}  top-5 {m['eval/top5']:.4f}  loss "
+                f"{m['eval/loss']:.4f} on {int(m['eval/images'])} images"]

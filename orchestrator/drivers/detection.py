@@ -1,0 +1,76 @@
+"""`workload: detection`: mmdet 3.x detection / instance segmentation on COCO (the driver; what it shares with
+segmentation is in `orchestrator.drivers.openmmlab`, the rest in the run lifecycle)."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from orchestrator.drivers.openmmlab import OpenMMLabDriver
+from orchestrator.errors import CvlabError
+
+log = logging.getLogger(__name__)
+
+
+def prepare_coco(spec) -> dict:
+    """Generate the synthetic set when asked and missing, then validate the annotations (CvlabError)."""
+    from workloads.detection.coco_check import check_coco_dataset
+
+    det = spec.detection
+    root = Path(det.data_root)
+    if not (root / "annotations").is_dir():
+        if not det.generate:
+            raise CvlabError(f"detection.data_root {root} holds no annotations/ folder; point it at a COCO "
+                             "layout (annotations/instances_{train,val}2017.json, train2017/, val2017/) or "
+                             "set detection.generate: true for the synthetic shapes set")
+        from workloads.detection.synthetic_coco import DEFAULT_CLASSES, make_coco
+
+        log.info("generating the synthetic COCO set in %s ...", root)
+        try:
+            make_coco(root, num_train=det.num_train_generated, num_val=det.num_val_generated,
+                      size=det.generated_size, classes=det.classes or DEFAULT_CLASSES, seed=spec.experiment.seed)
+        except ValueError as err:
+            raise CvlabError(f"detection: cannot generate the synthetic COCO set: {err}") from None
+    try:
+        report = check_coco_dataset(root)
+    except ValueError as err:
+        raise CvlabError(f"detection data: {err}") from None
+    for split, info in report.items():
+        for warning in info["warnings"]:
+            log.warning("%s: %s", split, warning)
+    return report
+
+
+def build_detection_config(spec, classes: list[str] | None = None):
+    """The final mmengine Config of a detection spec (CvlabError on bad settings)."""
+    from workloads.detection.mmcfg import build_config
+
+    try:
+        return build_config(spec.detection, work_dir="work_dirs/cvlab-det", seed=spec.experiment.seed,
+                            log_every=spec.run.log_every, checkpoint_every=spec.run.checkpoint_every,
+                            checkpoints_kept=spec.run.checkpoints_kept, classes=classes)
+    except (ValueError, FileNotFoundError) as err:
+        raise CvlabError(f"detection: {err}") from None
+
+
+class DetectionDriver(OpenMMLabDriver):
+    workload = "detection"
+    scope = "mmdet"
+    param_prefix = "det"
+    best_metric = "val/bbox_mAP"
+    step_metric = "epoch"
+    budget_path = "detection.max_epochs"
+    reported_metrics = ("val/bbox_mAP", "val/bbox_mAP50", "val/bbox_mAP75", "val/segm_mAP", "val/segm_mAP50",
+                        "val/segm_mAP75")
+    data_paths = ("detection.data_root", "detection.generate", "detection.num_train_generated",
+                  "detection.num_val_generated", "detection.generated_size", "detection.classes")
+
+    def prepare_data(self) -> dict:
+        return prepare_coco(self.spec)
+
+    def build_config(self):
+        return build_detection_config(self.spec)
+
+    def worker_config_for(self, cfg: dict, **kwargs):
+        from workloads.detection.runner import worker_config
+
+        return worker_config(cfg, **kwargs)

@@ -1,0 +1,147 @@
+"""What the OpenMMLab workloads (mmdet detection, mmseg segmentation) share as drivers: the data check and the
+final config before any worker starts, the model built once on the meta device (config errors surface here,
+not in a worker), one mmengine `Runner` per Ray Train worker in Ray's process group
+(`workloads.mmlab.worker.train_worker`), and the checkpoints logged at the end.
+
+The YAML's `model` section, when present (`model: {name: cednet26, ...}`), replaces the backbone architecture
+of the config (its overrides go to the backbone too).
+"""
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+from orchestrator.errors import CvlabError
+from orchestrator.names import BEST_CHECKPOINT_ARTIFACT, FAULT_MARKER_FILE, LAST_CHECKPOINT_ARTIFACT
+from orchestrator.runs.job import Job, RunContext
+
+log = logging.getLogger(__name__)
+OUR_BACKBONES = ("RedNet", "CedNet")
+
+
+class OpenMMLabDriver(Job):
+    """Subclasses set `workload` (= the spec section), `scope`, the metrics, and implement `prepare_data`,
+    `build_config`, `worker_config_for` (their package's `runner.worker_config`) and `data_summary`."""
+
+    scope = ""  # "mmdet" | "mmseg"
+    param_prefix = ""  # "det" | "seg"
+
+    def __init__(self, spec, data: dict | None = None):
+        super().__init__(spec)
+        self.data = data  # the data check's report (per split), shared by a search's trials
+        self.cfg = None
+        self.num_params = 0
+        self.classes: list[str] = []
+
+    @property
+    def section(self):
+        return getattr(self.spec, self.workload)
+
+    # ---- subclass parts
+    def prepare_data(self) -> dict:
+        raise NotImplementedError
+
+    def build_config(self):
+        raise NotImplementedError
+
+    def worker_config_for(self, cfg: dict, **kwargs):
+        raise NotImplementedError
+
+    # ---- the Job
+    def check_variant(self) -> None:
+        self.config_and_model()
+
+    def prepare(self) -> None:
+        if self.data is None:
+            self.data = self.prepare_data()
+        cfg, model = self.config_and_model()
+        self.cfg = cfg
+        self.num_params = sum(p.numel() for p in model.parameters())
+        metainfo = cfg.train_dataloader.dataset.get("metainfo") or {}
+        self.classes = list(metainfo.get("classes") or getattr(model, "dataset_meta", {}).get("classes", ()))
+        log.info("%s: %.2fM parameters, %d train / %d val images", self.section.config, self.num_params / 1e6,
+                 self.data["train"]["images"], self.data["val"]["images"])
+
+    def config_and_model(self):
+        """The final config (the YAML's model section applied) and its model on the meta device."""
+        from workloads.mmlab.configs import build_on_meta
+
+        cfg = self.build_config()
+        if self.spec.model is not None:
+            backbone = cfg.model.backbone
+            if backbone.get("type") not in OUR_BACKBONES:
+                raise CvlabError(f"model.name={self.spec.model.name!r}: the backbone of {self.section.config} is "
+                                 f"{backbone.get('type')!r}, not one of ours ({' / '.join(OUR_BACKBONES)})")
+            backbone["arch"] = self.spec.model.name
+            backbone["arch_overrides"] = dict(self.spec.model.overrides)
+        try:
+            model = build_on_meta(cfg.model, self.scope)
+        except Exception as err:  # noqa: BLE001 - mm* raise KeyError, TypeError, ValueError, AssertionError
+            raise CvlabError(f"{self.workload}: cannot build the model of {self.section.config}: "
+                             f"{type(err).__name__}: {err}") from None
+        return cfg, model
+
+    def params(self) -> dict[str, Any]:
+        p = self.param_prefix
+        return {f"{p}.model_params": self.num_params, f"{p}.classes": ",".join(self.classes),
+                "data.train_images": self.data["train"]["images"], "data.val_images": self.data["val"]["images"]}
+
+    def text_artifacts(self) -> dict[str, str]:
+        return {f"{self.scope}_config.py": self.cfg.pretty_text}
+
+    def dataset_input(self) -> dict[str, Any]:
+        import hashlib
+
+        root = str(self.section.data_root)
+        profile = {f"{split}_images": info["images"] for split, info in self.data.items()}
+        digest = hashlib.sha256(repr(sorted(profile.items())).encode()).hexdigest()[:16]
+        return {"name": os.path.basename(root.rstrip("/")) or "data", "source": os.path.abspath(root),
+                "digest": digest, "profile": profile}
+
+    def worker(self):
+        from workloads.mmlab.worker import train_worker
+
+        return train_worker
+
+    def worker_config(self, ctx: RunContext):
+        from orchestrator.tracking.epoch_logger import MlflowEpochLogger
+        from orchestrator.tracking.system_metrics import SystemMetricsRecorder
+
+        spec = self.spec
+        local = ctx.local_run_dir
+        kill = spec.run.fault_kill_rank_at
+        return self.worker_config_for(
+            self.cfg.to_dict(), run_id=ctx.run_id,
+            epoch_logger=MlflowEpochLogger(ctx.tracking_uri, ctx.run_id, key=self.best_metric,
+                                           skip=(self.step_metric,)),
+            system_metrics=SystemMetricsRecorder(ctx.tracking_uri, ctx.run_id),
+            log_every=spec.run.log_every,
+            threads=max(1, int(dict(spec.scaling.resources_per_worker).get("CPU", 1))),
+            sync_bn=getattr(self.section, "sync_bn", "auto"),
+            kill_at=(kill.epoch, kill.step, kill.rank) if kill and local else None,
+            kill_marker=os.path.join(local, FAULT_MARKER_FILE) if local else None,
+            verbosity=ctx.verbosity,
+        )
+
+    def finalize(self, result, ctx: RunContext) -> dict[str, Any]:
+        """Log the best and last checkpoints; subclasses add their pictures and tables."""
+        from orchestrator.runs.trainer import best_and_last
+
+        best, best_metrics, last = best_and_last(result, self.best_metric, self.best_mode)
+        summary = {"metrics": dict(result.metrics or {}), "checkpoint": last.path if last else None,
+                   "best_checkpoint": best.path if best else None, "num_params": self.num_params,
+                   f"best_{self.step_metric}": best_metrics.get(self.step_metric)}
+        if last is None:
+            log.warning("the run reported no checkpoint; nothing to log as artifacts")
+            return summary
+        if self.spec.tracking.log_model:
+            for ckpt, where in ((best, BEST_CHECKPOINT_ARTIFACT), (last, LAST_CHECKPOINT_ARTIFACT)):
+                with ckpt.as_directory() as folder:
+                    ctx.client.log_artifacts(ctx.run_id, folder, where)
+        return summary
+
+    def summary_lines(self, summary: dict[str, Any]) -> list[str]:
+        m = summary.get("metrics", {})
+        shown = "  ".join(f"{k} {m[k]:.4g}" for k in self.reported_metrics[:3] if k in m)
+        return [f"  final {self.step_metric:<9} {m.get(self.step_metric)}: {shown}"]

@@ -1,0 +1,413 @@
+"""`cvlab tune`: architecture / hyperparameter search with Ray Tune, one Ray Train run per trial.
+
+    cvlab tune experiments/tune_reduction_ratio.yaml [--set search.num_samples=2 ...] [--resume]
+
+- Before anything starts, the `search:` section is checked (`orchestrator.search.space.check_search`):
+  unknown paths, malformed distributions and every combination the space can produce against the model.
+- This process prepares the workload's data once (its driver), creates the MLflow experiment and a parent
+  run for the search, and runs a `Tuner` whose trainable (`orchestrator.search.trial.trial_main`) runs the
+  experiment through the run lifecycle with `TuneReportCallback`: per-epoch metrics reach Tune (ASHA), and
+  rank 0 logs them to the trial's nested MLflow run (tag `mlflow.parentRunId`, tag `cvlab.trial_id`).
+- A Tune callback here (`orchestrator.search.callbacks`) ends each trial's run: FINISHED when it trained to
+  the end, KILLED when the scheduler stopped it early, FAILED on errors; the reason is in `cvlab.end_reason`.
+- At the end the parent run gets the best trial's config (params `best.*`, `best_config.json`, a runnable
+  `best_experiment.yaml`), the summary table (CSV + Markdown) and the plots.
+- `--resume` finds the newest unfinished search of this experiment in MLflow (parent run tag
+  `cvlab.tune_path`) and continues it with `Tuner.restore`: finished trials are not run again; an
+  unfinished trial restarts from its last Ray Train checkpoint and keeps its MLflow run (found by trial id).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from orchestrator.errors import CvlabError
+from orchestrator.names import (
+    BEST_RUN_TAG,
+    END_REASON_TAG,
+    FAILED_TRIALS_TAG,
+    KIND_TAG,
+    SEARCH_NAME_TAG,
+    SEARCH_PATHS_TAG,
+    TUNE_PATH_TAG,
+    WORKLOAD_TAG,
+)
+from orchestrator.search.trial import find_trial_run
+
+log = logging.getLogger(__name__)
+
+# CPU the trial's own process asks for: it only drives its Ray Train run (workers have their own).
+DEFAULT_TRIAL_CPU = 0.25
+
+
+# ----------------------------------------------------------------------------------------- the driver
+def _absolute_spec(spec):
+    """Local paths made absolute: Tune runs each trial in its own working directory."""
+    from orchestrator.config.loader import apply_overrides
+    from orchestrator.runs.storage import validate_storage_path
+
+    changes: dict[str, Any] = {"data.root": str(Path(spec.data.root).expanduser().absolute()),
+                               "run.storage_path": validate_storage_path(spec.run.storage_path)}
+    for section in ("detection", "segmentation"):
+        if getattr(spec, section, None) is not None:
+            root = getattr(spec, section).data_root
+            changes[f"{section}.data_root"] = str(Path(root).expanduser().absolute())
+    return apply_overrides(spec, changes)
+
+
+def _search_base_name(spec) -> str:
+    return spec.run.name or spec.experiment.name
+
+
+def trial_resources(spec) -> dict[str, float]:
+    """What the trial's own process asks Tune for (`search.resources_per_trial`, else a quarter CPU)."""
+    res = {k.lower() if k.upper() in ("CPU", "GPU") else k: float(v)
+           for k, v in spec.search.resources_per_trial.items()}
+    if res.get("cpu", 0) <= 0:
+        res["cpu"] = DEFAULT_TRIAL_CPU  # Tune rejects trials with zero CPUs
+    return res
+
+
+def plan_concurrency(spec, cluster: dict[str, float]) -> int:
+    """How many trials fit in the cluster at once (trial process + its worker group).
+
+    Tune only knows about the trial's own process, so without a limit it would start trials whose
+    workers then wait for resources. Raises CvlabError when one trial can never fit.
+    """
+    from orchestrator.runs.ray_setup import check_fits, worker_group_resources
+
+    need = worker_group_resources(spec)
+    for k, v in trial_resources(spec).items():
+        key = k.upper() if k in ("cpu", "gpu") else k
+        need[key] = need.get(key, 0.0) + v
+    limit = check_fits(need, cluster, "one trial", f"{spec.scaling.num_workers} worker(s) + the trial process")
+    if spec.search.max_concurrent_trials:
+        limit = min(limit, spec.search.max_concurrent_trials)
+    return limit
+
+
+def _find_search_to_resume(client, experiment_id: str, base: str):
+    runs = client.search_runs(
+        [experiment_id],
+        filter_string=f"tags.`{KIND_TAG}` = 'search' and tags.`{SEARCH_NAME_TAG}` = '{base}'",
+        order_by=["attributes.start_time DESC"], max_results=1,
+    )
+    return runs[0] if runs else None
+
+
+def _log_parent_params(client, run_id: str, spec, space, job) -> None:
+    from orchestrator.config.loader import flatten_spec
+    from orchestrator.tracking.runs import log_params
+
+    flat = {k: v for k, v in flatten_spec(spec).items()
+            if k not in space.paths and not k.startswith("search.")}
+    s = spec.search
+    params = {**flat, **{f"search.space.{p}": d for p, d in space.describe().items()},
+              "search.metric": s.metric, "search.mode": s.mode, "search.num_samples": s.num_samples,
+              "search.scheduler": s.scheduler}
+    if s.scheduler == "asha":
+        params.update({"search.max_t": _max_t(spec, job), "search.grace_period": s.grace_period,
+                       "search.reduction_factor": s.reduction_factor})
+    log_params(client, run_id, params)
+
+
+def _max_t(spec, job) -> int:
+    """ASHA's budget in the workload's steps: `search.max_t`, else a full run's length."""
+    return int(spec.search.max_t if spec.search.max_t is not None else job.planned_steps())
+
+
+def _make_scheduler(spec, job):
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    s = spec.search
+    if s.scheduler == "asha":
+        # time_attr = the reports' progress counter (epoch): rungs in trained steps, also after a trial
+        # restarts from a checkpoint. stop_last_trials=False: trials that reach max_t finish their run.
+        return ASHAScheduler(time_attr=job.step_metric, max_t=_max_t(spec, job), grace_period=s.grace_period,
+                             reduction_factor=s.reduction_factor, stop_last_trials=False)
+    return FIFOScheduler()
+
+
+def _progress_reporter(spec, space, job):
+    from ray.tune import CLIReporter
+
+    s = spec.search
+    params = {p: p.split(".", 1)[-1] for p in space.paths}
+    metrics = {job.step_metric: job.step_metric, s.metric: s.metric}
+    for extra in ("val/loss", "images_per_s"):
+        if extra != s.metric:
+            metrics[extra] = "img/s" if extra == "images_per_s" else extra
+    # metric/mode come from TuneConfig (the reporter refuses to be given them twice)
+    return CLIReporter(parameter_columns=params, metric_columns=metrics, sort_by_metric=True,
+                       max_report_frequency=20, max_progress_rows=40)
+
+
+def _trial_dirname(trial) -> str:
+    return trial.trial_id
+
+
+def _trial_name(trial) -> str:
+    return f"trial_{trial.trial_id}"
+
+
+def _trial_states(results, client, experiment_id: str, parent_run_id: str) -> tuple[dict[str, str], list[str]]:
+    """Tune status per trial id, and the trials that did not end (interrupted search).
+
+    After Ctrl-C Tune marks running trials TERMINATED too, without `done` in their last result and without
+    calling the callbacks, so their MLflow runs are still RUNNING. `done` alone cannot tell them apart:
+    Tune adds it to a trial that returned by editing the last result in place, which the saved
+    experiment state can miss. So a TERMINATED trial without `done` counts as unfinished only when its
+    MLflow run was not ended (by the trial itself or by the status callback).
+    """
+    try:
+        trials = results._experiment_analysis.trials
+    except AttributeError:
+        return {}, []
+    statuses = {t.trial_id: t.status for t in trials}
+    unfinished = []
+    for t in trials:
+        if t.status == "ERROR" or (t.status == "TERMINATED" and (t.last_result or {}).get("done")):
+            continue
+        if t.status == "TERMINATED":
+            run = find_trial_run(client, experiment_id, parent_run_id, t.trial_id)
+            if run is not None and run.info.status != "RUNNING":
+                continue
+        unfinished.append(t.trial_id)
+    return statuses, unfinished
+
+
+def _mark_interrupted(client, experiment_id: str, parent_run_id: str, trial_ids: list[str]) -> None:
+    """Nested runs of trials cut short by an interruption: KILLED until `--resume` continues them."""
+    for tid in trial_ids:
+        run = find_trial_run(client, experiment_id, parent_run_id, tid)
+        if run is not None and run.info.status == "RUNNING":
+            client.set_tag(run.info.run_id, END_REASON_TAG, "search interrupted; continue with --resume")
+            client.set_terminated(run.info.run_id, status="KILLED")
+
+
+def run_search(spec, *, resume: bool = False, num_cpus: int | None = None, verbose: int = 2) -> dict[str, Any]:
+    """Run (or `resume`) the search described by `spec.search`. Returns a summary dict.
+
+    Summary: parent_run_id, experiment_id, tracking_uri, tune_path, trials (rows best first), best
+    (row), statuses (trial id -> Tune status), interrupted (bool), files (report paths).
+    """
+    from orchestrator.search.space import check_search
+    from workloads.logs import ensure_configured
+
+    ensure_configured()
+    space = check_search(spec)  # nothing starts unless every combination is valid
+    spec = _absolute_spec(spec)
+
+    from ray import tune
+
+    from orchestrator.config.loader import apply_overrides, spec_to_dict
+    from orchestrator.drivers import driver_for
+    from orchestrator.runs.ray_setup import check_gpu_request, ensure_ray
+    from orchestrator.runs.storage import resolve_storage
+    from orchestrator.search.callbacks import TrialBookkeeping, make_status_callback
+    from orchestrator.search.trial import TrialContext, trial_main
+    from orchestrator.tracking.runs import create_run, ensure_experiment, make_client
+    from orchestrator.tracking.server import check_tracking_server, default_artifact_location, resolve_tracking_uri
+
+    tracking_uri = resolve_tracking_uri(spec)
+    check_tracking_server(tracking_uri)
+    check_gpu_request(spec)
+    # Generates the embedded data once, before any trial; checks every searched batch size against it.
+    job = driver_for(spec)
+    job.prepare()
+    for bs in (space["data.batch_size"].check_values() if "data.batch_size" in space.paths else []):
+        driver_for(apply_overrides(spec, {"data.batch_size": bs}), data=job.data).prepare()
+    shared_data = None if any(p in job.data_paths for p in space.paths) else job.data
+
+    client = make_client(tracking_uri)
+    experiment_name = spec.tracking.experiment_name or spec.experiment.name
+    try:
+        experiment_id = ensure_experiment(client, experiment_name, default_artifact_location(tracking_uri))
+    except Exception as err:
+        raise CvlabError(f"MLflow at {tracking_uri}: cannot open experiment {experiment_name!r}: {err}") from err
+    fs, storage = resolve_storage(spec.run.storage_path)
+    base = _search_base_name(spec)
+
+    previous = None
+    if resume:
+        previous = _find_search_to_resume(client, experiment_id, base)
+        if previous is None:
+            raise CvlabError(f"nothing to resume: experiment {experiment_name!r} has no search named {base!r} "
+                             f"at {tracking_uri}")
+        tune_path = previous.data.tags.get(TUNE_PATH_TAG, "")
+        if not tune.Tuner.can_restore(tune_path):
+            raise CvlabError(f"cannot resume search {previous.info.run_id}: no Tune state at {tune_path!r}")
+        parent_run_id = previous.info.run_id
+        search_name = tune_path.rstrip("/").rsplit("/", 1)[-1]
+        client.update_run(parent_run_id, status="RUNNING")
+        log.info("resuming search %s (MLflow parent run %s)", search_name, parent_run_id)
+    else:
+        search_name = f"{base}-search-{time.strftime('%Y%m%d-%H%M%S')}"
+        if fs is None and os.path.exists(f"{storage}/{search_name}"):
+            search_name += f"-{os.getpid()}"
+        # A local folder, or the bucket URI (what Tuner.restore and the trials' storage expect).
+        tune_path = f"{spec.run.storage_path.rstrip('/')}/{search_name}"
+        parent_run_id = create_run(
+            client, experiment_id, search_name,
+            tags={**spec.experiment.tags, KIND_TAG: "search", SEARCH_NAME_TAG: base, WORKLOAD_TAG: spec.workload,
+                  SEARCH_PATHS_TAG: json.dumps(space.paths), TUNE_PATH_TAG: tune_path},
+        )
+        _log_parent_params(client, parent_run_id, spec, space, job)
+        client.log_text(parent_run_id, json.dumps(spec_to_dict(spec), indent=1), "search_spec.json")
+
+    started_ray = False
+    interrupted = False
+    try:
+        started_ray = ensure_ray(num_cpus or (os.cpu_count() or 1) + 1)  # room for the idle trial processes
+        import ray
+
+        concurrency = plan_concurrency(spec, ray.cluster_resources())
+        ctx = TrialContext(
+            spec=spec_to_dict(spec), search_paths=space.paths, tracking_uri=tracking_uri,
+            experiment_id=experiment_id, parent_run_id=parent_run_id,
+            train_storage=f"{tune_path}/train", data=shared_data, base_tags=dict(spec.experiment.tags),
+        )
+        trainable = tune.with_resources(tune.with_parameters(trial_main, ctx=ctx), trial_resources(spec))
+        log.info("search %s: %d searched path(s), %d trial(s), up to %d at once, scheduler %s; MLflow experiment "
+                 "%r parent run %s (%s)", search_name, len(space.paths), space.grid_size() * spec.search.num_samples,
+                 concurrency, spec.search.scheduler, experiment_name, parent_run_id, tracking_uri)
+        for path, desc in space.describe().items():
+            log.info("  %s: %s", path, desc)
+        book = TrialBookkeeping(
+            tracking_uri=tracking_uri, experiment_id=experiment_id, parent_run_id=parent_run_id,
+            metric=spec.search.metric, mode=spec.search.mode, scheduler=spec.search.scheduler,
+            step_metric=job.step_metric, budget=job.planned_steps(), budget_path=job.budget_path)
+
+        # Tune saves its experiment state at most every 10 s by default: a search killed in between loses the
+        # trials started meanwhile, and --resume would start them again as new trials (new MLflow runs).
+        os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")
+        # The classic CLIReporter table (searched params + metric columns) needs Tune's old output engine.
+        old_output = os.environ.get("RAY_AIR_NEW_OUTPUT")
+        os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
+        try:
+            if previous is not None:
+                tuner = tune.Tuner.restore(tune_path, trainable=trainable, param_space=space.to_tune(),
+                                           resume_unfinished=True, resume_errored=False,
+                                           restart_errored=True)
+            else:
+                s = spec.search
+                tuner = tune.Tuner(
+                    trainable,
+                    param_space=space.to_tune(),
+                    tune_config=tune.TuneConfig(
+                        metric=s.metric, mode=s.mode, num_samples=s.num_samples,
+                        scheduler=_make_scheduler(spec, job),
+                        trial_dirname_creator=_trial_dirname, trial_name_creator=_trial_name,
+                        search_alg=_search_alg(spec, concurrency),
+                    ),
+                    run_config=tune.RunConfig(
+                        name=search_name, storage_path=storage, storage_filesystem=fs,
+                        callbacks=[make_status_callback(book)],
+                        failure_config=tune.FailureConfig(max_failures=spec.run.max_failures),
+                        progress_reporter=_progress_reporter(spec, space, job),
+                        verbose=verbose,
+                    ),
+                )
+            results = tuner.fit()
+        finally:
+            if old_output is None:
+                os.environ.pop("RAY_AIR_NEW_OUTPUT", None)
+            else:
+                os.environ["RAY_AIR_NEW_OUTPUT"] = old_output
+        statuses, unfinished = _trial_states(results, client, experiment_id, parent_run_id)
+        interrupted = bool(unfinished)
+        if interrupted:
+            _mark_interrupted(client, experiment_id, parent_run_id, unfinished)
+    except KeyboardInterrupt:
+        interrupted = True
+        statuses = {}
+        _end_parent(client, parent_run_id, "KILLED", "interrupted; continue with: cvlab tune <spec> --resume")
+        raise
+    except BaseException as err:
+        _end_parent(client, parent_run_id, "FAILED", f"{type(err).__name__}: {err}")
+        raise
+    finally:
+        if started_ray:
+            import ray
+
+            ray.shutdown()
+
+    summary = finalize_search(client, spec, space, experiment_name, experiment_id, parent_run_id)
+    summary.update(tracking_uri=tracking_uri, tune_path=tune_path, statuses=statuses, interrupted=interrupted,
+                   search_name=search_name)
+    if interrupted:
+        _end_parent(client, parent_run_id, "KILLED",
+                    "interrupted before every trial ended; continue with: cvlab tune <spec> --resume")
+    else:
+        failed = sum(1 for st in statuses.values() if st == "ERROR")
+        if failed:  # the search itself completed; its failed trials are counted (and named by `cvlab tune`)
+            client.set_tag(parent_run_id, FAILED_TRIALS_TAG, str(failed))
+        client.set_tag(parent_run_id, END_REASON_TAG, "completed")
+        client.set_terminated(parent_run_id, "FINISHED")
+    return summary
+
+
+def _search_alg(spec, concurrency: int):
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    # Seeded so that a search draws the same random samples each time it is started. The concurrency
+    # limit lives here: TuneConfig.max_concurrent_trials is ignored with a SearchGenerator.
+    return BasicVariantGenerator(random_state=spec.experiment.seed, max_concurrent=concurrency)
+
+
+def _end_parent(client, run_id: str, status: str, reason: str) -> None:
+    try:
+        client.set_tag(run_id, END_REASON_TAG, reason[:5000])
+        client.set_terminated(run_id, status=status)
+    except Exception as err:  # noqa: BLE001 - the search's own error matters more
+        log.warning("could not end the parent run %s: %s", run_id, err)
+
+
+def finalize_search(client, spec, space, experiment_name: str, experiment_id: str,
+                    parent_run_id: str) -> dict[str, Any]:
+    """Summary table, plots and the best trial's config, logged to the parent run."""
+    import tempfile
+
+    import yaml
+
+    from orchestrator.config.loader import apply_overrides, spec_to_dict
+    from orchestrator.search import compare, report
+    from orchestrator.tracking.runs import best_metric_key, log_metrics, log_params
+
+    s = spec.search
+    try:
+        rows, _ = compare.collect(client, experiment_name, s.metric, parent_run_id=parent_run_id)
+    except CvlabError:
+        rows = []
+    for row in rows:  # the searched paths are the columns, whatever the runs have
+        row["params"] = {p: row["params"].get(p) for p in space.paths}
+    ranked = report.rank_rows(rows, s.metric, s.mode)
+    best = ranked[0] if ranked and s.metric in ranked[0]["metrics"] else None
+    files: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory(prefix="cvlab-search-") as tmp:
+        if ranked:
+            written = report.write_report(ranked, space.paths, s.metric, tmp, mode=s.mode)
+            for kind, path in written.items():
+                client.log_artifact(parent_run_id, str(path), "summary")
+                files[kind] = f"summary/{Path(path).name}"
+        if best is not None:
+            best_spec = apply_overrides(spec, {p: best["params"][p] for p in space.paths
+                                               if best["params"].get(p) is not None})
+            best_dict = spec_to_dict(best_spec)
+            client.log_text(parent_run_id, json.dumps(
+                {"run_id": best["run_id"], "run": best["run"], s.metric: best["metrics"][s.metric],
+                 "searched": best["params"], "spec": best_dict}, indent=1), "best_config.json")
+            runnable = {k: v for k, v in best_dict.items() if k != "search" and v is not None}
+            client.log_text(parent_run_id, "# best trial of the search; run it with: cvlab run <this file>\n"
+                            + yaml.safe_dump(runnable, sort_keys=False), "best_experiment.yaml")
+            log_params(client, parent_run_id, {f"best.{p}": best["params"][p] for p in space.paths})
+            log_metrics(client, parent_run_id, {best_metric_key(s.metric): float(best["metrics"][s.metric]),
+                                                "trials": float(len(ranked))}, step=0)
+            client.set_tag(parent_run_id, BEST_RUN_TAG, best["run_id"])
+            files["best_config"] = "best_config.json"
+    return {"parent_run_id": parent_run_id, "experiment_id": experiment_id, "trials": ranked, "best": best,
+            "files": files}

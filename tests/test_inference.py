@@ -1,0 +1,174 @@
+"""Trained models put to use (issue 15): `cvlab eval` of every kind of source, `cvlab predict`, `cvlab export`,
+and what a run leaves for the MLflow UI (experiment kind, best metric, dataset input, system metrics).
+
+One small classification run (module fixture, 2 CPU workers) provides the checkpoints and the logged model.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import sysconfig
+
+import pytest
+
+from workloads.classification.synthetic import make_imagenet
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, ray_cluster):
+    from orchestrator.cli.run import run_experiment
+    from orchestrator.config.loader import spec_from_dict
+
+    tmp = tmp_path_factory.mktemp("inference")
+    make_imagenet(tmp / "data", classes=4, per_class=8, size=32, val_per_class=3)
+    spec = spec_from_dict({
+        "experiment": {"name": "infer", "seed": 0},
+        "model": {"name": "cednet26"},
+        "data": {"root": str(tmp / "data"), "image_size": 32, "batch_size": 4, "num_workers": 0},
+        "optim": {"epochs": 2, "lr": 0.05, "scale_lr": False, "warmup_epochs": 0.5},
+        "scaling": {"num_workers": 2},
+        "run": {"storage_path": str(tmp / "runs"), "log_every": 100},
+        "tracking": {"tracking_uri": f"sqlite:///{tmp}/mlflow.db", "experiment_name": "cvlab-infer",
+                     "register_model": "infer-clf"},
+    })
+    summary = run_experiment(spec)
+    return {"tmp": tmp, "spec": spec, "summary": summary, "uri": summary["tracking_uri"]}
+
+
+def _yaml(trained) -> str:
+    import yaml
+
+    from orchestrator.config.loader import spec_to_dict
+
+    path = trained["tmp"] / "infer.yaml"
+    path.write_text(yaml.safe_dump(spec_to_dict(trained["spec"])))
+    return str(path)
+
+
+@pytest.mark.slow
+def test_run_leaves_what_the_mlflow_ui_compares(trained):
+    from mlflow import MlflowClient
+
+    client = MlflowClient(trained["uri"])
+    run = client.get_run(trained["summary"]["run_id"])
+    exp = client.get_experiment(run.info.experiment_id)
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
+    top1 = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "val/top1")}
+    best_epoch = max(top1, key=lambda e: (top1[e], -e))
+    assert run.data.metrics["best/val_top1"] == top1[best_epoch]
+    assert run.data.metrics["best/epoch"] == best_epoch
+    (dataset,) = run.inputs.dataset_inputs
+    assert dataset.dataset.name == "data" and json.loads(dataset.dataset.profile)["classes"] == 4
+    system = [k for k in run.data.metrics if k.startswith("system/")]
+    assert "system/cpu_utilization_percentage" in system and "system/system_memory_usage_megabytes" in system
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("source", ["run_folder", "runs_uri", "models_uri"])
+def test_eval_gives_exactly_the_logged_val_top1(trained, source, capsys):
+    """`cvlab eval` of the final checkpoint, data-parallel over 2 workers, reproduces the training's last
+    val/top1 (and val/loss) exactly, from the Ray Train run folder, runs:/ and models:/ alike; the
+    results go to a new run of the experiment tagged with the source run."""
+    from mlflow import MlflowClient
+
+    from orchestrator.cli import main
+
+    summary = trained["summary"]
+    src = {"run_folder": summary["ray_run"], "runs_uri": f"runs:/{summary['run_id']}/checkpoints/last",
+           "models_uri": "models:/infer-clf/1"}[source]
+    capsys.readouterr()
+    assert main(["eval", _yaml(trained), "--checkpoint", src]) == 0
+    out = capsys.readouterr().out
+    client = MlflowClient(trained["uri"])
+    train = client.get_run(summary["run_id"])
+    exp = train.info.experiment_id
+    evals = client.search_runs([exp], "tags.`cvlab.job` = 'eval'", order_by=["attributes.start_time DESC"])
+    ev = evals[0]
+    assert ev.info.status == "FINISHED" and ev.data.tags["cvlab.source_run"] == summary["run_id"]
+    last_epoch = int(summary["metrics"]["epoch"])
+    logged = {k: {m.step: m.value for m in client.get_metric_history(summary["run_id"], k)}[last_epoch]
+              for k in ("val/top1", "val/top5", "val/loss")}
+    assert ev.data.metrics["eval/top1"] == logged["val/top1"]
+    assert ev.data.metrics["eval/top5"] == logged["val/top5"]
+    assert ev.data.metrics["eval/loss"] == pytest.approx(logged["val/loss"], rel=1e-6)
+    assert ev.data.metrics["eval/images"] == 12
+    names = {a.path for a in client.list_artifacts(ev.info.run_id)}
+    assert {"per_class_accuracy.csv", "per_class_accuracy.md", "confusion_matrix.png"} <= names
+    assert f"top-1 {logged['val/top1']:.4f}" in out
+
+
+@pytest.mark.slow
+def test_eval_refuses_a_checkpoint_of_other_classes(trained, tmp_path, capsys):
+    from orchestrator.cli import main
+
+    make_imagenet(tmp_path / "other", classes=3, per_class=2, size=32, val_per_class=2)
+    assert main(["eval", _yaml(trained), "--checkpoint", trained["summary"]["ray_run"],
+                 "--set", f"data.root={tmp_path / 'other'}"]) == 2
+    assert "was trained on 4 classes" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_predict_names_classes_and_writes_kernel_maps(trained, tmp_path, capsys):
+    from orchestrator.cli import main
+
+    val = trained["tmp"] / "data" / "val"
+    images = sorted(str(p) for p in val.glob("*/*.JPEG"))[:2]
+    classes = sorted(os.listdir(val))
+    capsys.readouterr()
+    assert main(["predict", "--model", trained["summary"]["ray_run"], *images, "--topk", "3",
+                 "--kernels", str(tmp_path / "k")]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == images[0] and len([ln for ln in out if ln.startswith("  ")]) == 6
+    probs = [float(ln.split()[0]) for ln in out[1:4]]
+    assert probs == sorted(probs, reverse=True) and all(ln.split()[1] in classes for ln in out[1:4])
+    assert sorted(p.name for p in (tmp_path / "k").iterdir()) == sorted(
+        os.path.basename(i).replace(".JPEG", "_kernels.png") for i in images)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fmt", ["onnx", "torchscript", "pt2"])
+def test_export_matches_pytorch(trained, tmp_path, fmt, capsys):
+    from orchestrator.cli import main
+
+    out = tmp_path / f"model.{fmt}"
+    capsys.readouterr()
+    assert main(["export", "--model", f"runs:/{trained['summary']['run_id']}/checkpoints/best",
+                 "--tracking-uri", trained["uri"], "--format", fmt, str(out)]) == 0
+    text = capsys.readouterr().out
+    diff = float(text.split("random batch: ")[1].split()[0])
+    assert out.is_file() and diff < 1e-4, text
+    if fmt == "onnx":  # exporting is the slow part (~30 s): check the same file runs without this project
+        _runs_with_onnxruntime_alone(trained, out, tmp_path)
+
+
+def _runs_with_onnxruntime_alone(trained, onnx_file, tmp_path):
+    """The ONNX file runs in a Python without this project (no site .pth, no PYTHONPATH), with a batch
+    size it was not exported with, and agrees with PyTorch."""
+    import numpy as np
+    import torch
+
+    from orchestrator.inference.classifier import load_classifier
+    from orchestrator.inference.sources import resolve_source
+
+    classifier = load_classifier(resolve_source(trained["summary"]["ray_run"]))
+    batch = np.random.default_rng(1).standard_normal((5, 3, 32, 32)).astype(np.float32)
+    np.save(tmp_path / "batch.npy", batch)
+    code = (
+        "import sys; sys.path.append(sys.argv[1])\n"
+        "import importlib.util as u\n"
+        "assert u.find_spec('workloads') is None and u.find_spec('orchestrator') is None\n"
+        "import numpy as np, onnxruntime as ort\n"
+        "s = ort.InferenceSession(sys.argv[2], providers=['CPUExecutionProvider'])\n"
+        "np.save(sys.argv[4], s.run(None, {'images': np.load(sys.argv[3])})[0])\n"
+    )
+    site = sysconfig.get_paths()["purelib"]
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    subprocess.run([sys.executable, "-S", "-c", code, site, str(onnx_file), str(tmp_path / "batch.npy"),
+                    str(tmp_path / "out.npy")], cwd=tmp_path, env=env, check=True, timeout=300)
+    got = np.load(tmp_path / "out.npy")
+    with torch.no_grad():
+        expected = classifier.model(torch.from_numpy(batch)).numpy()
+    assert got.shape == (5, 4)
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)

@@ -1,0 +1,142 @@
+"""Data-parallel evaluation of a classification checkpoint (runs inside Ray Train workers).
+
+`eval_loop_per_worker(cfg)` builds the model from the weights in its `EvalConfig` (loaded and checked on the
+driver, so every node gets them whatever storage it sees), evaluates its shard of the validation split, and
+sums counts across workers: loss, top-1 and top-5 hits, per-class hits and totals and the confusion matrix.
+The result is exact (the same sums as one process over the whole split), not an average of per-worker
+averages. Every worker reports it; rank 0's report carries the per-class counts and the confusion matrix, and a
+checkpoint folder holding them as `eval.json`.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from dataclasses import dataclass, field
+from typing import Any
+
+from workloads.classification.config import DataPlan
+from workloads.classification.recipe import InputConfig
+
+log = logging.getLogger(__name__)
+RESULT_FILE = "eval.json"
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    model_name: str
+    state_dict: dict  # the weights, as tensors
+    data: DataPlan
+    model_overrides: dict[str, Any] = field(default_factory=dict)
+    inputs: InputConfig = field(default_factory=InputConfig)
+    batch_size: int = 32
+    loader_workers: int = 4
+    label_smoothing: float = 0.0  # as in training, so that eval/loss equals the logged val/loss
+    autocast: str = "fp32"
+    channels_last: bool = False
+    verbosity: int = 0
+
+
+def confusion_counts(logits, targets, num_classes: int):
+    """(C, C) int64 counts: row = true class, column = predicted class."""
+    import torch
+
+    pred = logits.argmax(1)
+    return torch.bincount(targets * num_classes + pred, minlength=num_classes * num_classes).reshape(
+        num_classes, num_classes)
+
+
+def evaluate_shard(model, loader, num_classes: int, criterion, device, amp_dtype=None, channels_last=False):
+    """Summed counts over this worker's shard: {"loss_sum", "n", "top1", "top5", "failures", "confusion",
+    "top5_per_class"} as float64 / int64 tensors (to be all-reduced)."""
+    import torch
+
+    model.eval()
+    totals = torch.zeros(5, dtype=torch.float64, device=device)  # loss_sum, top1, top5, n, failures
+    confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
+    top5_per_class = torch.zeros(num_classes, dtype=torch.int64, device=device)
+    with torch.no_grad():
+        for images, targets, failures in loader:
+            images, targets = images.to(device), targets.to(device)
+            if channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
+            with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+                logits = model(images)
+            logits = logits.float()
+            hits = logits.topk(min(5, num_classes), dim=1).indices.eq(targets[:, None])
+            n = targets.shape[0]
+            totals += torch.tensor([criterion(logits, targets).item() * n, hits[:, 0].sum().item(),
+                                    hits.any(dim=1).sum().item(), n, failures.sum().item()],
+                                   dtype=torch.float64, device=device)
+            confusion += confusion_counts(logits, targets, num_classes)
+            top5_per_class += torch.bincount(targets[hits.any(dim=1)], minlength=num_classes)
+    return totals, confusion, top5_per_class
+
+
+def summarize(totals, confusion, top5_per_class, classes) -> dict[str, Any]:
+    """Metrics from the summed counts (plain Python values)."""
+    loss_sum, top1, top5, n, failures = totals.tolist()
+    per_class_total = confusion.sum(1).tolist()
+    per_class_hits = confusion.diagonal().tolist()
+    n = max(n, 1.0)
+    return {
+        "eval/loss": loss_sum / n,
+        "eval/top1": top1 / n,
+        "eval/top5": top5 / n,
+        "eval/images": int(sum(per_class_total)),
+        "eval/failed_images": int(failures),
+        "per_class": {c: {"images": t, "top1": (h / t if t else None), "top5": (f / t if t else None)}
+                      for c, t, h, f in zip(classes, per_class_total, per_class_hits, top5_per_class.tolist())},
+        "confusion": confusion.tolist(),
+    }
+
+
+def eval_loop_per_worker(cfg: EvalConfig) -> None:
+    import ray.train
+    import ray.train.torch
+    import torch
+
+    from workloads.classification.data import ShardSampler, make_dataset
+    from workloads.classification.loop import all_reduce
+    from workloads.classification.transforms import build_val_transform
+    from workloads.logs import configure, quiet_ray_train_reports
+    from workloads.models import build_model
+
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    configure(cfg.verbosity if rank == 0 else min(cfg.verbosity, -1))
+    quiet_ray_train_reports(cfg.verbosity)
+    device = ray.train.torch.get_device()
+    classes = list(cfg.data.classes)
+    model = build_model(cfg.model_name, **{**cfg.model_overrides, "num_classes": len(classes)})
+    model.load_state_dict(cfg.state_dict, strict=True)
+    model.to(device)
+    channels_last = cfg.channels_last and device.type == "cuda"
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    amp_dtype = None
+    if cfg.autocast != "fp32" and device.type == "cuda":
+        amp_dtype = torch.bfloat16 if cfg.autocast == "bf16" else torch.float16
+
+    dataset = make_dataset(cfg.data.val_dir, classes, cfg.data.val_skip, build_val_transform(cfg.inputs))
+    loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.batch_size, num_workers=cfg.loader_workers,
+                                         sampler=ShardSampler(len(dataset), rank, world),
+                                         pin_memory=device.type == "cuda")
+    log.info("evaluating %s on %d images (%d classes), %d worker(s)", cfg.model_name, len(dataset), len(classes),
+             world)
+    criterion = torch.nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    totals, confusion, top5_per_class = evaluate_shard(model, loader, len(classes), criterion, device, amp_dtype,
+                                                       channels_last)
+    for tensor in (totals, confusion, top5_per_class):
+        all_reduce(tensor)
+    result = summarize(totals.cpu(), confusion.cpu(), top5_per_class.cpu(), classes)
+    if rank != 0:  # the large parts travel once
+        ray.train.report({k: v for k, v in result.items() if k not in ("per_class", "confusion")})
+        return
+    # Ray Train hands the driver the metrics of the latest checkpoint: rank 0 reports its result as one
+    # (`eval.json`), which also keeps it in the run's storage.
+    with tempfile.TemporaryDirectory(prefix="cvlab-eval-") as tmp:
+        with open(os.path.join(tmp, RESULT_FILE), "w") as fh:
+            json.dump(result, fh)
+        ray.train.report(result, checkpoint=ray.train.Checkpoint.from_directory(tmp))

@@ -1,0 +1,85 @@
+"""Messages go through `logging`: one logger per module (`logging.getLogger(__name__)`), configured once per
+process: by the CLI (`-v` / `-q`) or the run lifecycle on the driver, by the worker function in a Ray worker.
+
+Progress (INFO) goes to stdout as plain lines; warnings and errors go to stderr as `cvlab: warning: ...`.
+Verbosity: -1 quiet (warnings and errors only), 0 progress, 1 debug plus Ray's own info chatter.
+"""
+from __future__ import annotations
+
+import logging
+import sys
+import warnings
+
+OUR_LOGGERS = ("orchestrator", "workloads")
+_state = {"verbosity": None}
+
+
+class _Formatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        message = record.getMessage()
+        if record.exc_info and record.levelno >= logging.ERROR:
+            message += "\n" + self.formatException(record.exc_info)
+        if record.levelno >= logging.WARNING:
+            return f"cvlab: {record.levelname.lower()}: {message}"
+        return message
+
+
+class _CurrentStream(logging.StreamHandler):
+    """Writes to whatever sys.stdout / sys.stderr is at the time (test capture and Ray replace them)."""
+
+    def __init__(self, name: str, level_filter):
+        super().__init__()
+        self._name = name
+        self.addFilter(level_filter)
+
+    @property
+    def stream(self):
+        return getattr(sys, self._name)
+
+    @stream.setter
+    def stream(self, _value):  # StreamHandler.__init__ assigns it
+        pass
+
+
+def configure(verbosity: int = 0) -> None:
+    """(Re)configure the cvlab loggers; Ray's Python loggers are kept to warnings unless `verbosity` >= 1."""
+    level = logging.WARNING if verbosity < 0 else logging.DEBUG if verbosity > 0 else logging.INFO
+    out = _CurrentStream("stdout", lambda r: r.levelno < logging.WARNING)
+    err = _CurrentStream("stderr", lambda r: r.levelno >= logging.WARNING)
+    for handler in (out, err):
+        handler.setFormatter(_Formatter())
+    for name in OUR_LOGGERS:
+        logger = logging.getLogger(name)
+        logger.handlers[:] = [out, err]
+        logger.setLevel(level)
+        logger.propagate = False
+    # Other libraries' progress chatter (Ray's start-up, MLflow's database and system-metrics notes) only with -v.
+    for name in ("ray", "mlflow"):
+        logging.getLogger(name).setLevel(logging.INFO if verbosity > 0 else logging.WARNING)
+    if verbosity < 1:  # the OpenMMLab stack's deprecation notices, every time it is imported
+        warnings.filterwarnings("ignore", message="pkg_resources is deprecated")
+        warnings.filterwarnings("ignore", category=UserWarning, module=r"(mmengine|mmseg|mmdet|mmcv)(\.|$)")
+    _state["verbosity"] = verbosity
+
+
+def ensure_configured() -> None:
+    """Configure with the default verbosity unless the CLI (or a caller) already did."""
+    if _state["verbosity"] is None:
+        configure(0)
+
+
+def verbosity() -> int:
+    """The configured verbosity (0 when not configured); workers get it to set their own output."""
+    return _state["verbosity"] or 0
+
+
+def quiet_ray_train_reports(verbosity: int) -> None:
+    """In a Ray Train worker: Ray logs every `ray.train.report` call with its whole metrics dict at INFO,
+    which buries the run's own progress. Keep that to warnings unless `verbosity` >= 1."""
+    try:
+        from ray.train.v2._internal.execution import context as train_context
+    except ImportError:  # another Ray version: nothing to quiet
+        return
+    logger = getattr(train_context, "logger", None)
+    if isinstance(logger, logging.Logger):
+        logger.setLevel(logging.INFO if verbosity > 0 else logging.WARNING)

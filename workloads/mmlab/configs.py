@@ -1,0 +1,63 @@
+"""Finding, listing and loading the mmengine config files a workload ships (`<package>/configs/`)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def list_configs(config_dir: Path) -> list[str]:
+    """The runnable configs under `config_dir`, relative to it (shared bases in `_base_/` left out)."""
+    return sorted(str(p.relative_to(config_dir)) for p in Path(config_dir).rglob("*.py")
+                  if "_base_" not in p.relative_to(config_dir).parts)
+
+
+def resolve_config_path(name: str, config_dir: Path, what: str = "config") -> Path:
+    """A config path as given, or a file under `config_dir` (".py" optional). `what` names the setting in
+    messages (e.g. 'segmentation.config')."""
+    if not name:
+        example = next(iter(list_configs(config_dir)), "")
+        raise ValueError(f"{what} is empty: name a config, e.g. {example!r} (see {config_dir})")
+    for cand in (Path(name), config_dir / name, config_dir / f"{name}.py"):
+        if cand.is_file():
+            return cand.resolve()
+    raise ValueError(f"{what}={name!r}: no such file (neither a path nor one of {config_dir}: "
+                     f"{', '.join(list_configs(config_dir))})")
+
+
+def load_config(name: str, config_dir: Path, what: str = "config"):
+    """The mmengine `Config` of `name` (imports its `custom_imports`); ValueError naming the file."""
+    from mmengine.config import Config
+
+    path = resolve_config_path(name, config_dir, what)
+    try:
+        return Config.fromfile(str(path))
+    except Exception as err:  # syntax errors, missing mmdet::/mmseg:: bases, failed custom_imports
+        raise ValueError(f"cannot load config {path}: {type(err).__name__}: {err}") from err
+
+
+def set_num_classes(model_cfg, n: int) -> int:
+    """Set `num_classes` in every part of a model config that has one (all heads); returns how many."""
+    hits = 0
+    if isinstance(model_cfg, dict):
+        for key, value in model_cfg.items():
+            if key == "num_classes":
+                model_cfg[key] = n
+                hits += 1
+            else:
+                hits += set_num_classes(value, n)
+    elif isinstance(model_cfg, (list, tuple)):
+        hits += sum(set_num_classes(v, n) for v in model_cfg)
+    return hits
+
+
+def build_on_meta(model_cfg, scope: str):
+    """Build a model config of scope 'mmdet' / 'mmseg' on the meta device (sizes and config errors only:
+    no weights are allocated or initialised)."""
+    import importlib
+
+    import torch
+    from mmengine.registry import DefaultScope
+
+    registry = importlib.import_module(f"{scope}.registry").MODELS
+    # Nested types (heads, losses) resolve in this scope; the process's default scope is left as it was.
+    with DefaultScope.overwrite_default_scope(scope), torch.device("meta"):
+        return registry.build(model_cfg)

@@ -1,0 +1,122 @@
+# ruff: noqa: C408  (mmengine configs are written as dict(...))
+"""The Ray Train worker: one mmengine `Runner` per worker, inside the process group Ray set up.
+
+Ray's `TorchTrainer` has already called `torch.distributed.init_process_group` (gloo on CPU, nccl on GPU)
+before `train_worker` runs. mmengine's Runner only calls `init_dist` when `launcher != 'none'` *and* no
+default group exists (`Runner.setup_env`), so with `launcher='pytorch'` it adopts Ray's group: ranks come from
+`mmengine.dist.get_dist_info()`, samplers shard by them, and the model is wrapped for DDP (with the BN
+policy of `norm`). `launcher='none'` would make every worker train alone on the full data.
+
+    TorchTrainer(train_worker, train_loop_config=MMWorkerConfig(cfg=cfg.to_dict(), scope='mmseg', ...), ...)
+"""
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from .worker_config import MMWorkerConfig
+
+log = logging.getLogger(__name__)
+
+
+def _restore_checkpoint(work_dir: Path) -> Path | None:
+    """Copy the checkpoint Ray hands a restarted (or resumed) run into work_dir; return its path."""
+    import ray.train
+
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is None:
+        return None
+    with ckpt.as_directory() as d:
+        files = sorted(Path(d).glob("*.pth"))
+        if not files:
+            return None
+        dst = work_dir / files[-1].name
+        if not dst.exists():
+            shutil.copy2(files[-1], dst)
+    return dst
+
+
+def import_custom_modules(cfg) -> None:
+    """Import the config's `custom_imports` in this process (a config dict does not import them itself)."""
+    for name in (cfg.get("custom_imports") or {}).get("imports", []):
+        importlib.import_module(name)
+
+
+def train_worker(config: MMWorkerConfig) -> None:
+    """`train_loop_per_worker` of an OpenMMLab TorchTrainer."""
+    if not isinstance(config, MMWorkerConfig):
+        raise TypeError(f"train_worker expects an MMWorkerConfig, got {type(config).__name__}")
+    import ray.train
+    import ray.train.torch
+    import torch
+    from mmengine.config import Config
+    from mmengine.runner import Runner
+
+    from workloads.logs import configure, quiet_ray_train_reports
+
+    from .checkpoints import allow_mmengine_checkpoints
+    from .hooks import KillDrillHook, MlflowRank0Hook, RayTrainReportHook
+    from .norm import norm_for
+
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    # Rank 0 speaks for the group; the others only warn.
+    configure(config.verbosity if rank == 0 else min(config.verbosity, -1))
+    quiet_ray_train_reports(config.verbosity)
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    os.environ.setdefault("LOCAL_RANK", str(ctx.get_local_rank()))
+
+    cfg = Config(dict(config.cfg))
+    import_custom_modules(cfg)
+    cfg.default_scope = cfg.get("default_scope") or config.scope
+    if config.verbosity < 0:
+        cfg.log_level = "WARNING"  # mmengine's own logger (rank 0 prints; the others only errors)
+    # Each node writes its own logs; checkpoints are written by rank 0 only (mmengine master_only).
+    root = Path(config.work_root or Path(tempfile.gettempdir()) / f"cvlab-{config.param_prefix}")
+    work_dir = root / config.run_id / f"rank{rank}"
+    work_dir.mkdir(parents=True, exist_ok=True)
+    cfg.work_dir = str(work_dir)
+
+    device = ray.train.torch.get_device()
+    if device.type == "cuda":  # mmengine moves the model to the current CUDA device
+        torch.cuda.set_device(device)
+    distributed = world > 1 and torch.distributed.is_available() and torch.distributed.is_initialized()
+    cfg.launcher = "pytorch" if distributed else "none"
+    if distributed:
+        cfg.model_wrapper_cfg = dict(
+            type="NormDistributedDataParallel",
+            norm=norm_for(config.sync_bn, device.type, distributed),
+            # DDP on CPU takes no device ids; on GPU the device Ray assigned to this worker.
+            device_ids=[device.index] if device.type == "cuda" else None,
+            broadcast_buffers=False,
+            find_unused_parameters=bool(cfg.get("find_unused_parameters", False)),
+        )
+
+    resume_from = _restore_checkpoint(work_dir)
+    if resume_from is not None:
+        cfg.resume = True
+        cfg.load_from = str(resume_from)
+        log.info("rank %d: resuming from %s", rank, resume_from.name)
+
+    runner = Runner.from_cfg(cfg)
+    runner.register_hook(RayTrainReportHook(config.metric_names))
+    if config.epoch_logger is not None and rank == 0:
+        runner.register_hook(MlflowRank0Hook(config.epoch_logger, interval=config.log_every,
+                                             params=dict(config.params), metric_names=config.metric_names,
+                                             param_prefix=config.param_prefix))
+    if config.kill_at is not None and config.kill_marker:
+        runner.register_hook(KillDrillHook(*config.kill_at, marker=config.kill_marker))
+    from workloads.system_metrics import start_system_metrics
+
+    monitor = start_system_metrics(config.system_metrics)
+    try:
+        with allow_mmengine_checkpoints():
+            runner.train()
+    finally:
+        if monitor is not None:
+            monitor.stop()

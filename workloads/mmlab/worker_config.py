@@ -1,0 +1,60 @@
+"""The typed, frozen configuration a Ray Train worker of an OpenMMLab workload receives (no heavy imports)."""
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+# Registry scope -> prefix of the worker's own MLflow params ("det.world_size", "seg.num_params", ...).
+SCOPES = {"mmdet": "det", "mmseg": "seg"}
+SYNC_BN_MODES = ("auto", "on", "off")  # see workloads.mmlab.norm
+
+
+@dataclass(frozen=True)
+class MMWorkerConfig:
+    """What `workloads.mmlab.worker.train_worker` needs.
+
+    cfg: the final mmengine config as a plain dict (`Config.to_dict()`), built and checked on the driver.
+    scope: the registry scope of the config, 'mmdet' or 'mmseg'.
+    run_id: names the work dirs (the MLflow run id).
+    epoch_logger: what rank 0 logs metrics through (`logged_epochs()`, `log_epoch(step, metrics)`, `flush()`,
+      `log_params(params)`); None: no MLflow logging. system_metrics: has `start(node_id)` / `stop()`, or None.
+    log_every: iterations between loss points in MLflow. params: extra MLflow params logged by rank 0.
+    threads: torch threads per worker (0: torch's default).
+    sync_bn: 'auto' (SyncBN on GPU, plain BN on CPU), 'on' (synchronised on CPU too), 'off'.
+    metric_names: evaluator key -> reported name (e.g. {'mIoU': 'val/mIoU'}); others become `val/<key>`.
+    work_root: where each rank's mmengine work_dir goes (`<work_root>/<run_id>/rank<r>`); None: the temp dir.
+    kill_at / kill_marker: the `run.fault_kill_rank_at` drill (see `hooks.KillDrillHook`).
+    verbosity: the driver's (`workloads.logs`): -1 quiet, 0 progress, 1 debug and Ray's chatter.
+    """
+
+    cfg: dict[str, Any]
+    scope: str
+    run_id: str
+    epoch_logger: Any = None
+    system_metrics: Any = None
+    log_every: int = 10
+    params: Mapping[str, Any] = field(default_factory=dict)
+    threads: int = 0
+    sync_bn: str = "auto"
+    metric_names: Mapping[str, str] = field(default_factory=dict)
+    work_root: str | None = None
+    kill_at: tuple[int, int, int] | None = None  # fault drill: (epoch, step, rank)
+    kill_marker: str | None = None
+    verbosity: int = 0
+
+    def __post_init__(self):
+        if self.scope not in SCOPES:
+            raise ValueError(f"scope={self.scope!r}: expected one of {sorted(SCOPES)}")
+        if self.sync_bn not in SYNC_BN_MODES:
+            raise ValueError(f"sync_bn={self.sync_bn!r}: expected one of {SYNC_BN_MODES}")
+        if not isinstance(self.cfg, Mapping) or "model" not in self.cfg:
+            raise ValueError("cfg must be an mmengine config as a dict (Config.to_dict()) with a 'model'")
+        if not self.run_id:
+            raise ValueError("run_id must be a non-empty string (it names the work dir and the MLflow run)")
+        if self.log_every < 1 or self.threads < 0:
+            raise ValueError(f"log_every={self.log_every} must be >= 1 and threads={self.threads} >= 0")
+
+    @property
+    def param_prefix(self) -> str:
+        return SCOPES[self.scope]
