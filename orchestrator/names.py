@@ -25,6 +25,9 @@ PARENT_RUN_TAG = "mlflow.parentRunId"  # MLflow's own: nests a run under another
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"  # MLflow's own: which view the UI opens an experiment in
 EXPERIMENT_KIND = "custom_model_development"
 
+# ---- MLflow params
+SEARCHED_PARAM_PREFIX = "searched."  # + spec path: a trial's searched value, short (`searched.optim.lr` = 0.0031)
+
 # ---- MLflow artifacts of a run
 RESOLVED_SPEC_ARTIFACT = "resolved.yaml"
 BEST_CHECKPOINT_ARTIFACT = "checkpoints/best"

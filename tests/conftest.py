@@ -1,7 +1,14 @@
-"""Shared pytest set-up: the `gpu` marker skips itself when no CUDA device is usable."""
+"""Shared pytest set-up: the `gpu` marker skips itself when no CUDA device is usable; a Ray cluster and a real
+MLflow server (`mlflow_server`) for the tests that need them."""
 from __future__ import annotations
 
 import os
+import random
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
 
 import pytest
 
@@ -49,3 +56,108 @@ def ray_cluster():
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=True)
     yield
     ray.shutdown()
+
+
+# A real MLflow server that tests stop and start again (the tracking-outage guarantees).
+
+def _free_port() -> int:
+    """A free port below Linux's ephemeral range (32768+) and above Ray's worker ports (10002-19999), so
+    that no connection or `bind(0)` takes it while a stopped server is away."""
+    rng = random.Random()
+    for _ in range(200):
+        port = rng.randrange(20000, 32000)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port in 20000-32000")
+
+
+class _Server:
+    """A real `mlflow server` on 127.0.0.1 with a sqlite backend; stop() and start() again on the same port."""
+
+    def __init__(self, tmp, port):
+        self.tmp, self.port, self.proc = tmp, port, None
+        self.uri = f"http://127.0.0.1:{port}"
+
+    def start(self, timeout=120):
+        with socket.socket() as probe:  # a restart must get its port back, or the test says so
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as servers do: TIME_WAIT is fine
+            try:
+                probe.bind(("127.0.0.1", self.port))
+            except OSError as err:
+                raise RuntimeError(f"port {self.port} was taken while the MLflow server was down: {err}") from err
+        env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(self.port),
+             "--workers", "1", "--backend-store-uri", f"sqlite:///{self.tmp}/server.db",
+             "--default-artifact-root", str(self.tmp / "artifacts")],
+            env=env, stdout=subprocess.DEVNULL, stderr=open(self.tmp / "server.log", "ab"),
+            start_new_session=True,
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"mlflow server exited: {(self.tmp / 'server.log').read_text()[-2000:]}")
+            try:
+                with urllib.request.urlopen(self.uri + "/health", timeout=2):
+                    return
+            except OSError:
+                time.sleep(0.5)
+        raise RuntimeError("mlflow server did not start")
+
+    def stop(self):
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, 15)  # its own session: the server and its uvicorn worker
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, 9)
+                self.proc.wait(10)
+        self.proc = None
+
+    def away_between(self, stop_when, back_when, timeline: list[str], timeout_s: float = 400):
+        """A started thread that stops the server once `stop_when()` is true and starts it again 5 s after
+        `back_when()` is (well within the run's end-of-run wait), noting both in `timeline`: `stopped`, then
+        `started`. The conditions may raise (a read racing the run's writes, or the server going away): the
+        thread polls again."""
+        import threading
+
+        def poll(condition) -> bool:
+            deadline = time.monotonic() + timeout_s
+            while time.monotonic() < deadline:
+                try:
+                    if condition():
+                        return True
+                except Exception:  # noqa: BLE001, S110 - see the docstring
+                    pass
+                time.sleep(0.3)
+            return False
+
+        def outage():
+            if poll(stop_when):
+                self.stop()
+                timeline.append("stopped")
+                if poll(back_when):
+                    time.sleep(5)
+                    self.start()
+                    timeline.append("started")
+
+        thread = threading.Thread(target=outage, daemon=True)
+        thread.start()
+        return thread
+
+
+@pytest.fixture
+def free_port() -> int:
+    return _free_port()
+
+
+@pytest.fixture
+def mlflow_server(tmp_path):
+    server = _Server(tmp_path, _free_port())
+    server.start()
+    yield server
+    server.stop()

@@ -396,3 +396,33 @@ def test_mmengine_checkpoint_needs_the_allow_list(tmp_path):
     assert ckpt["message_hub"]["log_scalars"]["train/loss"].current() == 1.5
     with pytest.raises(Exception, match="Weights only load failed"):
         torch.load(path)  # the allow-list is scoped to the context, not global
+
+
+def test_eval_checks_the_weights_against_the_model_before_workers(tmp_path, coco_root):
+    """`cvlab eval` of a detection checkpoint: weights of another model are refused on the driver, naming what
+    does not fit; the weights of this model pass (and are what the workers get)."""
+    from orchestrator.config.loader import load_spec
+    from orchestrator.drivers import evaluator_for
+    from orchestrator.errors import CvlabError
+    from orchestrator.inference.sources import resolve_source
+
+    spec = load_spec("experiments/det_quickstart.yaml", [f"detection.data_root={coco_root}"])
+    _cfg, model = evaluator_for(spec, None).config_and_model()
+    weights = {k: torch.zeros(v.shape) for k, v in model.state_dict().items()}
+    torch.save({"meta": {"epoch": 1}, "state_dict": weights}, tmp_path / "epoch_1.pth")
+    job = evaluator_for(spec, resolve_source(str(tmp_path / "epoch_1.pth")))
+    job.prepare()
+    assert set(job.state_dict) == set(weights)
+
+    wrong = dict(weights)
+    del wrong[next(k for k in wrong if k.startswith("backbone."))]
+    first_neck = next(k for k in wrong if k.startswith("neck.") and k.endswith("weight"))
+    wrong[first_neck] = torch.zeros(3, 3)
+    wrong["extra.weight"] = torch.zeros(1)
+    torch.save({"state_dict": wrong}, tmp_path / "other.pth")
+    with pytest.raises(CvlabError, match=r"does not fit the model.*missing 1 .*unexpected 1 \(extra.weight\).*"
+                                         r"wrong-shaped 1"):
+        evaluator_for(spec, resolve_source(str(tmp_path / "other.pth"))).prepare()
+    torch.save({"state_dict": weights}, tmp_path / "model.pt")
+    with pytest.raises(CvlabError, match="cvlab checkpoint; detection evaluates mmengine checkpoints"):
+        evaluator_for(spec, resolve_source(str(tmp_path / "model.pt"))).prepare()

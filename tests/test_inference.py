@@ -172,3 +172,43 @@ def _runs_with_onnxruntime_alone(trained, onnx_file, tmp_path):
         expected = classifier.model(torch.from_numpy(batch)).numpy()
     assert got.shape == (5, 4)
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_eval_of_a_published_mmcls_rednet_file(trained, tmp_path, capsys):
+    """A file in the published mmcls RedNet layout, with mmcv 1.x numpy scalars in its `meta`, evaluated with
+    `--format mmcls` (the spec names the architecture): loaded under the allow-list, and its top-1 is exactly
+    what the same weights score when evaluated here directly, image by image."""
+    import numpy as np
+    import torch
+    from mlflow import MlflowClient
+    from test_models import published_rednet_state_dict
+
+    from orchestrator.cli import main
+    from orchestrator.config.loader import load_spec
+    from orchestrator.drivers.classification import prepare_data
+    from workloads.classification.data import make_dataset
+    from workloads.classification.transforms import build_val_transform
+    from workloads.models import build_model, load_published_rednet
+
+    payload = published_rednet_state_dict(26, num_classes=4, seed=3)
+    payload["meta"]["hook_msgs"] = {"best_score": np.float64(0.61), "best_epoch": np.int64(90)}
+    torch.save(payload, tmp_path / "rednet26_published.pth")
+    capsys.readouterr()
+    assert main(["eval", _yaml(trained), "--checkpoint", str(tmp_path / "rednet26_published.pth"),
+                 "--format", "mmcls", "--set", "model.name=rednet26"]) == 0, capsys.readouterr().err
+
+    spec = load_spec(_yaml(trained), ["model.name=rednet26"])
+    data = prepare_data(spec)
+    model = build_model("rednet26", num_classes=4).eval()
+    load_published_rednet(model, payload)
+    val = make_dataset(data.val_dir, list(data.classes), data.val_skip, build_val_transform(spec.data.input_config()))
+    with torch.no_grad():
+        correct = sum(int(model(image[None]).argmax(1).item() == label) for image, label in val)
+
+    client = MlflowClient(trained["uri"])
+    exp = client.get_run(trained["summary"]["run_id"]).info.experiment_id
+    ev = client.search_runs([exp], "tags.`cvlab.job` = 'eval'", order_by=["attributes.start_time DESC"])[0]
+    assert ev.data.params["eval.format"] == "mmcls" and ev.data.params["eval.model"] == "rednet26"
+    assert ev.data.metrics["eval/images"] == len(val) == 12
+    assert ev.data.metrics["eval/top1"] == pytest.approx(correct / len(val), abs=1e-6)  # the same count

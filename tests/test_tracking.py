@@ -45,39 +45,6 @@ def test_unreachable_server_is_a_clear_error():
     assert time.perf_counter() - start < 10
 
 
-# The smallest experiment file of each workload that would start a run (generating its data first).
-WORKLOAD_SECTIONS = {
-    "classification": "data: {{root: {root}, generate: true}}\n",
-    "detection": "workload: detection\n"
-                 "detection: {{config: quickstart/mask-rcnn_cednet26_fpn64_tiny.py, data_root: {root}, generate: true}}\n",
-}
-
-
-@pytest.mark.parametrize("workload", sorted(WORKLOAD_SECTIONS))
-def test_run_with_unreachable_server_does_not_start(tmp_path, capsys, monkeypatch, workload):
-    """Nothing is created: no MLflow run (nor a fallback mlflow.db), no data, no Ray Train run folder, no Ray."""
-    import psutil
-    import ray
-
-    from orchestrator.cli import main
-
-    monkeypatch.chdir(tmp_path)
-    before = {p.pid for p in psutil.Process().children(recursive=True)}
-    yaml_file = tmp_path / "exp.yaml"
-    yaml_file.write_text(
-        WORKLOAD_SECTIONS[workload].format(root=tmp_path / "data")
-        + f"run: {{storage_path: {tmp_path}/runs}}\n"
-        "tracking: {tracking_uri: 'http://127.0.0.1:9'}\n"
-    )
-    assert main(["run", str(yaml_file)]) == 2
-    err = capsys.readouterr().err
-    assert "unreachable" in err and "not started" in err and "Traceback" not in err
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["exp.yaml"]  # no data, runs/, mlflow.db
-    assert not ray.is_initialized()
-    started = [p for p in psutil.Process().children(recursive=True) if p.pid not in before]
-    assert not [p for p in started if p.name().startswith(("raylet", "gcs_server"))]
-
-
 def test_experiment_run_params_and_epoch_logger(db):
     from orchestrator.names import ERROR_TAG
     from orchestrator.tracking.epoch_logger import MlflowEpochLogger

@@ -296,6 +296,8 @@ def test_search_killed_then_resumed(tmp_path, monkeypatch, capsys):
         steps = _steps(client, rid)
         assert steps == sorted(set(steps)) and steps and steps[0] == 1  # each epoch logged once
         assert "model.reduction_ratio" in r.data.params and "model.params" in r.data.params
+        searched = {k: v for k, v in r.data.params.items() if k.startswith("searched.")}
+        assert searched == {"searched.model.reduction_ratio": r.data.params["model.reduction_ratio"]}
         reason = r.data.tags["cvlab.end_reason"]
         if r.info.status == "FINISHED":
             assert reason == "completed" and steps[-1] == 3 and r.data.metrics["epoch"] == 3

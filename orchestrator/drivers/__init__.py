@@ -18,6 +18,8 @@ DRIVERS = {
 # workload name -> its evaluation job (`cvlab eval`)
 EVALUATORS = {
     "classification": "orchestrator.drivers.classification:ClassificationEval",
+    "detection": "orchestrator.drivers.detection:DetectionEval",
+    "segmentation": "orchestrator.drivers.segmentation:SegmentationEval",
 }
 
 

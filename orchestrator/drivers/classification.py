@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from orchestrator.drivers.evaluation import SourceEval
 from orchestrator.errors import CvlabError
 from orchestrator.names import BEST_CHECKPOINT_ARTIFACT, FAULT_MARKER_FILE, LAST_CHECKPOINT_ARTIFACT
 from orchestrator.runs.job import Job, RunContext
@@ -244,30 +245,19 @@ class ClassificationDriver(Job):
         return lines
 
 
-class ClassificationEval(ClassificationDriver):
+class ClassificationEval(SourceEval, ClassificationDriver):
     """`cvlab eval` of a classification checkpoint: data-parallel over the validation split, counts summed
     exactly across workers; a new MLflow run tagged with the source run gets top-1/top-5, per-class accuracy
     and a confusion-matrix picture."""
 
-    kind = "eval"
     best_metric = "eval/top1"
     reported_metrics = ("eval/top1", "eval/top5", "eval/loss")
 
     def __init__(self, spec, source, data=None):
-        super().__init__(spec, data=data)
-        self.source = source  # orchestrator.inference.sources.Source
+        super().__init__(spec, source, data=data)
         self.model_name = ""
         self.overrides: dict[str, Any] = {}
         self.state_dict: dict = {}
-
-    def run_name(self) -> str:
-        return f"eval-{self.spec.run.name or self.spec.experiment.name}"
-
-    def tags(self) -> dict[str, str]:
-        from orchestrator.inference.sources import short_run_label
-        from orchestrator.names import SOURCE_RUN_TAG
-
-        return {SOURCE_RUN_TAG: short_run_label(self.source)}
 
     def prepare(self) -> None:
         from orchestrator.inference.sources import read_classifier
@@ -306,8 +296,7 @@ class ClassificationEval(ClassificationDriver):
             log.info("%s", note)
 
     def params(self) -> dict[str, Any]:
-        return {**super().params(), "eval.source": self.source.given, "eval.format": self.source.format,
-                "eval.model": self.model_name}
+        return {**super().params(), "eval.model": self.model_name}
 
     def worker(self):
         from workloads.classification.evaluation import eval_loop_per_worker
@@ -328,11 +317,9 @@ class ClassificationEval(ClassificationDriver):
         import tempfile
 
         from orchestrator.inference.reports import confusion_png, per_class_table
-        from orchestrator.tracking.runs import log_metrics
 
         metrics = dict(result.metrics or {})
-        scalars = {k: float(v) for k, v in metrics.items() if k.startswith("eval/")}
-        log_metrics(ctx.client, ctx.run_id, scalars, step=0)
+        scalars = self.log_eval_metrics(result, ctx)
         classes = list(self.data.classes)
         with tempfile.TemporaryDirectory(prefix="cvlab-eval-") as tmp:
             for path in per_class_table(metrics["per_class"], tmp):
@@ -342,6 +329,6 @@ class ClassificationEval(ClassificationDriver):
 
     def summary_lines(self, summary: dict[str, Any]) -> list[str]:
         m = summary["metrics"]
-        return [f"  source          {self.source.given} ({self.source.format})",
+        return [self.source_line(),
                 f"  eval            top-1 {m['eval/top1']:.4f}  top-5 {m['eval/top5']:.4f}  loss "
                 f"{m['eval/loss']:.4f} on {int(m['eval/images'])} images"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from orchestrator.drivers.openmmlab import OpenMMLabDriver
+from orchestrator.drivers.openmmlab import OpenMMLabDriver, OpenMMLabEval
 from orchestrator.errors import CvlabError
 
 log = logging.getLogger(__name__)
@@ -74,3 +74,10 @@ class DetectionDriver(OpenMMLabDriver):
         from workloads.detection.runner import worker_config
 
         return worker_config(cfg, **kwargs)
+
+
+class DetectionEval(OpenMMLabEval, DetectionDriver):
+    """`cvlab eval` of a detection checkpoint: bbox (and segm) mAP from one COCO evaluation over all shards."""
+
+    best_metric = "eval/bbox_mAP"
+    reported_metrics = tuple(k.replace("val/", "eval/", 1) for k in DetectionDriver.reported_metrics)

@@ -12,6 +12,7 @@ import logging
 import os
 from typing import Any
 
+from orchestrator.drivers.evaluation import SourceEval
 from orchestrator.errors import CvlabError
 from orchestrator.names import BEST_CHECKPOINT_ARTIFACT, FAULT_MARKER_FILE, LAST_CHECKPOINT_ARTIFACT
 from orchestrator.runs.job import Job, RunContext
@@ -145,3 +146,59 @@ class OpenMMLabDriver(Job):
         m = summary.get("metrics", {})
         shown = "  ".join(f"{k} {m[k]:.4g}" for k in self.reported_metrics[:3] if k in m)
         return [f"  final {self.step_metric:<9} {m.get(self.step_metric)}: {shown}"]
+
+
+class OpenMMLabEval(SourceEval):
+    """`cvlab eval` of an mmdet / mmseg checkpoint, mixed in before the workload's driver
+    (`class DetectionEval(OpenMMLabEval, DetectionDriver)`): the driver's data check and config, the weights
+    checked against the config's model on the driver, then one validation on every worker's shard, the metric
+    computed by mmengine's evaluator over all shards together (`workloads.mmlab.worker`)."""
+
+    def __init__(self, spec, source, data=None):
+        super().__init__(spec, source, data=data)
+        self.state_dict: dict = {}
+
+    def prepare(self) -> None:
+        super().prepare()
+        if self.source.format != "mmengine":
+            raise CvlabError(f"{self.source.given} is a {self.source.format} checkpoint; {self.workload} evaluates "
+                             f"mmengine checkpoints (.pth, as written by {self.scope} or by `cvlab run`)")
+        self.state_dict = self._read_weights()
+
+    def _read_weights(self) -> dict:
+        """The checkpoint's state dict, with its keys and shapes checked against the config's model."""
+        from workloads.mmlab.checkpoints import load_checkpoint_file
+
+        try:
+            payload = load_checkpoint_file(self.source.path)
+        except Exception as err:  # noqa: BLE001 - pickle, zip and allow-list errors all mean "cannot read"
+            raise CvlabError(f"{self.source.given}: cannot read {self.source.path}: {type(err).__name__}: "
+                             f"{str(err).splitlines()[0] if str(err) else ''}") from None
+        weights = payload.get("state_dict", payload) if isinstance(payload, dict) else None
+        if not isinstance(weights, dict) or not weights:
+            raise CvlabError(f"{self.source.given}: {self.source.path} holds no state_dict")
+        expected = {k: tuple(v.shape) for k, v in self.config_and_model()[1].state_dict().items()}
+        missing = sorted(set(expected) - set(weights))
+        unexpected = sorted(set(weights) - set(expected))
+        wrong = sorted(k for k in set(expected) & set(weights) if tuple(weights[k].shape) != expected[k])
+        if missing or unexpected or wrong:
+            parts = [f"{what} {len(keys)} ({', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''})"
+                     for what, keys in (("missing", missing), ("unexpected", unexpected),
+                                        ("wrong-shaped", wrong)) if keys]
+            raise CvlabError(f"{self.source.given} does not fit the model of {self.section.config}: "
+                             f"{'; '.join(parts)} keys")
+        return weights
+
+    def worker_config(self, ctx: RunContext):
+        import dataclasses
+
+        return dataclasses.replace(super().worker_config(ctx), eval_state_dict=self.state_dict, epoch_logger=None,
+                                   system_metrics=None, kill_at=None)
+
+    def finalize(self, result, ctx: RunContext) -> dict[str, Any]:
+        return {"metrics": self.log_eval_metrics(result, ctx)}
+
+    def summary_lines(self, summary: dict[str, Any]) -> list[str]:
+        m = summary["metrics"]
+        shown = "  ".join(f"{k} {m[k]:.4g}" for k in self.reported_metrics if k in m)
+        return [self.source_line(), f"  eval            {shown}"]

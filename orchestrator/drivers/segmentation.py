@@ -13,7 +13,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from orchestrator.drivers.openmmlab import OpenMMLabDriver
+from orchestrator.drivers.openmmlab import OpenMMLabDriver, OpenMMLabEval
 from orchestrator.errors import CvlabError
 from orchestrator.runs.job import RunContext
 
@@ -114,3 +114,10 @@ class SegmentationDriver(OpenMMLabDriver):
         except Exception as err:  # noqa: BLE001 - pictures must not fail a finished run
             log.warning("no prediction overlays: %s: %s", type(err).__name__, err)
             return []
+
+
+class SegmentationEval(OpenMMLabEval, SegmentationDriver):
+    """`cvlab eval` of a segmentation checkpoint: mIoU, mAcc, aAcc and each class's IoU over the whole val split."""
+
+    best_metric = "eval/mIoU"
+    reported_metrics = ("eval/mIoU", "eval/mAcc", "eval/aAcc")

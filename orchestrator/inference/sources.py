@@ -112,8 +112,19 @@ def _checkpoint_file(path: Path, given: str, notes: list[str]) -> Path:
     mm = sorted(path.glob("*.pth"))
     if len(mm) == 1:
         return mm[0]
+    numbered = [p for p in mm if _mm_step(p) is not None]
+    if numbered:  # e.g. a resumed run's checkpoints/last: epoch_2.pth (before the resume) and epoch_4.pth
+        newest = max(numbered, key=_mm_step)
+        notes.append(f"{given} holds {len(mm)} checkpoints: using the newest, {newest.name}")
+        return newest
     raise CvlabError(f"model source {given}: {path} holds no checkpoint ({MODEL_CHECKPOINT_NAME}, checkpoint_*/ "
                      f"folders or one .pth file)")
+
+
+def _mm_step(path: Path) -> int | None:
+    """The epoch or iteration of an mmengine checkpoint name (`epoch_12.pth`, `iter_80000.pth`), else None."""
+    kind, _, number = path.stem.partition("_")
+    return int(number) if kind in ("epoch", "iter") and number.isdigit() else None
 
 
 def _format_of(path: Path, fmt: str) -> str:

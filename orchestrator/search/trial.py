@@ -13,6 +13,7 @@ from orchestrator.names import (
     KIND_TAG,
     PARENT_RUN_TAG,
     SEARCH_PATHS_TAG,
+    SEARCHED_PARAM_PREFIX,
     TRIAL_ID_TAG,
     TRIAL_NAME_TAG,
 )
@@ -105,6 +106,8 @@ def trial_main(config: dict, ctx: TrialContext) -> None:
         # A restarted trial (resumed search, Tune retry) continues its run from its last checkpoint.
         run_id=existing.info.run_id if existing is not None else None,
         callbacks=[TuneReportCallback()],
+        # The same keys in every trial, short values: what MLflow's chart and compare views line up.
+        params={f"{SEARCHED_PARAM_PREFIX}{path}": short_value(value) for path, value in overrides.items()},
     )
     try:
         run_job(job, trial=trial)

@@ -9,18 +9,15 @@ checkpoint folder holding them as `eval.json`.
 """
 from __future__ import annotations
 
-import json
 import logging
-import os
-import tempfile
 from dataclasses import dataclass, field
 from typing import Any
 
 from workloads.classification.config import DataPlan
+from workloads.eval_report import report_evaluation
 from workloads.classification.recipe import InputConfig
 
 log = logging.getLogger(__name__)
-RESULT_FILE = "eval.json"
 
 
 @dataclass(frozen=True)
@@ -131,12 +128,4 @@ def eval_loop_per_worker(cfg: EvalConfig) -> None:
     for tensor in (totals, confusion, top5_per_class):
         all_reduce(tensor)
     result = summarize(totals.cpu(), confusion.cpu(), top5_per_class.cpu(), classes)
-    if rank != 0:  # the large parts travel once
-        ray.train.report({k: v for k, v in result.items() if k not in ("per_class", "confusion")})
-        return
-    # Ray Train hands the driver the metrics of the latest checkpoint: rank 0 reports its result as one
-    # (`eval.json`), which also keeps it in the run's storage.
-    with tempfile.TemporaryDirectory(prefix="cvlab-eval-") as tmp:
-        with open(os.path.join(tmp, RESULT_FILE), "w") as fh:
-            json.dump(result, fh)
-        ray.train.report(result, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+    report_evaluation(result, rank, bulky=("per_class", "confusion"))  # the large parts travel once

@@ -131,6 +131,8 @@ class MlflowRank0Hook(Hook):
         log_params = getattr(self.epoch_logger, "log_params", None)
         if log_params is not None:
             log_params(params)
+        if runner.iter > 0:  # restored from a checkpoint (after a failure, or --resume): say from where
+            self.epoch_logger.log_epoch(runner.iter, {"train/resumed_from_iter": float(runner.iter)})
         self._t0 = time.time()
 
     def after_train_iter(self, runner, batch_idx, data_batch=None, outputs=None) -> None:

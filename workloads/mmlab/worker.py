@@ -97,6 +97,10 @@ def train_worker(config: MMWorkerConfig) -> None:
             find_unused_parameters=bool(cfg.get("find_unused_parameters", False)),
         )
 
+    if config.eval_state_dict is not None:
+        _evaluate(cfg, config, work_dir)
+        return
+
     resume_from = _restore_checkpoint(work_dir)
     if resume_from is not None:
         cfg.resume = True
@@ -120,3 +124,25 @@ def train_worker(config: MMWorkerConfig) -> None:
     finally:
         if monitor is not None:
             monitor.stop()
+
+
+def _evaluate(cfg, config: MMWorkerConfig, work_dir: Path) -> None:
+    """`cvlab eval`: validate the given weights once. mmengine's evaluator gathers every rank's predictions on
+    rank 0 and computes the metric over the whole split (COCO evaluation, IoU), then gives all ranks the result."""
+    import torch
+    from mmengine.dist import get_rank
+    from mmengine.runner import Runner
+
+    from workloads.eval_report import report_evaluation
+
+    from .checkpoints import allow_mmengine_checkpoints
+    from .hooks import rename_metrics
+
+    weights = work_dir / "eval_weights.pth"
+    torch.save({"state_dict": dict(config.eval_state_dict), "meta": {}}, weights)
+    cfg.load_from, cfg.resume = str(weights), False
+    runner = Runner.from_cfg(cfg)
+    with allow_mmengine_checkpoints():
+        metrics = runner.val()
+    named = rename_metrics(metrics, config.metric_names)
+    report_evaluation({"eval/" + k.split("/", 1)[-1]: v for k, v in named.items()}, get_rank())

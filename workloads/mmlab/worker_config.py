@@ -26,6 +26,9 @@ class MMWorkerConfig:
     work_root: where each rank's mmengine work_dir goes (`<work_root>/<run_id>/rank<r>`); None: the temp dir.
     kill_at / kill_marker: the `run.fault_kill_rank_at` drill (see `hooks.KillDrillHook`).
     verbosity: the driver's (`workloads.logs`): -1 quiet, 0 progress, 1 debug and Ray's chatter.
+    eval_state_dict: the model weights to evaluate (`cvlab eval`): the workers validate them once on their
+      shards of the val split instead of training, and report the metrics as `eval/<name>`. They travel in
+      the config (Ray's object store), so workers on other nodes need no shared file system.
     """
 
     cfg: dict[str, Any]
@@ -42,6 +45,7 @@ class MMWorkerConfig:
     kill_at: tuple[int, int, int] | None = None  # fault drill: (epoch, step, rank)
     kill_marker: str | None = None
     verbosity: int = 0
+    eval_state_dict: Mapping[str, Any] | None = None
 
     def __post_init__(self):
         if self.scope not in SCOPES:

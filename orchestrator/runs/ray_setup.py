@@ -1,0 +1,87 @@
+"""Ray for a run or a search: the GPU request against this machine, connecting or starting Ray once, and
+whether the requested workers fit the cluster."""
+from __future__ import annotations
+
+import logging
+import math
+import os
+
+from orchestrator.errors import CvlabError
+
+log = logging.getLogger(__name__)
+# Worker processes importing torch on a busy machine can take longer than Ray Train's 60 s default.
+WORKER_START_TIMEOUT_S = "600"
+
+
+def check_gpu_request(spec) -> None:
+    """`scaling.use_gpu: true` needs CUDA: refuse before any work when this machine's own Ray would run it
+    (no RAY_ADDRESS, no Ray connection) and torch sees no CUDA device."""
+    if not spec.scaling.use_gpu or os.environ.get("RAY_ADDRESS"):
+        return
+    import ray
+    import torch
+
+    if ray.is_initialized():
+        return  # the cluster's resources are checked against the request (check_fits)
+    if not torch.cuda.is_available():
+        raise CvlabError(
+            "scaling.use_gpu is true but this machine has no usable CUDA device "
+            f"(torch {torch.__version__}, CUDA build {torch.version.cuda or 'none'}); set scaling.use_gpu: false, "
+            "or run on a GPU cluster (RAY_ADDRESS / cvlab submit)"
+        )
+
+
+def ensure_ray(num_cpus: int | None = None) -> bool:
+    """Connect to Ray (an initialised session, RAY_ADDRESS or a running local cluster), else start a local
+    one with `num_cpus` logical CPUs (default: Ray's own count). True when this call started or connected it,
+    i.e. when the caller should shut it down."""
+    import ray
+
+    from workloads.logs import verbosity
+
+    if ray.is_initialized():
+        return False
+    os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", WORKER_START_TIMEOUT_S)
+    quiet = logging.INFO if verbosity() > 0 else logging.WARNING
+    if os.environ.get("RAY_ADDRESS") or num_cpus is None:
+        ray.init(log_to_driver=True, logging_level=quiet)
+    else:
+        ray.init(num_cpus=num_cpus, log_to_driver=True, logging_level=quiet)
+    return True
+
+
+def worker_group_resources(spec) -> dict[str, float]:
+    """What the run's Ray Train workers reserve together (`scaling`), with Ray's resource names."""
+    per = {k.upper() if k.lower() in ("cpu", "gpu") else k: float(v)
+           for k, v in spec.scaling.resources_per_worker.items()}
+    per.setdefault("CPU", 1.0)
+    if spec.scaling.use_gpu:
+        per.setdefault("GPU", 1.0)
+    return {k: v * spec.scaling.num_workers for k, v in per.items()}
+
+
+def check_fits(need: dict[str, float], cluster: dict[str, float], what: str, detail: str = "") -> int:
+    """How many times `need` fits into `cluster` (Ray's `cluster_resources()`); CvlabError when not once.
+
+    `what` names the consumer in the message ("the run", "one trial"), `detail` what it is made of.
+    """
+    fits = []
+    for key, amount in need.items():
+        if amount <= 0:
+            continue
+        have = cluster.get(key, 0.0)
+        if amount > have:
+            raise CvlabError(
+                f"{what} needs {amount:g} {key}{f' ({detail})' if detail else ''} but the Ray cluster has {have:g}; lower scaling.num_workers / "
+                "resources_per_worker, set scaling.use_gpu: false, or use a bigger cluster"
+            )
+        fits.append(math.floor(have / amount + 1e-9))
+    return max(1, min(fits) if fits else 1)
+
+
+def check_run_fits(spec) -> None:
+    """Refuse a run whose workers can never be placed (Ray would wait for them forever)."""
+    import ray
+
+    check_fits(worker_group_resources(spec), ray.cluster_resources(), "the run",
+               f"{spec.scaling.num_workers} worker(s)")
