@@ -95,7 +95,7 @@ def eval_loop_per_worker(cfg: EvalConfig) -> None:
     import torch
 
     from workloads.classification.data import ShardSampler, make_dataset
-    from workloads.classification.loop import all_reduce
+    from workloads.distributed import all_reduce
     from workloads.classification.transforms import build_val_transform
     from workloads.logs import configure, quiet_ray_train_reports
     from workloads.models import build_model

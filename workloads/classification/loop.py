@@ -29,6 +29,7 @@ from workloads.classification.checkpoint import (
 from workloads.classification.config import TrainConfig
 from workloads.classification.ema import ema_state_dict, load_ema_state_dict, update_ema
 from workloads.classification.hooks import KillDrill, NanDrill, NonFiniteLossPolicy, StepHook
+from workloads.distributed import all_reduce, take_rank0_buffers
 from workloads.system_metrics import start_system_metrics
 
 log = logging.getLogger(__name__)
@@ -43,26 +44,6 @@ def _fmt_eta(seconds: float) -> str:
     h, rem = divmod(seconds, 3600)
     m, s = divmod(rem, 60)
     return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
-
-
-def all_reduce(tensor, op: str = "sum"):
-    """Sum (or max) a tensor over the workers' process group; unchanged outside one."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
-    return tensor
-
-
-def sync_buffers(model) -> None:
-    """Give every worker rank 0's buffers (BatchNorm statistics). After its last training step each rank holds
-    statistics updated by its own batch; validating with those would score, on each shard, a slightly
-    different model than the one rank 0 checkpoints."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        for buffer in unwrap(model).buffers():
-            dist.broadcast(buffer, src=0)
 
 
 def evaluate(model, loader, criterion, device, amp_dtype=None, channels_last=False) -> dict[str, float]:
@@ -332,7 +313,7 @@ class EpochTrainer:
     # ---- evaluation
     def evaluate(self, model=None) -> dict[str, float]:
         model = model or self.model
-        sync_buffers(model)
+        take_rank0_buffers(unwrap(model))  # the statistics rank 0 checkpoints
         return evaluate(model, self.val_loader, self.criterion, self.device, self.amp_dtype, self.channels_last)
 
     # ---- checkpoint and report

@@ -99,6 +99,19 @@ class RayTrainReportHook(Hook):
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+class Rank0BuffersHook(Hook):
+    """Before each validation every rank takes rank 0's buffers (BN running statistics). With per-worker BN
+    the ranks' statistics drift apart, and the checkpoint (written by rank 0) holds rank 0's: validating
+    with them makes the reported metrics those of the checkpointed model (`cvlab eval` of it agrees)."""
+
+    priority = "VERY_HIGH"
+
+    def before_val_epoch(self, runner) -> None:
+        from workloads.distributed import take_rank0_buffers
+
+        take_rank0_buffers(getattr(runner.model, "module", runner.model))
+
+
 class MlflowRank0Hook(Hook):
     """Rank 0's MLflow logging through an epoch logger (`orchestrator.tracking.epoch_logger.MlflowEpochLogger`
     or anything with `logged_epochs()`, `log_epoch(step, metrics)` and `flush()`): params at start, losses and

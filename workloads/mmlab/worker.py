@@ -59,7 +59,7 @@ def train_worker(config: MMWorkerConfig) -> None:
     from workloads.logs import configure, quiet_ray_train_reports
 
     from .checkpoints import allow_mmengine_checkpoints
-    from .hooks import KillDrillHook, MlflowRank0Hook, RayTrainReportHook
+    from .hooks import KillDrillHook, MlflowRank0Hook, Rank0BuffersHook, RayTrainReportHook
     from .norm import norm_for
 
     ctx = ray.train.get_context()
@@ -108,6 +108,7 @@ def train_worker(config: MMWorkerConfig) -> None:
         log.info("rank %d: resuming from %s", rank, resume_from.name)
 
     runner = Runner.from_cfg(cfg)
+    runner.register_hook(Rank0BuffersHook())
     runner.register_hook(RayTrainReportHook(config.metric_names))
     if config.epoch_logger is not None and rank == 0:
         runner.register_hook(MlflowRank0Hook(config.epoch_logger, interval=config.log_every,

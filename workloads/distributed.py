@@ -1,0 +1,29 @@
+"""Collective helpers for the workers' process group (the one Ray Train sets up); outside a group they do
+nothing, so the same code runs in a single process."""
+from __future__ import annotations
+
+
+def in_group() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized()
+
+
+def all_reduce(tensor, op: str = "sum"):
+    """Sum (or max) a tensor over the workers' process group; unchanged outside one."""
+    import torch.distributed as dist
+
+    if in_group():
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
+    return tensor
+
+
+def take_rank0_buffers(module) -> None:
+    """Give every worker rank 0's buffers (BatchNorm statistics) of `module` (pass the bare network, not a DDP
+    wrapper). After its last training step each rank holds statistics updated by its own batch; validating
+    with those would score, on each shard, a slightly different model than the one rank 0 checkpoints."""
+    import torch.distributed as dist
+
+    if in_group():
+        for buffer in module.buffers():
+            dist.broadcast(buffer, src=0)
