@@ -98,7 +98,7 @@ def test_seg_quickstart_learns_and_survives_a_killed_worker(tmp_path, monkeypatc
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_two_trial_search_over_the_neck_reduction_ratio(tmp_path, monkeypatch, capsys):
-    """`experiments/tune_seg_neck_reduction.yaml` through `cvlab tune` (shortened: 8 small scenes, 4
+    """`experiments/tune_seg_neck_reduction.yaml` through `cvlab tune` (shortened: 6 small scenes, 24
     iterations): one nested MLflow run per searched ratio, each with its val/mIoU, and the parent's summary."""
     from mlflow import MlflowClient
 
@@ -107,7 +107,7 @@ def test_two_trial_search_over_the_neck_reduction_ratio(tmp_path, monkeypatch, c
     monkeypatch.chdir(tmp_path)
     overrides = [f"segmentation.data_root={tmp_path / 'cs'}", "segmentation.num_train_generated=4",
                  "segmentation.num_val_generated=2", "segmentation.generated_size=[64,128]",
-                 "segmentation.crop_size=[64,64]", "segmentation.max_iters=4", "segmentation.val_interval=2",
+                 "segmentation.crop_size=[64,64]", "segmentation.max_iters=24", "segmentation.val_interval=12",
                  f"run.storage_path={tmp_path / 'runs'}", f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}"]
     args = ["tune", str(ROOT / "experiments" / "tune_seg_neck_reduction.yaml"), "--num-cpus", "3"]
     for item in overrides:
@@ -122,5 +122,5 @@ def test_two_trial_search_over_the_neck_reduction_ratio(tmp_path, monkeypatch, c
     assert ratios == ["2", "8"]
     for run in kids:
         assert run.info.status == "FINISHED" and run.data.tags["cvlab.workload"] == "segmentation"
-        assert sorted(h.step for h in client.get_metric_history(run.info.run_id, "val/mIoU")) == [2, 4]
+        assert sorted(h.step for h in client.get_metric_history(run.info.run_id, "val/mIoU")) == [12, 24]
     assert parent.info.status == "FINISHED" and parent.data.tags["cvlab.best_run_id"] in {r.info.run_id for r in kids}
