@@ -334,13 +334,19 @@ def test_search_killed_then_resumed(tmp_path, monkeypatch, capsys):
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-def test_diverging_trial_fails_and_the_search_goes_on(tmp_path, capsys):
+def test_diverging_trial_fails_and_the_search_goes_on(tmp_path, capsys, monkeypatch):
     """A trial whose loss becomes NaN (lr 1e30) fails with the step named; the other trial still runs to
-    the end, the parent run gets its summary, and `cvlab tune` exits 1 naming the failed trial."""
+    the end, the parent run gets its summary, and `cvlab tune` exits 1 naming the failed trial. The file
+    names no tracking URI and a relative data root, as the shipped experiments do: the trials log into the
+    search's default ./mlflow.db and read the data where `cvlab tune` runs."""
     from mlflow import MlflowClient
 
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     d = _spec_dict(tmp_path, scheduler="fifo", space={"optim.lr": {"grid": [0.05, 1.0e30]}})
     d["optim"].update(epochs=2, warmup_epochs=0.0, label_smoothing=0.0)
+    d["tracking"]["tracking_uri"] = None
+    d["data"]["root"] = "data"
     rc = main(["tune", str(_write(tmp_path, d)), "--num-cpus", SEARCH_CPUS])
     out = capsys.readouterr().out
     assert rc == 1 and "1 trial(s) failed" in out

@@ -259,6 +259,10 @@ def run_search(spec, *, resume: bool = False, num_cpus: int | None = None, verbo
         _log_parent_params(client, parent_run_id, spec, space, job)
         client.log_text(parent_run_id, json.dumps(spec_to_dict(spec), indent=1), "search_spec.json")
 
+    # Tune runs each trial in a folder of its own; keep the working directory, so that relative paths in the
+    # experiment (data roots, config files) mean in a trial what they mean to `cvlab run` (Tune passes this
+    # variable on to the trial processes).
+    os.environ.setdefault("RAY_CHDIR_TO_TRIAL_DIR", "0")
     started_ray = False
     interrupted = False
     try:
@@ -266,8 +270,11 @@ def run_search(spec, *, resume: bool = False, num_cpus: int | None = None, verbo
         import ray
 
         concurrency = plan_concurrency(spec, ray.cluster_resources())
+        # Trials log where the search does (the URI resolved here, not again in each trial process).
+        trial_spec = spec_to_dict(spec)
+        trial_spec.setdefault("tracking", {})["tracking_uri"] = tracking_uri
         ctx = TrialContext(
-            spec=spec_to_dict(spec), search_paths=space.paths, tracking_uri=tracking_uri,
+            spec=trial_spec, search_paths=space.paths, tracking_uri=tracking_uri,
             experiment_id=experiment_id, parent_run_id=parent_run_id,
             train_storage=f"{tune_path}/train", data=shared_data, base_tags=dict(spec.experiment.tags),
         )
