@@ -204,7 +204,8 @@ def test_eval_of_a_published_mmcls_rednet_file(trained, tmp_path, capsys):
     load_published_rednet(model, payload)
     val = make_dataset(data.val_dir, list(data.classes), data.val_skip, build_val_transform(spec.data.input_config()))
     with torch.no_grad():
-        correct = sum(int(model(image[None]).argmax(1).item() == label) for image, label in val)
+        items = [val[i] for i in range(len(val))]  # (image, label, unreadable files skipped)
+        correct = sum(int(model(image[None]).argmax(1).item() == label) for image, label, _ in items)
 
     client = MlflowClient(trained["uri"])
     exp = client.get_run(trained["summary"]["run_id"]).info.experiment_id

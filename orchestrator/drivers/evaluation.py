@@ -1,7 +1,8 @@
 """What every `cvlab eval` job shares, whatever its workload: it evaluates a resolved model source
 (`orchestrator.inference.sources.Source`), its MLflow run is named `eval-<experiment>` and tagged with the
 source run, and its params and summary name the source. Mixed in before a workload's driver:
-`class DetectionEval(SourceEval, DetectionDriver)`."""
+`class ClassificationEval(SourceEval, ClassificationDriver)`; the OpenMMLab workloads through
+`orchestrator.drivers.openmmlab.OpenMMLabEval`."""
 from __future__ import annotations
 
 from typing import Any
