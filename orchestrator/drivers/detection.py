@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from orchestrator.drivers.openmmlab import OpenMMLabDriver, OpenMMLabEval
+from orchestrator.drivers.openmmlab import OpenMMLabDriver, OpenMMLabEval, checked_data
 from orchestrator.errors import CvlabError
 
 log = logging.getLogger(__name__)
@@ -30,14 +30,7 @@ def prepare_coco(spec) -> dict:
                       size=det.generated_size, classes=det.classes or DEFAULT_CLASSES, seed=spec.experiment.seed)
         except ValueError as err:
             raise CvlabError(f"detection: cannot generate the synthetic COCO set: {err}") from None
-    try:
-        report = check_coco_dataset(root)
-    except ValueError as err:
-        raise CvlabError(f"detection data: {err}") from None
-    for split, info in report.items():
-        for warning in info["warnings"]:
-            log.warning("%s: %s", split, warning)
-    return report
+    return checked_data(check_coco_dataset, root, "detection")
 
 
 def build_detection_config(spec, classes: list[str] | None = None):

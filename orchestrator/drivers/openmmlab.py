@@ -21,6 +21,19 @@ log = logging.getLogger(__name__)
 OUR_BACKBONES = ("RedNet", "CedNet")
 
 
+def checked_data(check, root, workload: str) -> dict:
+    """`check(root)` (a workload's data check: a report per split, ValueError naming the bad files) as a
+    CvlabError, with the report's warnings logged; returns the report."""
+    try:
+        report = check(root)
+    except ValueError as err:
+        raise CvlabError(f"{workload} data: {err}") from None
+    for split, info in report.items():
+        for warning in info.get("warnings", ()):
+            log.warning("%s: %s", split, warning)
+    return report
+
+
 class OpenMMLabDriver(Job):
     """Subclasses set `workload` (= the spec section), `scope`, the metrics, and implement `prepare_data`,
     `build_config`, `worker_config_for` (their package's `runner.worker_config`) and `data_summary`."""
@@ -32,6 +45,7 @@ class OpenMMLabDriver(Job):
         super().__init__(spec)
         self.data = data  # the data check's report (per split), shared by a search's trials
         self.cfg = None
+        self.meta_model = None  # the config's model on the meta device (shapes only), once prepared
         self.num_params = 0
         self.classes: list[str] = []
 
@@ -57,7 +71,7 @@ class OpenMMLabDriver(Job):
         if self.data is None:
             self.data = self.prepare_data()
         cfg, model = self.config_and_model()
-        self.cfg = cfg
+        self.cfg, self.meta_model = cfg, model
         self.num_params = sum(p.numel() for p in model.parameters())
         metainfo = cfg.train_dataloader.dataset.get("metainfo") or {}
         self.classes = list(metainfo.get("classes") or getattr(model, "dataset_meta", {}).get("classes", ()))
@@ -177,7 +191,7 @@ class OpenMMLabEval(SourceEval):
         weights = payload.get("state_dict", payload) if isinstance(payload, dict) else None
         if not isinstance(weights, dict) or not weights:
             raise CvlabError(f"{self.source.given}: {self.source.path} holds no state_dict")
-        expected = {k: tuple(v.shape) for k, v in self.config_and_model()[1].state_dict().items()}
+        expected = {k: tuple(v.shape) for k, v in self.meta_model.state_dict().items()}
         missing = sorted(set(expected) - set(weights))
         unexpected = sorted(set(weights) - set(expected))
         wrong = sorted(k for k in set(expected) & set(weights) if tuple(weights[k].shape) != expected[k])

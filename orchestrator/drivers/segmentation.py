@@ -13,7 +13,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from orchestrator.drivers.openmmlab import OpenMMLabDriver, OpenMMLabEval
+from orchestrator.drivers.openmmlab import OpenMMLabDriver, OpenMMLabEval, checked_data
 from orchestrator.errors import CvlabError
 from orchestrator.runs.job import RunContext
 
@@ -42,14 +42,7 @@ def prepare_cityscapes(spec) -> dict:
                             size=tuple(seg.generated_size), seed=spec.experiment.seed)
         except ValueError as err:
             raise CvlabError(f"segmentation: cannot generate the synthetic set: {err}") from None
-    try:
-        report = check_cityscapes_dataset(root)
-    except ValueError as err:
-        raise CvlabError(f"segmentation data: {err}") from None
-    for split, info in report.items():
-        for warning in info.get("warnings", ()):
-            log.warning("%s: %s", split, warning)
-    return report
+    return checked_data(check_cityscapes_dataset, root, "segmentation")
 
 
 class SegmentationDriver(OpenMMLabDriver):

@@ -111,14 +111,8 @@ def build_config(det, *, work_dir: str, seed: int = 0, log_every: int = 10, chec
     hooks = cfg.default_hooks
     hooks.checkpoint.update(interval=checkpoint_every, max_keep_ckpts=checkpoints_kept, by_epoch=True)
     hooks.logger.update(interval=log_every)
-    cfg.log_processor = dict(type="LogProcessor", window_size=max(1, log_every), by_epoch=True)
-    cfg.randomness = dict(seed=seed)
-    cfg.work_dir = work_dir
-    # Without a fixed name the Runner names the visualizer after its experiment (unique per run; a fixed
-    # name clashes when several Runners live in one process).
-    cfg.visualizer = dict(type="DetLocalVisualizer", vis_backends=[dict(type="LocalVisBackend")])
-    if det.overrides:
-        cfg.merge_from_dict(dict(det.overrides))
+    configs.apply_run_settings(cfg, det, work_dir=work_dir, seed=seed, log_every=log_every, by_epoch=True,
+                       visualizer="DetLocalVisualizer")
     return cfg
 
 

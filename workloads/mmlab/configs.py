@@ -34,19 +34,43 @@ def load_config(name: str, config_dir: Path, what: str = "config"):
         raise ValueError(f"cannot load config {path}: {type(err).__name__}: {err}") from err
 
 
-def set_num_classes(model_cfg, n: int) -> int:
-    """Set `num_classes` in every part of a model config that has one (all heads); returns how many."""
+def rewrite_key(model_cfg, key: str, rewrite) -> int:
+    """Walk a model config (nested dicts and lists) and call `rewrite(parent, key)` wherever `key` occurs;
+    `rewrite` changes `parent[key]` in place and returns whether it did. Returns how many it changed."""
     hits = 0
     if isinstance(model_cfg, dict):
-        for key, value in model_cfg.items():
-            if key == "num_classes":
-                model_cfg[key] = n
+        for k, value in model_cfg.items():
+            if k == key and rewrite(model_cfg, k):
                 hits += 1
-            else:
-                hits += set_num_classes(value, n)
+            elif k != key:
+                hits += rewrite_key(value, key, rewrite)
     elif isinstance(model_cfg, (list, tuple)):
-        hits += sum(set_num_classes(v, n) for v in model_cfg)
+        hits += sum(rewrite_key(v, key, rewrite) for v in model_cfg)
     return hits
+
+
+def set_num_classes(model_cfg, n: int) -> int:
+    """Set `num_classes` in every part of a model config that has one (all heads); returns how many."""
+
+    def rewrite(parent, key) -> bool:
+        parent[key] = n
+        return True
+
+    return rewrite_key(model_cfg, "num_classes", rewrite)
+
+
+def apply_run_settings(cfg, section, *, work_dir: str, seed: int, log_every: int, by_epoch: bool,
+                       visualizer: str) -> None:
+    """What every cvlab OpenMMLab config gets from the run: log window, seed, work dir, a visualizer of a
+    fixed type, then the YAML section's `overrides` (dotted mmengine keys) last."""
+    cfg.log_processor = dict(type="LogProcessor", window_size=max(1, log_every), by_epoch=by_epoch)  # noqa: C408
+    cfg.randomness = dict(seed=seed)  # noqa: C408
+    cfg.work_dir = work_dir
+    # Set without a `name`: mmengine then names the visualizer after each Runner, so several Runners can live
+    # in one process (a fixed name clashes).
+    cfg.visualizer = dict(type=visualizer, vis_backends=[dict(type="LocalVisBackend")])  # noqa: C408
+    if section.overrides:
+        cfg.merge_from_dict(dict(section.overrides))
 
 
 def build_on_meta(model_cfg, scope: str):

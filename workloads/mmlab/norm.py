@@ -20,6 +20,7 @@ from mmengine.registry import MODEL_WRAPPERS
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from .configs import rewrite_key
 from .registration import register
 from .worker_config import SYNC_BN_MODES
 
@@ -139,17 +140,14 @@ def set_norm_type(model_cfg, norm_type: str) -> int:
     Other norms (GN, LN) stay. Returns how many were set."""
     if norm_type not in ("BN", "SyncBN"):
         raise ValueError(f"norm type {norm_type!r}: a config takes 'BN' or 'SyncBN'")
-    hits = 0
-    if isinstance(model_cfg, dict):
-        for key, value in model_cfg.items():
-            if key == "norm_cfg" and isinstance(value, dict) and value.get("type") in _CONFIG_BN_TYPES:
-                value["type"] = norm_type
-                hits += 1
-            else:
-                hits += set_norm_type(value, norm_type)
-    elif isinstance(model_cfg, (list, tuple)):
-        hits += sum(set_norm_type(v, norm_type) for v in model_cfg)
-    return hits
+    def rewrite(parent, key) -> bool:
+        value = parent[key]
+        if isinstance(value, dict) and value.get("type") in _CONFIG_BN_TYPES:
+            value["type"] = norm_type
+            return True
+        return False
+
+    return rewrite_key(model_cfg, "norm_cfg", rewrite)
 
 
 def cpu_config(cfg):

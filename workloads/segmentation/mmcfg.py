@@ -126,13 +126,8 @@ def build_config(seg, *, work_dir: str, seed: int = 0, log_every: int = 10, chec
     hooks.checkpoint.update(by_epoch=False, interval=seg.val_interval, max_keep_ckpts=checkpoints_kept,
                             save_last=True)
     hooks.logger.update(interval=log_every, log_metric_by_epoch=False)
-    cfg.log_processor = dict(type="LogProcessor", window_size=max(1, log_every), by_epoch=False)
-    cfg.randomness = dict(seed=seed)
-    cfg.work_dir = work_dir
-    # Without a fixed name the Runner names the visualizer after its run (several Runners in one process).
-    cfg.visualizer = dict(type="SegLocalVisualizer", vis_backends=[dict(type="LocalVisBackend")])
-    if seg.overrides:
-        cfg.merge_from_dict(dict(seg.overrides))
+    configs.apply_run_settings(cfg, seg, work_dir=work_dir, seed=seed, log_every=log_every, by_epoch=False,
+                       visualizer="SegLocalVisualizer")
     _check_schedule(cfg)
     # mmseg's inference API (the end-of-run overlays) reads the top-level test pipeline.
     cfg.test_pipeline = copy.deepcopy(cfg.val_dataloader.dataset.pipeline)
