@@ -8,7 +8,7 @@ WHEELS  ?=
 PIP     := env PIP_CONFIG_FILE=/dev/null PIP_FIND_LINKS="$(WHEELS)" $(PY) -m pip
 PYTEST_ARGS ?=
 
-.PHONY: install install-det quickstart test test-fast lint bench gpu-check clean
+.PHONY: install install-det quickstart test test-fast lint bench gpu-check mutation clean
 
 install: $(VENV)/.installed
 install-det: $(VENV)/.installed-det
@@ -37,6 +37,12 @@ test: install-det
 test-fast: install-det
 	$(PY) -m pytest -m "not gpu and not slow" $(PYTEST_ARGS)
 
+# Mutation testing (not in CI; hours on 2 cores): [tool.mutmut] in pyproject.toml names the modules and the fast
+# tests; the per-module scores go into README.md's Development section.
+mutation: install-det
+	$(PIP) install -q "mutmut>=3.8,<4"
+	$(VENV)/bin/mutmut run --max-children 2; status=$$?; $(PY) tests/mutation_report.py; exit $$status
+
 lint: install
 	$(PY) -m ruff check orchestrator workloads tests benchmarks
 
@@ -49,4 +55,4 @@ gpu-check:
 	$(if $(wildcard $(PY)),$(PY),python3) -m benchmarks.gpu_check --out benchmarks/results/gpu-check
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) build *.egg-info mutants

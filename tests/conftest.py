@@ -2,15 +2,19 @@
 MLflow server (`mlflow_server`) for the tests that need them."""
 from __future__ import annotations
 
+import glob
 import os
 import random
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 
 import pytest
+
+pytest_plugins = ["pytester"]  # tests/test_markers.py runs small pytest sessions under this conftest
 
 # Small runs: Ray Train's report() waits on this health-check interval (2 s by default).
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
@@ -45,6 +49,42 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+# Markers that tell the truth: `make test-fast` (-m "not slow") must start no Ray and no server. A test that
+# asks for one of these fixtures, or during which a Ray session appears, fails unless it is marked slow.
+NEEDS_SLOW_MARK = ("ray_cluster", "mlflow_server")
+_SESSIONS_BEFORE = pytest.StashKey[set]()
+
+
+def _ray_sessions() -> tuple[str, set[str]]:
+    """Ray's temp folder and its session folders (every Ray start, in this process or in a child such as
+    `cvlab run`, makes one)."""
+    root = os.path.join(os.environ.get("RAY_TMPDIR", tempfile.gettempdir()), "ray")
+    return root, set(glob.glob(os.path.join(root, "session_2*")))
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_setup(item):
+    if "slow" not in item.keywords:
+        heavy = sorted(set(NEEDS_SLOW_MARK) & set(item.fixturenames))
+        if heavy:
+            pytest.fail(f"{item.nodeid} uses {', '.join(heavy)} but is not marked slow", pytrace=False)
+        item.stash[_SESSIONS_BEFORE] = _ray_sessions()  # before any of its fixtures start
+    return (yield)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_teardown(item, nextitem):
+    result = yield
+    before = item.stash.get(_SESSIONS_BEFORE, None)
+    if before is not None:
+        root, sessions = before
+        started = set(glob.glob(os.path.join(root, "session_2*"))) - sessions
+        if started:
+            pytest.fail(f"{item.nodeid} started Ray ({', '.join(sorted(started))}) but is not marked slow",
+                        pytrace=False)
+    return result
 
 
 @pytest.fixture(scope="module")
@@ -148,6 +188,41 @@ class _Server:
         thread = threading.Thread(target=outage, daemon=True)
         thread.start()
         return thread
+
+
+# A pickle that runs code when unpickled: every checkpoint loader's test feeds it in and checks the canary.
+
+class _Exploit:
+    def __init__(self, canary):
+        self.canary = str(canary)
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.canary}",))
+
+
+class EvilPickle:
+    """`payload()`: an object whose unpickling creates `canary` (through os.system); `save(path, wrap)` writes
+    `wrap(payload)` with torch.save. A loader that unpickles code is caught by `canary.exists()`, whatever
+    error it raises afterwards."""
+
+    def __init__(self, tmp_path):
+        self.canary = tmp_path / "canary-code-ran"
+
+    def payload(self):
+        return _Exploit(self.canary)
+
+    def save(self, path, wrap=lambda payload: {"payload": payload}):
+        import torch
+
+        torch.save(wrap(self.payload()), path)
+        return path
+
+
+@pytest.fixture
+def evil_pickle(tmp_path) -> EvilPickle:
+    evil = EvilPickle(tmp_path)
+    yield evil
+    assert not evil.canary.exists(), "a loader ran code from a pickled checkpoint"
 
 
 @pytest.fixture

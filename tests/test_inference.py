@@ -16,6 +16,51 @@ import pytest
 from workloads.classification.synthetic import make_imagenet
 
 
+def _shard_eval(world: int, rank: int = 0, port: int | None = None, out: str | None = None) -> dict:
+    """`evaluate_all_shards` of a fixed tiny classifier on 11 fixed samples, as worker `rank` of `world`
+    (a gloo group when world > 1; rank 0 writes the result to `out`)."""
+    import torch
+    import torch.distributed as dist
+
+    from workloads.classification.data import ShardSampler
+    from workloads.classification.evaluation import evaluate_all_shards
+
+    if world > 1:
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    gen = torch.Generator().manual_seed(0)
+    images, targets = torch.randn(11, 6, generator=gen), torch.randint(0, 3, (11,), generator=gen)
+    samples = [(images[i], targets[i], torch.tensor(i % 5 == 0)) for i in range(11)]  # with failure counts
+    torch.manual_seed(0)
+    model = torch.nn.Linear(6, 3)
+    loader = torch.utils.data.DataLoader(samples, batch_size=2, sampler=ShardSampler(11, rank, world))
+    result = evaluate_all_shards(model, loader, ["a", "b", "c"], torch.nn.CrossEntropyLoss(), torch.device("cpu"))
+    if world > 1:
+        dist.destroy_process_group()
+    if out is not None and rank == 0:
+        with open(out, "w") as f:
+            json.dump(result, f)
+    return result
+
+
+def _shard_eval_worker(rank, world, port, out):
+    _shard_eval(world, rank, port, out)
+
+
+def test_evaluation_sums_every_shard_exactly(tmp_path, free_port):
+    """Two workers in a real gloo group (no Ray) report exactly what one process over the whole split reports:
+    counts are summed across shards, every sample counted once (11 samples: uneven shards)."""
+    import torch.multiprocessing as mp
+
+    whole = _shard_eval(world=1)
+    assert whole["eval/images"] == 11 and whole["eval/failed_images"] == 3
+    mp.spawn(_shard_eval_worker, args=(2, free_port, str(tmp_path / "r.json")), nprocs=2)
+    sharded = json.loads((tmp_path / "r.json").read_text())
+    assert sharded["confusion"] == whole["confusion"] and sharded["per_class"] == whole["per_class"]
+    for key in ("eval/top1", "eval/top5", "eval/images", "eval/failed_images"):
+        assert sharded[key] == whole[key], key
+    assert sharded["eval/loss"] == pytest.approx(whole["eval/loss"], rel=1e-12)
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, ray_cluster):
     from orchestrator.cli.run import run_experiment
@@ -213,3 +258,28 @@ def test_eval_of_a_published_mmcls_rednet_file(trained, tmp_path, capsys):
     assert ev.data.params["eval.format"] == "mmcls" and ev.data.params["eval.model"] == "rednet26"
     assert ev.data.metrics["eval/images"] == len(val) == 12
     assert ev.data.metrics["eval/top1"] == pytest.approx(correct / len(val), abs=1e-6)  # the same count
+
+
+def _tiny_classifier():
+    import torch
+
+    from orchestrator.inference.classifier import Classifier
+    from workloads.classification.recipe import InputConfig
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
+    return Classifier(model=model.eval(), name="tiny", classes=list("abcd"), inputs=InputConfig(image_size=32))
+
+
+def test_export_check_measures_the_file_and_refuses_a_wrong_one(tmp_path, monkeypatch):
+    """The export's numerical check compares the written file's output with PyTorch's: a faithful TorchScript
+    file passes with a tiny difference; a file that computes something else is refused with the difference."""
+    from orchestrator.errors import CvlabError
+    from orchestrator.inference import export
+
+    result = export.export_classifier(_tiny_classifier(), "torchscript", str(tmp_path / "m.pt"))
+    assert 0 <= result["max_abs_diff"] < 1e-5 and result["input_shape"] == [-1, 3, 32, 32]
+    real = export._EXPORTERS["torchscript"]
+    monkeypatch.setitem(export._EXPORTERS, "torchscript", lambda *args: real(*args) + 0.25)
+    with pytest.raises(CvlabError, match=r"largest absolute difference 0\.25 "):
+        export.export_classifier(_tiny_classifier(), "torchscript", str(tmp_path / "m.pt"))

@@ -200,6 +200,53 @@ def test_no_mixup_by_default():
         check_batch_size(AugmentConfig(cutmix=1.0), 33)
 
 
+def test_mixup_uses_the_configured_probabilities():
+    """`data.augment.mixup_prob` and `switch_prob` reach timm's Mixup: with mixup_prob 0.5 about half the
+    batches are mixed (each draw is one batch), with 1.0 all of them."""
+    def mixed_fraction(prob, batches=400):
+        mix = build_mixup(AugmentConfig(mixup=1.0, mixup_prob=prob, switch_prob=0.25), 4, 0.0)  # lam uniform
+        assert (mix.mix_prob, mix.switch_prob) == (prob, 0.25)
+        np.random.seed(0)
+        hard = 0
+        for _ in range(batches):
+            _, targets = mix(torch.rand(2, 3, 4, 4), torch.tensor([0, 1]))
+            hard += int(targets.max() == 1.0)  # an unmixed batch keeps one-hot targets
+        return 1 - hard / batches
+
+    assert mixed_fraction(1.0) == 1.0
+    assert 0.4 < mixed_fraction(0.5) < 0.6
+
+
+def test_label_smoothing_is_folded_into_mixed_targets():
+    """Under mixup the targets carry `optim.label_smoothing` (off value s/K, as CrossEntropyLoss does); the
+    soft-target loss then equals cross-entropy with that smoothing when nothing is mixed in."""
+    k, s = 10, 0.2
+    mix = build_mixup(AugmentConfig(mixup=0.2, mixup_prob=1.0), k, label_smoothing=s)
+    np.random.seed(0)
+    _, targets = mix(torch.rand(4, 3, 8, 8), torch.tensor([0, 1, 2, 3]))
+    assert targets[:, 4:].unique().tolist() == pytest.approx([s / k])  # classes in neither image of a pair
+    one_hot_smoothed = torch.full((1, k), s / k)
+    one_hot_smoothed[0, 3] = 1 - s + s / k
+    logits = torch.randn(1, k)
+    torch.testing.assert_close(build_train_criterion(AugmentConfig(mixup=0.2), s)(logits, one_hot_smoothed),
+                               torch.nn.CrossEntropyLoss(label_smoothing=s)(logits, torch.tensor([3])))
+
+
+def test_ema_averages_with_the_configured_decay():
+    """After the first step (a copy) every step gives decay * ema + (1 - decay) * weights, with the decay
+    from `optim.ema_decay`, not a fixed one."""
+    for decay in (0.5, 0.9):
+        model = torch.nn.Linear(1, 1, bias=False)
+        ema = create_ema(model, decay)
+        with torch.no_grad():
+            model.weight.fill_(2.0)
+        update_ema(ema, model, 1)
+        with torch.no_grad():
+            model.weight.fill_(4.0)
+        update_ema(ema, model, 2)
+        assert ema.module.weight.item() == pytest.approx(decay * 2.0 + (1 - decay) * 4.0)
+
+
 # -- model EMA -----------------------------------------------------------------------------------------------
 def _small_net():
     return torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),

@@ -44,31 +44,6 @@ def _history(client, run_id, key):
 # Fast checks
 
 
-def test_checkpoint_with_pickled_code_is_refused(tmp_path):
-    """`load_checkpoint` and the resume path use weights_only=True: a file that would run code is refused."""
-    import torch
-
-    from workloads.classification.checkpoint import verify_training_checkpoint
-    from workloads.models import build_model, load_checkpoint, save_checkpoint
-
-    canary = tmp_path / "pwned"
-
-    class Exploit:
-        def __reduce__(self):
-            return (os.system, (f"touch {canary}",))
-
-    evil = tmp_path / "ckpt"
-    evil.mkdir()
-    save_checkpoint(evil / "model.pt", build_model("resnet26", num_classes=2))
-    torch.save({"epoch": 1, "payload": Exploit()}, evil / "train_state.pt")
-    with pytest.raises(ValueError, match="unreadable .*UnpicklingError"):
-        verify_training_checkpoint(str(evil))
-    torch.save({"format": "cvlab-model/1", "payload": Exploit()}, evil / "model.pt")
-    with pytest.raises(Exception, match="Weights only load failed"):
-        load_checkpoint(evil / "model.pt")
-    assert not canary.exists()
-
-
 def _write_checkpoint(directory: str, kill_at_replace: int | None = None) -> None:
     """Write a small training checkpoint; with `kill_at_replace` = n, the process SIGKILLs itself at the
     n-th rename to a checkpoint file's real name (the moment between writing a file and publishing it)."""

@@ -8,7 +8,6 @@ reporting to Ray Train and a sqlite MLflow (about 2 minutes); the slow test trai
 compares its val mIoU with a constant predictor's."""
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import time
@@ -137,6 +136,42 @@ def test_check_empty_split_missing_root_and_orphans(tmp_path):
     orphan = tmp_path / "gtFine" / "train" / "synthbourg" / f"synthbourg_999999_000019{LABEL_SUFFIX}"
     Image.new("L", (64, 32)).save(orphan)
     assert "without an image" in check_cityscapes_dataset(tmp_path, splits=("train",))["train"]["warnings"][0]
+
+
+def test_check_accepts_exactly_the_train_ids_and_the_ignore_value(tmp_path):
+    """0..18 and 255 pass; 19 (the first id past the last class) and 254 are refused."""
+    make_cityscapes(tmp_path, num_train=1, num_val=1, size=(32, 64))
+    label = label_path(tmp_path, "train", list_images(tmp_path, "train")[0])
+    for values, ok in (([0, 18, 255], True), ([0, 19], False), ([254], False)):
+        array = np.zeros((32, 64), np.uint8)
+        array.flat[:len(values)] = values
+        Image.fromarray(array).save(label)
+        if ok:
+            check_cityscapes_dataset(tmp_path)
+        else:
+            with pytest.raises(ValueError, match=rf"outside 0..18 and 255.*values \[{values[-1]}\]"):
+                check_cityscapes_dataset(tmp_path)
+
+
+def test_configured_metric_ignores_the_ignore_index_through_process(cs_root):
+    """The workload's evaluator, built from a config as the Runner builds it, fed through its own `process`:
+    pixels labelled 255 count nowhere, whatever is predicted there."""
+    from mmseg.registry import METRICS
+
+    import workloads.segmentation.plugin  # noqa: F401
+    from workloads.segmentation.mmcfg import build_config
+
+    cfg = build_config(seg_section(cs_root), work_dir="wd", seed=0, log_every=5, checkpoints_kept=1)
+    metric = METRICS.build(cfg.val_evaluator)
+    metric.dataset_meta = dict(classes=CLASSES)
+    gt = torch.zeros(1, 4, 4, dtype=torch.long)  # road everywhere ...
+    gt[0, 0] = 255  # ... except an ignored first row
+    pred = torch.zeros(1, 4, 4, dtype=torch.long)
+    pred[0, 0] = 13  # predicted car where the label is ignored
+    metric.process({}, [{"pred_sem_seg": {"data": pred}, "gt_sem_seg": {"data": gt}}])
+    results = metric.compute_metrics(metric.results)
+    assert results["aAcc"] == 100.0 and results["IoU.road"] == 100.0 and results["mIoU"] == 100.0
+    assert np.isnan(results["IoU.car"])  # no car in the ground truth; the ignored row is not a false positive
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -524,16 +559,6 @@ def test_overlays(cs_root, tmp_path):
 # The shared worker on Ray Train
 
 
-@pytest.fixture(scope="module")
-def ray_2cpu():
-    import ray
-
-    ray.init(address="local", num_cpus=2, include_dashboard=False,
-             log_to_driver=os.environ.get("CVLAB_TEST_RAY_LOGS") == "1")
-    yield
-    ray.shutdown()
-
-
 def _fit(cfg, tmp_path, *, sync_bn: str, run_id: str, tracking_uri: str | None = None):
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -561,7 +586,8 @@ def _fit(cfg, tmp_path, *, sync_bn: str, run_id: str, tracking_uri: str | None =
     return trainer.fit()
 
 
-def test_two_cpu_workers_with_synchronised_bn_report_and_log(tmp_path, ray_2cpu):
+@pytest.mark.slow
+def test_two_cpu_workers_with_synchronised_bn_report_and_log(tmp_path, ray_cluster):
     from mlflow import MlflowClient
 
     from workloads.segmentation.mmcfg import build_config

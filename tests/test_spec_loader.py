@@ -363,3 +363,54 @@ def test_bad_value_starts_nothing(tmp_path, monkeypatch, capsys, verb):
     assert not ray.is_initialized()
     assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "runs").exists()
     assert not (tmp_path / "data").exists()
+
+
+def _numeric_fields(model, prefix=""):
+    """(dotted path, section class, field name, a value holding a boolean where a number belongs) for every
+    field of the schema that holds numbers, alone or in a tuple, list or dict; nested sections included."""
+    import types
+    import typing
+
+    from pydantic import BaseModel
+
+    def with_bool(annotation):
+        """A value of `annotation`'s shape with True where a number goes; None if it takes no number."""
+        origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+        if origin is typing.Annotated:
+            return with_bool(args[0])
+        if annotation in (int, float):
+            return True
+        if origin in (tuple, list):
+            inner = [with_bool(a) for a in args if a is not Ellipsis]
+            if any(v is not None for v in inner):
+                return tuple(True if v is not None else "x" for v in inner) if origin is tuple else [True]
+        if origin is dict and with_bool(args[1]) is not None:
+            return {"k": with_bool(args[1])}
+        if origin in (typing.Union, types.UnionType) and bool not in args:
+            return next((v for v in map(with_bool, args) if v is not None), None)
+        return None
+
+    for name, info in model.model_fields.items():
+        annotation = info.annotation
+        options = typing.get_args(annotation) if typing.get_origin(annotation) in (typing.Union, types.UnionType) \
+            else (annotation,)
+        for section in (a for a in options if isinstance(a, type) and issubclass(a, BaseModel)):
+            yield from _numeric_fields(section, f"{prefix}{name}.")
+        value = with_bool(annotation)
+        if value is not None:
+            yield f"{prefix}{name}", model, name, value
+
+
+def test_no_numeric_field_takes_a_boolean():
+    """`optim.epochs: true` must not load as 1: every number of every section, alone or inside a tuple, list
+    or dict, refuses booleans (pydantic's lax mode would take `true` as 1)."""
+    from pydantic import ValidationError
+
+    from orchestrator.config.schema import ExperimentSpec
+
+    fields = {f[0]: f[1:] for f in _numeric_fields(ExperimentSpec)}
+    assert {"optim.epochs", "data.batch_size", "scaling.num_workers", "optim.lr", "run.max_failures",
+            "data.augment.scale", "data.mean", "optim.betas", "scaling.resources_per_worker"} <= set(fields)
+    for path, (section, name, value) in fields.items():
+        with pytest.raises(ValidationError, match="a boolean is not a number"):
+            section.__pydantic_validator__.validate_assignment(section.model_construct(), name, value)

@@ -77,16 +77,16 @@ class AugmentSection(_Section):
     """Training-time augmentation. The defaults are the paper recipe (crop + flip); the rest is timm's.
     Values are checked by `workloads.classification.recipe.AugmentConfig`, the worker's own config."""
 
-    scale: tuple[float, float] = (0.08, 1.0)  # RandomResizedCrop area range
-    ratio: tuple[float, float] = (3 / 4, 4 / 3)  # RandomResizedCrop aspect-ratio range
-    hflip: float = 0.5  # probability
+    scale: tuple[Float, Float] = (0.08, 1.0)  # RandomResizedCrop area range
+    ratio: tuple[Float, Float] = (3 / 4, 4 / 3)  # RandomResizedCrop aspect-ratio range
+    hflip: Float = 0.5  # probability
     auto_augment: str | None = None  # timm: 'rand-m9-mstd0.5-inc1', 'augmix-m5-w4-d2', ...; 'trivialaugment'
-    color_jitter: float | list[float] | None = None
-    re_prob: float = 0.0  # random erasing probability
-    mixup: float = 0.0  # Beta alpha; 0 = off
-    cutmix: float = 0.0  # Beta alpha; 0 = off
-    mixup_prob: float = 1.0
-    switch_prob: float = 0.5
+    color_jitter: Float | list[Float] | None = None
+    re_prob: Float = 0.0  # random erasing probability
+    mixup: Float = 0.0  # Beta alpha; 0 = off
+    cutmix: Float = 0.0  # Beta alpha; 0 = off
+    mixup_prob: Float = 1.0
+    switch_prob: Float = 0.5
 
     @model_validator(mode="after")
     def _recipe(self):
@@ -112,8 +112,8 @@ class DataSection(_Section):
     num_workers: NonNegInt = 4  # data-loader processes per Ray worker
     augment: AugmentSection = Field(default_factory=AugmentSection)
     # What the network sees; checked by `workloads.classification.recipe.InputConfig`.
-    mean: list[float] = Field(default_factory=lambda: [0.485, 0.456, 0.406])
-    std: list[float] = Field(default_factory=lambda: [0.229, 0.224, 0.225])
+    mean: list[Float] = Field(default_factory=lambda: [0.485, 0.456, 0.406])
+    std: list[Float] = Field(default_factory=lambda: [0.229, 0.224, 0.225])
     grayscale: bool = False  # one input channel (the model gets in_channels: 1)
     interpolation: Literal["bilinear", "bicubic", "nearest"] = "bilinear"
 

@@ -19,6 +19,8 @@ from orchestrator.errors import CvlabError
 log = logging.getLogger(__name__)
 FORMATS = ("onnx", "torchscript", "pt2")
 CHECK_BATCH = 3  # the random batch every export is checked on (not the exported example's size)
+# Largest difference from PyTorch accepted, relative to the largest logit (float32 exporters differ by ~1e-7).
+CHECK_TOLERANCE = 1e-4
 
 
 def batch_dim():
@@ -56,6 +58,10 @@ def export_classifier(classifier, fmt: str, out: str) -> dict[str, Any]:
     except Exception as err:  # exporters raise many kinds; name the step that failed
         raise CvlabError(f"{fmt} export of {classifier.name} failed: {type(err).__name__}: {err}") from err
     diff = float((torch.as_tensor(got) - expected).abs().max())
+    tolerance = CHECK_TOLERANCE * max(1.0, float(expected.abs().max()))
+    if not diff <= tolerance:  # also catches NaN
+        raise CvlabError(f"the {fmt} file {out} does not compute what the PyTorch model computes: largest absolute "
+                         f"difference {diff:.3g} on a random batch (tolerance {tolerance:.3g}); do not use it")
     return {"path": out, "format": fmt, "max_abs_diff": diff, "input_shape": [-1, c, h, w]}
 
 

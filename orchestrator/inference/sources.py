@@ -60,30 +60,44 @@ def resolve_source(src: str, *, fmt: str = "auto", tracking_uri: str | None = No
 
 
 def _download(uri: str, tracking_uri: str | None, download_dir: str | None) -> tuple[Path, str | None]:
+    """Fetch a `runs:/` or `models:/<name>/<version>` URI through an MlflowClient of `tracking_uri` (also the
+    registry); MLflow's process-wide tracking URI and the environment are left alone."""
     import mlflow
+    from mlflow import MlflowClient
 
     from orchestrator.tracking.server import resolve_tracking_uri
 
     uri_tracking = tracking_uri or resolve_tracking_uri(None)
-    run_id = None
-    if uri.startswith("runs:/"):
-        run_id = uri[len("runs:/"):].split("/", 1)[0]
-    from mlflow.tracking._tracking_service.utils import _use_tracking_uri
-
     try:
-        # models:/ URIs resolve through MLflow's process-wide tracking and registry URIs: make them this one.
-        with _use_tracking_uri(uri_tracking):
-            if uri.startswith("models:/"):
-                from mlflow import MlflowClient
-
-                name, _, version = uri[len("models:/"):].partition("/")
-                run_id = MlflowClient(uri_tracking).get_model_version(name, version).run_id
-            local = mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=download_dir,
-                                                        tracking_uri=uri_tracking)
+        client = MlflowClient(tracking_uri=uri_tracking, registry_uri=uri_tracking)
+        if uri.startswith("models:/"):
+            run_id, artifact_uri = _model_version_location(client, uri)
+        else:
+            run_id, artifact_uri = uri[len("runs:/"):].split("/", 1)[0], uri
+        local = mlflow.artifacts.download_artifacts(artifact_uri=artifact_uri, dst_path=download_dir,
+                                                    tracking_uri=uri_tracking, registry_uri=uri_tracking)
+    except CvlabError:
+        raise
     except Exception as err:  # MlflowException, requests errors, missing artifacts
         first = str(err).strip().splitlines()
         raise CvlabError(f"cannot fetch {uri} from MLflow at {uri_tracking}: {first[0] if first else err}") from err
     return Path(local), run_id
+
+
+def _model_version_location(client, uri: str) -> tuple[str | None, str]:
+    """(run id, artifact URI) of registered model version `models:/<name>/<version>`.
+
+    Resolved here rather than by MLflow's `models:/` artifact repository, which looks registered models up
+    through the process-wide registry URI instead of the one it is given.
+    """
+    name, _, version = uri[len("models:/"):].partition("/")
+    if not name or not version.isdigit():
+        raise CvlabError(f"model source {uri}: expected models:/<name>/<version> (a version number)")
+    run_id = client.get_model_version(name, version).run_id
+    location = client.get_model_version_download_uri(name, version)
+    if location.startswith("models:/"):  # a logged model's URI (MLflow 3): its artifact location
+        location = client.get_logged_model(location[len("models:/"):].split("/")[0]).artifact_location
+    return run_id, location
 
 
 def _run_of_folder(path: Path) -> str | None:

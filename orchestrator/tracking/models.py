@@ -1,9 +1,14 @@
 """MLflow models of cvlab runs: a classifier as a pyfunc "model from code" (`workloads/classification/
 pyfunc_model.py`), its weights as artifacts (a `torch.export` program and our checkpoint), with a signature
 and an input example. `mlflow.pyfunc.load_model(uri).predict(batch)` returns class probabilities named by class;
-nothing is pickled."""
+nothing is pickled.
+
+Everything goes through an `MlflowClient` of the run's tracking URI (also its registry): MLflow's fluent
+`log_model` would log to the process-wide tracking URI, which cvlab never sets.
+"""
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -12,22 +17,47 @@ import workloads.classification
 
 PYFUNC_CODE = Path(workloads.classification.__file__).with_name("pyfunc_model.py")
 EXAMPLE_BATCH = 2  # > 1: torch.export keeps the batch dimension dynamic only for examples larger than 1
+MODEL_NAME = "model"  # the logged model's name in its run
 
 
 def log_classifier_model(tracking_uri: str, run_id: str, classifier, checkpoint_path: str, *,
                          registered_model_name: str | None = None) -> str:
     """Log `classifier` (`orchestrator.inference.classifier.Classifier`) into run `run_id` (registered when a
-    name is given); returns the model URI.
+    name is given); returns the model URI (`models:/<model id>`). The run's status is left as it is (the
+    caller ends it)."""
+    import mlflow
+    from mlflow import MlflowClient
+    from mlflow.entities import LoggedModelOutput, LoggedModelStatus
+    from mlflow.tracking.context.registry import resolve_tags
 
-    The fluent API needs an active run for the logged model to land in the run's experiment, so the run is
-    re-entered for the call and left again without changing its status (the caller ends it).
-    """
+    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    run = client.get_run(run_id)
+    logged = client.create_logged_model(run.info.experiment_id, name=MODEL_NAME, source_run_id=run_id,
+                                        tags=resolve_tags())
+    try:
+        client.log_outputs(run_id, [LoggedModelOutput(logged.model_id, step=0)])
+        with tempfile.TemporaryDirectory(prefix="cvlab-model-") as tmp:
+            local = os.path.join(tmp, MODEL_NAME)
+            _save_pyfunc(local, classifier, checkpoint_path, tmp,
+                         mlflow.models.Model(artifact_path=logged.artifact_location, run_id=run_id,
+                                             model_id=logged.model_id, model_uuid=logged.model_id))
+            client.log_model_artifacts(logged.model_id, local)
+    except Exception:
+        client.finalize_logged_model(logged.model_id, LoggedModelStatus.FAILED)
+        raise
+    client.finalize_logged_model(logged.model_id, LoggedModelStatus.READY)
+    model_uri = f"models:/{logged.model_id}"
+    if registered_model_name:
+        _register(client, registered_model_name, logged, run_id)
+    return model_uri
+
+
+def _save_pyfunc(path: str, classifier, checkpoint_path: str, tmp: str, mlflow_model) -> None:
+    """Write the MLflow model folder: the code, the exported program, our checkpoint, signature and example."""
     import mlflow
     import numpy as np
     import torch
     from mlflow.models import ModelSignature
-    from mlflow.tracking import fluent
-    from mlflow.tracking._tracking_service.utils import _use_tracking_uri
     from mlflow.types import ColSpec, Schema, TensorSpec
 
     from orchestrator.inference.export import export_program
@@ -40,22 +70,29 @@ def log_classifier_model(tracking_uri: str, run_id: str, classifier, checkpoint_
     # The project itself (its custom operator) must be installed where the model is loaded.
     requirements = [f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={mlflow.__version__}", "numpy",
                     "pandas"]
-    with tempfile.TemporaryDirectory(prefix="cvlab-model-") as tmp:
-        program = os.path.join(tmp, "model.pt2")
-        with torch.no_grad():
-            torch.export.save(export_program(classifier.model.eval(), torch.from_numpy(example)), program)
-        with _use_tracking_uri(tracking_uri):
-            mlflow.start_run(run_id=run_id, nested=mlflow.active_run() is not None)
-            try:
-                info = mlflow.pyfunc.log_model(
-                    name="model", python_model=str(PYFUNC_CODE),
-                    artifacts={"program": program, "checkpoint": checkpoint_path},
-                    signature=signature, input_example=example, pip_requirements=requirements,
-                    registered_model_name=registered_model_name,
-                )
-            finally:
-                # Leave the run without ending it: pop it from the fluent stack only.
-                stack = fluent._active_run_stack.get()
-                if stack and stack[-1].info.run_id == run_id:
-                    stack.pop()
-    return info.model_uri
+    program = os.path.join(tmp, "model.pt2")
+    with torch.no_grad():
+        torch.export.save(export_program(classifier.model.eval(), torch.from_numpy(example)), program)
+    mlflow.pyfunc.save_model(path, python_model=str(PYFUNC_CODE), mlflow_model=mlflow_model,
+                             artifacts={"program": program, "checkpoint": checkpoint_path},
+                             signature=signature, input_example=example, pip_requirements=requirements)
+
+
+def _register(client, name: str, logged, run_id: str) -> None:
+    """A new version of registered model `name` (created when missing) from logged model `logged`.
+
+    Its source is the logged model's artifact location, not `models:/<model id>`: MLflow's local (sqlite)
+    registry would look that URI up through the process-wide tracking URI, not this client's.
+    """
+    from mlflow.exceptions import MlflowException
+    from mlflow.utils.mlflow_tags import MLFLOW_MODEL_VERSIONS
+
+    try:
+        client.create_registered_model(name)
+    except MlflowException as err:
+        if err.error_code not in ("RESOURCE_ALREADY_EXISTS", "ALREADY_EXISTS"):
+            raise
+    version = client.create_model_version(name, logged.artifact_location, run_id=run_id, model_id=logged.model_id)
+    # What the UI's logged-model page lists as its registered versions.
+    client.set_logged_model_tags(logged.model_id, {
+        MLFLOW_MODEL_VERSIONS: json.dumps([{"name": version.name, "version": version.version}])})

@@ -89,13 +89,24 @@ def summarize(totals, confusion, top5_per_class, classes) -> dict[str, Any]:
     }
 
 
+def evaluate_all_shards(model, loader, classes, criterion, device, amp_dtype=None, channels_last=False):
+    """`summarize` of the counts of every worker's shard: this worker's `evaluate_shard`, summed over the
+    workers' process group (the same numbers on every worker; a single process outside a group)."""
+    from workloads.distributed import all_reduce
+
+    totals, confusion, top5_per_class = evaluate_shard(model, loader, len(classes), criterion, device, amp_dtype,
+                                                       channels_last)
+    for tensor in (totals, confusion, top5_per_class):
+        all_reduce(tensor)
+    return summarize(totals.cpu(), confusion.cpu(), top5_per_class.cpu(), classes)
+
+
 def eval_loop_per_worker(cfg: EvalConfig) -> None:
     import ray.train
     import ray.train.torch
     import torch
 
     from workloads.classification.data import ShardSampler, make_dataset
-    from workloads.distributed import all_reduce
     from workloads.classification.transforms import build_val_transform
     from workloads.logs import configure, quiet_ray_train_reports
     from workloads.models import build_model
@@ -123,9 +134,5 @@ def eval_loop_per_worker(cfg: EvalConfig) -> None:
     log.info("evaluating %s on %d images (%d classes), %d worker(s)", cfg.model_name, len(dataset), len(classes),
              world)
     criterion = torch.nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
-    totals, confusion, top5_per_class = evaluate_shard(model, loader, len(classes), criterion, device, amp_dtype,
-                                                       channels_last)
-    for tensor in (totals, confusion, top5_per_class):
-        all_reduce(tensor)
-    result = summarize(totals.cpu(), confusion.cpu(), top5_per_class.cpu(), classes)
+    result = evaluate_all_shards(model, loader, classes, criterion, device, amp_dtype, channels_last)
     report_evaluation(result, rank, bulky=("per_class", "confusion"))  # the large parts travel once
