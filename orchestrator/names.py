@@ -22,7 +22,9 @@ TRIAL_NAME_TAG = "cvlab.trial_name"
 FAILED_TRIALS_TAG = "cvlab.failed_trials"
 BEST_RUN_TAG = "cvlab.best_run_id"
 PARENT_RUN_TAG = "mlflow.parentRunId"  # MLflow's own: nests a run under another in the UI
-EXPERIMENT_KIND_TAG = "mlflow.experimentKind"  # MLflow's own: which view the UI opens an experiment in
+# MLflow's own experiment kind. MLflow 3.17's UI ignores it while it shows its GenAI / model-training toggle;
+# the links cvlab prints pick the view (`orchestrator.tracking.server.ui_link`).
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 EXPERIMENT_KIND = "custom_model_development"
 
 # ---- MLflow params

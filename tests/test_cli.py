@@ -1,4 +1,4 @@
-"""The `cvlab` command line: fast help, exit codes, `data make-imagenet`, `validate`."""
+"""The `cvlab` command line: fast help, exit codes, `data make-imagenet`, `validate`, the summaries' UI links."""
 from __future__ import annotations
 
 import os
@@ -104,3 +104,33 @@ def test_validate_prints_resolved_yaml(tmp_path, capsys, monkeypatch):
 def test_validate_recipe_files(model, capsys):
     assert main(["validate", str(REPO / "experiments" / f"{model}_imagenet.yaml"), "--flat"]) == 0
     assert f"model.name = {model}" in capsys.readouterr().out.splitlines()
+
+
+@pytest.mark.parametrize("tracking_uri", ["http://mlflow.example:5000", "sqlite:///{tmp}/mlflow.db"])
+def test_run_and_tune_print_the_mlflow_ui_link_of_a_tracking_server(tmp_path, capsys, monkeypatch, tracking_uri):
+    """`cvlab run` ends with its run's UI link and `cvlab tune` with its parent run's, in the model-training
+    view, when runs are tracked by a server (run_job and run_search are replaced: nothing starts)."""
+    import orchestrator.runs.lifecycle
+    import orchestrator.search.tune
+
+    uri = tracking_uri.format(tmp=tmp_path)
+    ids = {"tracking_uri": uri, "experiment_id": "3"}
+    monkeypatch.setattr(orchestrator.runs.lifecycle, "run_job", lambda job, resume=False: {
+        **ids, "run_id": "r1", "ray_run": str(tmp_path / "runs" / "x"), "seconds": 1.0, "metrics": {}})
+    monkeypatch.setattr(orchestrator.search.tune, "run_search", lambda spec, resume=False, num_cpus=None: {
+        **ids, "parent_run_id": "p1", "search_name": "s", "trials": [], "best": None, "tune_path": "t",
+        "interrupted": False, "statuses": {}})
+    spec = {"data": {"root": str(tmp_path / "data")}, "tracking": {"tracking_uri": uri},
+            "search": {"space": {"model.reduction_ratio": {"grid": [4, 8]}}}}
+    (tmp_path / "x.yaml").write_text(yaml.safe_dump(spec))
+
+    assert main(["run", str(tmp_path / "x.yaml")]) == 0
+    run_out = capsys.readouterr().out
+    assert main(["tune", str(tmp_path / "x.yaml")]) == 0
+    tune_out = capsys.readouterr().out
+    if uri.startswith("http"):
+        view = "?workflowType=machine_learning"
+        assert f"  MLflow UI       {uri}/#/experiments/3/runs/r1{view}\n" in run_out
+        assert f"MLflow UI: {uri}/#/experiments/3/runs/p1{view}\n" in tune_out
+    else:
+        assert "MLflow UI" not in run_out + tune_out

@@ -36,6 +36,19 @@ def test_tracking_uri_precedence(tmp_path, monkeypatch):
     assert resolve_tracking_uri(_spec(tracking_uri="sqlite:////abs/x.db")) == "sqlite:////abs/x.db"
 
 
+def test_ui_link_opens_the_model_training_view():
+    from orchestrator.tracking.server import ui_link
+
+    view = "?workflowType=machine_learning"
+    assert ui_link("http://127.0.0.1:5000", "1") == "http://127.0.0.1:5000/#/experiments/1" + view
+    assert ui_link("https://mlflow.example/", "7", "abc") == "https://mlflow.example/#/experiments/7/runs/abc" + view
+    assert ui_link("http://cvlab-mlflow:5000", None) == "http://cvlab-mlflow:5000/#/experiments" + view
+    for local in ("sqlite:////tmp/mlflow.db", "file:///tmp/mlruns", "databricks"):
+        assert ui_link(local, "1", "abc") is None  # no UI of its own
+    with pytest.raises(ValueError, match="experiment id"):
+        ui_link("http://127.0.0.1:5000", None, "abc")
+
+
 def test_unreachable_server_is_a_clear_error():
     from orchestrator.tracking.server import check_tracking_server
 
@@ -79,11 +92,13 @@ def test_experiment_run_params_and_epoch_logger(db):
     assert run.info.status == "FAILED" and run.data.tags[ERROR_TAG] == "boom"
 
 
-def test_logged_classifier_loads_and_predicts_without_pickle(db, tmp_path, caplog):
+def test_logged_classifier_loads_and_predicts_without_pickle(db, tmp_path, caplog, monkeypatch):
     """The logged MLflow model: a pyfunc "model from code" with a signature and an input example, whose
-    predict() gives class probabilities named by class; logging it pickles nothing (no MLflow warning), and
-    the run stays open for its caller to end."""
+    predict() gives class probabilities named by class; logging it pickles nothing (no MLflow warning), logging
+    and loading it raise no MLflow warning about predict()'s type hints, and the run stays open for its caller
+    to end."""
     import logging
+    import warnings
 
     import mlflow
     import numpy as np
@@ -104,7 +119,10 @@ def test_logged_classifier_loads_and_predicts_without_pickle(db, tmp_path, caplo
     model = build_model("cednet26", num_classes=3).eval()
     inputs = InputConfig(image_size=32)
     ckpt = save_checkpoint(tmp_path / "model.pt", model, extra={"classes": classes})
-    with caplog.at_level(logging.WARNING, logger="mlflow"):
+    # MLflow shows its type-hint warning "once" per process: forget earlier ones so that this test sees it.
+    monkeypatch.setattr(warnings, "onceregistry", {})
+    with caplog.at_level(logging.WARNING, logger="mlflow"), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         model_uri = log_classifier_model(uri, run_id, Classifier(model, "cednet26", classes, inputs), ckpt,
                                          registered_model_name="tiny")
     assert not [r for r in caplog.records if "pickle" in r.getMessage().lower()]
@@ -117,9 +135,14 @@ def test_logged_classifier_loads_and_predicts_without_pickle(db, tmp_path, caplo
 
     mlflow.set_tracking_uri(uri)
     try:
-        loaded = mlflow.pyfunc.load_model(model_uri)
+        with warnings.catch_warnings(record=True) as caught_loading:
+            warnings.simplefilter("always")
+            loaded = mlflow.pyfunc.load_model(model_uri)
     finally:
         mlflow.set_tracking_uri(None)
+    hints = [str(w.message) for w in caught + caught_loading
+             if issubclass(w.category, UserWarning) and "predict" in str(w.message)]
+    assert not hints, hints
     info = loaded.metadata
     assert info.get_input_schema().inputs[0].shape == (-1, 3, 32, 32)
     assert [c.name for c in info.get_output_schema().inputs] == classes

@@ -146,23 +146,46 @@ def test_generates_the_embedded_dataset_once(tmp_path, capsys):
     assert "generating" not in capsys.readouterr().out and again.train_images == 12
 
 
-def test_skipped_step_updates_nothing_and_the_run_fails_after_n_skips():
-    """The non-finite-loss policy with optim.skip_nonfinite_steps = 2: a skipped step leaves weights and
-    optimizer state exactly as they were (the lr schedule still advances); the third bad step fails."""
-    import copy
+def test_kernel_picture_is_drawn_for_the_validation_input_of_the_spec(tmp_path):
+    """The image a run's `kernels.png` is drawn for is the model input the validation transform makes of the
+    first validation image, with the spec's `data.val_resize` (48 here; round(32 / 0.875) = 37 by default)."""
+    import dataclasses
+
+    import torch
+    from PIL import Image
+
+    from orchestrator.drivers.classification import ClassificationDriver, prepare_data
+    from workloads.classification.data import make_dataset
+    from workloads.classification.transforms import build_val_transform
+    from workloads.models.visualize import _to_input
+
+    _dataset(tmp_path)
+    spec = _spec(tmp_path, data={"val_resize": 48})
+    driver = ClassificationDriver(spec, data=prepare_data(spec))
+    model_input, _display = _to_input(driver._kernel_image(), 3, normalize=True)  # what visualize_kernels runs
+
+    data = driver.data
+    first = make_dataset(data.val_dir, list(data.classes), data.val_skip).samples[0][0]
+    inputs = spec.data.input_config()
+    with Image.open(first) as im:
+        image = im.convert("RGB")
+    expected = build_val_transform(inputs)(image)[None]
+    assert model_input.shape == (1, 3, 32, 32)
+    torch.testing.assert_close(model_input, expected, rtol=0, atol=0)
+    default = build_val_transform(dataclasses.replace(inputs, val_resize=None))(image)[None]
+    assert not torch.allclose(expected, default)  # the setting changes the picture
+
+
+def _step_trainer(hooks):
+    """An EpochTrainer with only what `train_step` needs (no Ray): a linear model, SGD with momentum."""
     from types import SimpleNamespace
 
     import torch
 
-    from workloads.classification.hooks import NonFiniteLossError, NonFiniteLossPolicy, StepHook
     from workloads.classification.loop import EpochTrainer
 
-    class NanAt(StepHook):
-        def on_loss(self, epoch, step, loss):
-            return loss * float("nan") if step in (2, 3, 4) else loss
-
     torch.manual_seed(0)
-    trainer = EpochTrainer.__new__(EpochTrainer)  # the step logic alone, without Ray
+    trainer = EpochTrainer.__new__(EpochTrainer)
     trainer.model = torch.nn.Linear(4, 3)
     trainer.optimizer = torch.optim.SGD(trainer.model.parameters(), lr=0.1, momentum=0.9)
     trainer.scheduler = torch.optim.lr_scheduler.LambdaLR(trainer.optimizer, lambda i: 1.0 / (1 + i))
@@ -171,9 +194,31 @@ def test_skipped_step_updates_nothing_and_the_run_fails_after_n_skips():
     trainer.mixup, trainer.ema, trainer.optimizer_steps = None, None, 0
     trainer.device, trainer.amp_dtype, trainer.channels_last = torch.device("cpu"), None, False
     trainer.cfg = SimpleNamespace(optim=SimpleNamespace(grad_clip=None))
+    trainer.hooks = hooks
+    return trainer, torch.randn(8, 4), torch.randint(0, 3, (8,))
+
+
+def _nan_at(*steps):
+    from workloads.classification.hooks import StepHook
+
+    class NanAt(StepHook):
+        def on_loss(self, epoch, step, loss):
+            return loss * float("nan") if step in steps else loss
+
+    return NanAt()
+
+
+def test_skipped_step_updates_nothing_and_the_run_fails_after_n_skips():
+    """The non-finite-loss policy with optim.skip_nonfinite_steps = 2: a skipped step leaves weights and
+    optimizer state exactly as they were (the lr schedule still advances); the third bad step fails."""
+    import copy
+
+    import torch
+
+    from workloads.classification.hooks import NonFiniteLossError, NonFiniteLossPolicy
+
     policy = NonFiniteLossPolicy(limit=2, steps_per_epoch=10, rank=0, agree=lambda bad: bad)
-    trainer.hooks = [NanAt(), policy]
-    images, targets = torch.randn(8, 4), torch.randint(0, 3, (8,))
+    trainer, images, targets = _step_trainer([_nan_at(2, 3, 4), policy])
 
     def snapshot():
         return copy.deepcopy((trainer.model.state_dict(), trainer.optimizer.state_dict()))
@@ -192,6 +237,28 @@ def test_skipped_step_updates_nothing_and_the_run_fails_after_n_skips():
     assert policy.skipped == 2
     with pytest.raises(NonFiniteLossError, match=r"at epoch 1, step 4 .* after skipping 2 such step\(s\)"):
         trainer.train_step(1, 4, images, targets)
+
+
+def test_default_policy_fails_at_the_first_non_finite_loss_without_a_collective():
+    """optim.skip_nonfinite_steps = 0 (the default): the first NaN or inf loss fails the step, naming epoch and
+    step, before any update and without the per-step all-reduce; finite losses pass."""
+    import torch
+
+    from workloads.classification.hooks import NonFiniteLossError, NonFiniteLossPolicy
+
+    def no_collective(bad):
+        raise AssertionError("the default policy must not all-reduce every step")
+
+    policy = NonFiniteLossPolicy(limit=0, steps_per_epoch=10, rank=1, agree=no_collective)
+    assert policy.skip_step(1, 1, 2.5) is False
+    for value in (float("nan"), float("inf"), float("-inf")):
+        with pytest.raises(NonFiniteLossError, match=r"at epoch 2, step 3 \(global step 13\) on worker 1; lower"):
+            policy.skip_step(2, 3, value)
+    trainer, images, targets = _step_trainer([_nan_at(1), NonFiniteLossPolicy(0, 10, 0, agree=no_collective)])
+    weight = trainer.model.weight.detach().clone()
+    with pytest.raises(NonFiniteLossError, match=r"\(nan\) at epoch 1, step 1"):
+        trainer.train_step(1, 1, images, targets)
+    assert torch.equal(trainer.model.weight, weight)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -61,12 +61,11 @@ def configure(verbosity: int = 0) -> None:
         warnings.filterwarnings("ignore", message="pkg_resources is deprecated")
         warnings.filterwarnings("ignore", category=UserWarning, module=r"(mmengine|mmseg|mmdet|mmcv)(\.|$)")
         # MLflow sets its loggers' level when it is imported (perhaps after this, and in every Ray worker,
-        # which inherits the environment): say it there. Also no download progress bars, no "View run at"
-        # lines, and no advice about type hints for our pyfunc model.
+        # which inherits the environment): say it there. Also no download progress bars and no "View run at"
+        # lines.
         for key, value in (("MLFLOW_LOGGING_LEVEL", "WARNING"), ("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false"),
                            ("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")):
             os.environ.setdefault(key, value)
-        warnings.filterwarnings("ignore", message=r".*Add type hints to the `predict` method", category=UserWarning)
     _state["verbosity"] = verbosity
 
 

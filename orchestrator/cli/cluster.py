@@ -14,6 +14,8 @@ from orchestrator.cluster.local import (
 
 
 def _cmd_up(args) -> int:
+    from orchestrator.tracking.server import ui_link
+
     info = up(
         state_dir=args.state_dir,
         workers=args.workers,
@@ -32,7 +34,7 @@ def _cmd_up(args) -> int:
     print(f"Ray GCS address:     {info['gcs_address']}")
     print(f"Ray dashboard/jobs:  {info['dashboard']}")
     if info["mlflow"]:
-        print(f"MLflow UI:           {info['mlflow']}")
+        print(f"MLflow UI:           {ui_link(info['mlflow'], None)}")
     print(f"state and logs:      {info['state_dir']}")
     print("\n# point cvlab / ray / mlflow at it:")
     print("\n".join(exports(info)))

@@ -16,6 +16,8 @@ def _cmd(args) -> int:
     print(report.text_table(rows, result["columns"]), end="")
     for kind, path in result["files"].items():
         print(f"  {kind}: {path}")
+    if result["ui_link"]:
+        print(f"MLflow UI: {result['ui_link']}")
     best = rows[0]
     value = best["metrics"].get(args.metric)
     if value is not None and not (isinstance(value, float) and math.isnan(value)):

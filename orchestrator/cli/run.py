@@ -34,10 +34,15 @@ def run_experiment(spec, resume: bool = False) -> dict[str, Any]:
 
 
 def print_summary(job, summary: dict[str, Any]) -> None:
+    from orchestrator.tracking.server import ui_link
+
     print()
     print(f"{'evaluation' if job.kind == 'eval' else 'run'} finished")
     print(f"  MLflow run id   {summary.get('run_id')}  (experiment {summary.get('experiment_id')}, "
           f"{summary.get('tracking_uri')})")
+    link = ui_link(summary["tracking_uri"], summary["experiment_id"], summary["run_id"])
+    if link:
+        print(f"  MLflow UI       {link}")
     print(f"  Ray Train run   {summary.get('ray_run')}")
     for line in job.summary_lines(summary):
         print(line)

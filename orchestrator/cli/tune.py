@@ -5,6 +5,7 @@ def _cmd(args) -> int:
     from orchestrator.config.loader import load_spec
     from orchestrator.search import report
     from orchestrator.search.tune import run_search
+    from orchestrator.tracking.server import ui_link
 
     spec = load_spec(args.spec, args.set)
     if args.check:
@@ -23,6 +24,9 @@ def _cmd(args) -> int:
     print("")
     print(f"search {summary['search_name']}: {len(rows)} trial run(s) in MLflow "
          f"(parent run {summary['parent_run_id']}, {summary['tracking_uri']})")
+    link = ui_link(summary["tracking_uri"], summary["experiment_id"], summary["parent_run_id"])
+    if link:
+        print(f"MLflow UI: {link}")
     if rows:
         cols = report.table_columns(rows, list(s.space), s.metric)
         print(report.text_table(rows, cols).rstrip())

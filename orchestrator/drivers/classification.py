@@ -218,17 +218,14 @@ class ClassificationDriver(Job):
         return summary
 
     def _kernel_image(self):
-        """One validation image, resized and centre-cropped like the validation transform."""
-        from PIL import Image
-        from torchvision import transforms as T
-
+        """The first validation image as the model sees it in validation: a (1, C, H, W) tensor from the
+        validation transform (the spec's `data.val_resize`, crop, mean and std)."""
         from workloads.classification.data import make_dataset
+        from workloads.classification.transforms import build_val_transform
 
-        size = self.spec.data.image_size
-        ds = make_dataset(self.data.val_dir, list(self.data.classes), self.data.val_skip)
-        with Image.open(ds.samples[0][0]) as im:
-            im = im.convert("L" if self.spec.data.grayscale else "RGB")
-            return T.Compose([T.Resize(round(size / 0.875)), T.CenterCrop(size)])(im)
+        ds = make_dataset(self.data.val_dir, list(self.data.classes), self.data.val_skip,
+                          build_val_transform(self.spec.data.input_config()))
+        return ds[0][0][None]
 
     def summary_lines(self, summary: dict[str, Any]) -> list[str]:
         m = summary.get("metrics", {})

@@ -40,20 +40,19 @@ def predict_images(classifier, paths: list[str], topk: int = 5) -> list[dict[str
 
 
 def write_kernel_maps(classifier, paths: list[str], out_dir: str) -> list[str]:
-    """The involution kernel maps (`workloads.models.visualize_kernels`) of each image, as PNGs in `out_dir`."""
-    from torchvision import transforms as T
-
+    """The involution kernel maps (`workloads.models.visualize_kernels`) of each image, as PNGs in `out_dir`,
+    for the model input the validation transform makes of it."""
+    from workloads.classification.transforms import build_val_transform
     from workloads.models import visualize_kernels
 
     os.makedirs(out_dir, exist_ok=True)
-    size = classifier.inputs.image_size
-    crop = T.Compose([T.Resize(classifier.inputs.resolved_val_resize), T.CenterCrop(size)])
+    transform = build_val_transform(classifier.inputs)
     written = []
     for path in paths:
         out = os.path.join(out_dir, os.path.splitext(os.path.basename(path))[0] + "_kernels.png")
+        image = transform(load_image(path, classifier.inputs.grayscale))[None]
         try:
-            written.append(visualize_kernels(classifier.model, crop(load_image(path, classifier.inputs.grayscale)),
-                                             out_png=out))
+            written.append(visualize_kernels(classifier.model, image, out_png=out))
         except ValueError as err:  # e.g. the ResNet baseline generates no kernels
             raise CvlabError(f"--kernels: {err}") from err
     return written

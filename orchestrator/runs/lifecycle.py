@@ -123,7 +123,7 @@ def _open_run(job: Job, tracking_uri: str, fs, storage: str, folder: str, base: 
         log_params,
         make_client,
     )
-    from orchestrator.tracking.server import default_artifact_location
+    from orchestrator.tracking.server import default_artifact_location, ui_link
     from workloads.logs import verbosity
 
     spec = job.spec
@@ -182,6 +182,9 @@ def _open_run(job: Job, tracking_uri: str, fs, storage: str, folder: str, base: 
         raise
     if trial is None:
         log.info("MLflow run %s in experiment %r (%s)", run_id, experiment_name, tracking_uri)
+        link = ui_link(tracking_uri, experiment_id, run_id)
+        if link:
+            log.info("MLflow UI: %s", link)
     return _Opened(context=ctx, experiment_name=experiment_name, new=existing_id is None)
 
 

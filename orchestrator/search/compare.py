@@ -148,16 +148,19 @@ def default_mode(metric: str) -> str:
 def compare(experiment_name: str, metric: str = "val/top1", mode: str | None = None,
             tracking_uri: str | None = None, out_dir: str | Path | None = None,
             parent_run_id: str | None = None) -> dict:
-    """Rank an experiment's runs; write table + plots to `out_dir`. Returns rows, columns and paths."""
+    """Rank an experiment's runs; write table + plots to `out_dir`. Returns rows, columns, paths and the
+    experiment's (or the parent run's) MLflow UI link (None without a tracking server)."""
     from mlflow.tracking import MlflowClient
 
     from orchestrator.search import report
+    from orchestrator.tracking.server import ui_link
 
     uri = tracking_uri or _default_tracking_uri()
     mode = mode or default_mode(metric)
     client = MlflowClient(tracking_uri=uri)
     try:
         rows, param_keys = collect(client, experiment_name, metric, parent_run_id)
+        link = ui_link(uri, client.get_experiment_by_name(experiment_name).experiment_id, parent_run_id)
     except CvlabError:
         raise
     except Exception as err:  # unreachable server, bad database path, ...
@@ -169,7 +172,7 @@ def compare(experiment_name: str, metric: str = "val/top1", mode: str | None = N
     out = Path(out_dir) if out_dir else Path("compare") / _safe(experiment_name)
     written = report.write_report(ranked, param_keys, metric, out, mode=mode, prefix="compare")
     return {"rows": ranked, "columns": columns, "param_keys": param_keys, "files": written,
-            "tracking_uri": uri, "mode": mode}
+            "tracking_uri": uri, "mode": mode, "ui_link": link}
 
 
 def _safe(name: str) -> str:

@@ -211,7 +211,12 @@ def run_search(spec, *, resume: bool = False, num_cpus: int | None = None, verbo
     from orchestrator.search.callbacks import TrialBookkeeping, make_status_callback
     from orchestrator.search.trial import TrialContext, trial_main
     from orchestrator.tracking.runs import create_run, ensure_experiment, make_client
-    from orchestrator.tracking.server import check_tracking_server, default_artifact_location, resolve_tracking_uri
+    from orchestrator.tracking.server import (
+        check_tracking_server,
+        default_artifact_location,
+        resolve_tracking_uri,
+        ui_link,
+    )
 
     tracking_uri = resolve_tracking_uri(spec)
     check_tracking_server(tracking_uri)
@@ -284,6 +289,9 @@ def run_search(spec, *, resume: bool = False, num_cpus: int | None = None, verbo
                  concurrency, spec.search.scheduler, experiment_name, parent_run_id, tracking_uri)
         for path, desc in space.describe().items():
             log.info("  %s: %s", path, desc)
+        link = ui_link(tracking_uri, experiment_id, parent_run_id)
+        if link:
+            log.info("MLflow UI: %s", link)
         book = TrialBookkeeping(
             tracking_uri=tracking_uri, experiment_id=experiment_id, parent_run_id=parent_run_id,
             metric=spec.search.metric, mode=spec.search.mode, scheduler=spec.search.scheduler,

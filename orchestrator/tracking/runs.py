@@ -33,7 +33,8 @@ def make_client(tracking_uri: str):
 def ensure_experiment(client, name: str, artifact_location: str | None = None) -> str:
     """The id of experiment `name`, created when missing (restored when deleted). Call it on the driver.
 
-    The experiment is tagged as a model-training one, so MLflow's UI opens it in that view (not GenAI's).
+    The experiment is tagged as a model-training one (`mlflow.experimentKind`). MLflow 3.17's UI does not
+    choose its view by that tag; the links of `orchestrator.tracking.server.ui_link` open the model-training view.
     """
     from mlflow.exceptions import MlflowException
 

@@ -1,4 +1,5 @@
-"""Where runs are tracked: the tracking URI of a spec, and whether its MLflow server answers.
+"""Where runs are tracked: the tracking URI of a spec, whether its MLflow server answers, and the links to
+its UI.
 
 The tracking URI is always explicit: the YAML's `tracking.tracking_uri`, else `MLFLOW_TRACKING_URI`, else a
 local `sqlite:///<cwd>/mlflow.db` whose artifacts go to `<cwd>/mlartifacts` (absolute paths, because Ray
@@ -16,6 +17,10 @@ from pathlib import Path
 from orchestrator.errors import CvlabError
 
 log = logging.getLogger(__name__)
+
+# MLflow 3.17's UI shows an experiment in its GenAI or its model-training view by a per-browser toggle (not by
+# the experiment's `mlflow.experimentKind` tag); this URL parameter picks the model-training view.
+UI_VIEW_PARAM = "workflowType=machine_learning"
 
 
 def _absolute_sqlite(uri: str) -> str:
@@ -97,3 +102,16 @@ def wait_for_tracking_server(tracking_uri: str, timeout_s: float = 300.0, interv
             time.sleep(interval_s)
 
 
+def ui_link(tracking_uri: str, experiment_id: str | None, run_id: str | None = None) -> str | None:
+    """The MLflow UI page of an experiment, or of one of its runs, in the model-training view:
+    `http://HOST/#/experiments/<experiment id>[/runs/<run id>]?workflowType=machine_learning` (the list of
+    experiments when `experiment_id` is None). None unless the tracking URI is an http(s) server: a sqlite file
+    or a folder has no UI of its own."""
+    if not tracking_uri.startswith(("http://", "https://")):
+        return None
+    if run_id is not None and experiment_id is None:
+        raise ValueError("a run's UI link needs its experiment id")
+    page = "#/experiments" + (f"/{experiment_id}" if experiment_id is not None else "")
+    if run_id is not None:
+        page += f"/runs/{run_id}"
+    return f"{tracking_uri.rstrip('/')}/{page}?{UI_VIEW_PARAM}"

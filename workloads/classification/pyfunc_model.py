@@ -10,6 +10,8 @@ nothing is pickled. The weights travel as the model's artifacts:
 `predict(images)` takes a float32 batch (B, C, H, W), normalised like the validation transform, and returns a
 DataFrame of class probabilities, one column per class name.
 """
+from typing import Any
+
 import mlflow
 import numpy as np
 import pandas as pd
@@ -25,7 +27,10 @@ class ClassifierModel(mlflow.pyfunc.PythonModel):
         self.classes = [str(c) for c in payload["extra"]["classes"]]
         self.module = torch.export.load(context.artifacts["program"]).module()
 
-    def predict(self, context, model_input, params=None):
+    # MLflow warns about a predict() without type hints. `np.ndarray` is the tensor hint it takes silently (the
+    # logged signature, not the hint, checks the input); as the signature names its tensor, MLflow passes
+    # {"images": array}, but a dict hint would make MLflow warn that it cannot use it.
+    def predict(self, context, model_input: np.ndarray, params: dict[str, Any] | None = None) -> pd.DataFrame:
         import torch
 
         if isinstance(model_input, dict):  # the signature names the tensor: MLflow passes {"images": array}
