@@ -214,7 +214,6 @@ def _get(url: str, token: str | None = None) -> int:
         return err.code
 
 
-@pytest.mark.slow
 def _listening_addresses(leaders: list[int]) -> dict[int, set[str]]:
     """port -> the addresses that the processes of these sessions listen on."""
     import psutil
@@ -232,6 +231,7 @@ def _listening_addresses(leaders: list[int]) -> dict[int, set[str]]:
     return bound
 
 
+@pytest.mark.slow
 def test_local_cluster_up_with_token_auth_and_mlflow_then_down(tmp_path, monkeypatch, capsys):
     state = tmp_path / "st"
     ports = {flag: local_cluster.free_port() for flag in ("--ray-port", "--dashboard-port", "--mlflow-port")}

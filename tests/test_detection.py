@@ -265,13 +265,14 @@ def _small_model(config_name: str, num_classes: int = 3):
     from mmdet.registry import MODELS
     from mmdet.utils import register_all_modules
 
-    from workloads.detection.mmcfg import _set_num_classes, load_config
+    from workloads.detection.mmcfg import load_config
+    from workloads.mmlab.configs import set_num_classes
 
     register_all_modules()
     m = copy.deepcopy(load_config(config_name).model)
     m.backbone.update(depth=26, frozen_stages=-1, norm_eval=False)
     m.neck.out_channels = 32
-    _set_num_classes(m, num_classes)
+    set_num_classes(m, num_classes)
     if "rpn_head" in m:
         m.rpn_head.update(in_channels=32, feat_channels=32)
         m.roi_head.bbox_roi_extractor.out_channels = 32
@@ -381,7 +382,7 @@ def test_mmengine_checkpoint_needs_the_allow_list(tmp_path):
     import numpy as np
     from mmengine.logging import MessageHub
 
-    from workloads.detection.runner import allow_mmengine_checkpoints
+    from workloads.mmlab.checkpoints import allow_mmengine_checkpoints
 
     hub = MessageHub.get_instance("cvlab-test-hub")
     hub.update_scalar("train/loss", 1.5)

@@ -111,21 +111,34 @@ def test_run_leaves_what_the_mlflow_ui_compares(trained):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("source", ["run_folder", "runs_uri", "models_uri"])
-def test_eval_gives_exactly_the_logged_val_top1(trained, source, capsys):
+def test_eval_gives_exactly_the_logged_val_top1(trained, tmp_path, monkeypatch, capsys):
     """`cvlab eval` of the final checkpoint, data-parallel over 2 workers, reproduces the training's last
-    val/top1 (and val/loss) exactly, from the Ray Train run folder, runs:/ and models:/ alike; the
-    results go to a new run of the experiment tagged with the source run."""
+    val/top1 (and val/loss) exactly; the results go to a new run of the experiment tagged with the source run,
+    in the store MLFLOW_TRACKING_URI names (not ./mlflow.db of the current folder). The Ray Train run folder,
+    runs:/ and models:/ all resolve to the same weights, so one evaluation covers them."""
+    import torch
+    import yaml
     from mlflow import MlflowClient
 
     from orchestrator.cli import main
+    from orchestrator.inference.sources import read_classifier, resolve_source
 
     summary = trained["summary"]
-    src = {"run_folder": summary["ray_run"], "runs_uri": f"runs:/{summary['run_id']}/checkpoints/last",
-           "models_uri": "models:/infer-clf/1"}[source]
+    sources = [summary["ray_run"], f"runs:/{summary['run_id']}/checkpoints/last", "models:/infer-clf/1"]
+    weights = [read_classifier(resolve_source(s, tracking_uri=trained["uri"], download_dir=str(tmp_path / str(i))))[2]
+               for i, s in enumerate(sources)]
+    for other in weights[1:]:
+        assert other.keys() == weights[0].keys() and all(torch.equal(other[k], weights[0][k]) for k in other)
+
+    spec = yaml.safe_load(open(_yaml(trained)))
+    spec["tracking"]["tracking_uri"] = None  # taken from the environment, as users point at a server
+    (tmp_path / "infer.yaml").write_text(yaml.safe_dump(spec))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", trained["uri"])
+    monkeypatch.chdir(tmp_path)
     capsys.readouterr()
-    assert main(["eval", _yaml(trained), "--checkpoint", src]) == 0
+    assert main(["eval", "infer.yaml", "--checkpoint", sources[2]]) == 0
     out = capsys.readouterr().out
+    assert not (tmp_path / "mlflow.db").exists()
     client = MlflowClient(trained["uri"])
     train = client.get_run(summary["run_id"])
     exp = train.info.experiment_id

@@ -505,7 +505,7 @@ def test_per_class_metric_reports_and_table():
 def test_worker_config_and_hooks_for_iteration_loops(tmp_path):
     import dataclasses
 
-    from workloads.detection.runner import worker_config
+    from orchestrator.drivers.detection import DetectionDriver
     from workloads.mmlab.hooks import FailOnceHook
     from workloads.mmlab.worker_config import MMWorkerConfig
 
@@ -517,7 +517,7 @@ def test_worker_config_and_hooks_for_iteration_loops(tmp_path):
                        (dict(cfg={}), "model"), (dict(run_id=""), "run_id"), (dict(log_every=0), "log_every")):
         with pytest.raises(ValueError, match=match):
             MMWorkerConfig(**{**dict(cfg={"model": {}}, scope="mmseg", run_id="r"), **bad})
-    assert worker_config({"model": {}}, run_id="x").metric_names["coco/bbox_mAP"] == "val/bbox_mAP"
+    assert DetectionDriver.metric_names["coco/bbox_mAP"] == "val/bbox_mAP"
 
     hook = FailOnceHook(marker=str(tmp_path / "m"), after_iter=3)
     hook.before_train_iter(SimpleNamespace(iter=2), 0)
@@ -563,22 +563,23 @@ def _fit(cfg, tmp_path, *, sync_bn: str, run_id: str, tracking_uri: str | None =
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from orchestrator.tracking.epoch_logger import MlflowEpochLogger
+    from orchestrator.drivers.segmentation import SegmentationDriver
+    from orchestrator.tracking.metric_logger import MlflowMetricLogger
     from workloads.mmlab.worker import train_worker
-    from workloads.segmentation import BEST_METRIC
-    from workloads.segmentation.runner import worker_config
+    from workloads.mmlab.worker_config import MMWorkerConfig
 
-    logger = MlflowEpochLogger(tracking_uri, run_id, key=BEST_METRIC, skip=("iter",)) if tracking_uri else None
-    config = worker_config(cfg.to_dict(), run_id=run_id, epoch_logger=logger, log_every=1,
-                           sync_bn=sync_bn, threads=1, params={"test.sync_bn": sync_bn},
-                           work_root=str(tmp_path / "work"))
+    best = SegmentationDriver.best_metric
+    logger = MlflowMetricLogger(tracking_uri, run_id, key=best, skip=("iter",)) if tracking_uri else None
+    config = MMWorkerConfig(cfg=cfg.to_dict(), scope="mmseg", metric_names=METRIC_NAMES, run_id=run_id,
+                            epoch_logger=logger, log_every=1, sync_bn=sync_bn, threads=1,
+                            params={"test.sync_bn": sync_bn}, work_root=str(tmp_path / "work"))
     trainer = TorchTrainer(
         train_worker,
         train_loop_config=config,
         scaling_config=ScalingConfig(num_workers=2, use_gpu=False, resources_per_worker={"CPU": 1}),
         run_config=RunConfig(name=run_id, storage_path=str(tmp_path / "ray"),
                              checkpoint_config=CheckpointConfig(num_to_keep=1,
-                                                                checkpoint_score_attribute=BEST_METRIC,
+                                                                checkpoint_score_attribute=best,
                                                                 checkpoint_score_order="max"),
                              failure_config=FailureConfig(max_failures=0, controller_failure_limit=1)),
         torch_config=TorchConfig(backend="gloo"),

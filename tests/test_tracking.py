@@ -60,7 +60,7 @@ def test_unreachable_server_is_a_clear_error():
 
 def test_experiment_run_params_and_epoch_logger(db):
     from orchestrator.names import ERROR_TAG
-    from orchestrator.tracking.epoch_logger import MlflowEpochLogger
+    from orchestrator.tracking.metric_logger import MlflowMetricLogger
     from orchestrator.tracking.runs import create_run, end_run, ensure_experiment, log_params, make_client
 
     uri, path = db
@@ -79,7 +79,7 @@ def test_experiment_run_params_and_epoch_logger(db):
     assert log_params(client, run_id, {"p1": 1, "p2": 5, "new": "x"}) == {"p2": ("2", "5")}
     assert client.get_run(run_id).data.params["new"] == "x"
 
-    logger = pickle.loads(pickle.dumps(MlflowEpochLogger(uri, run_id)))  # it travels to Ray workers
+    logger = pickle.loads(pickle.dumps(MlflowMetricLogger(uri, run_id)))  # it travels to Ray workers
     assert logger.logged_epochs() == set()
     logger.log_epoch(1, {"epoch": 1, "val/top1": 0.5, "train/loss": 2.0})
     logger.log_epoch(2, {"epoch": 2, "val/top1": 0.7, "train/loss": 1.0})

@@ -1,6 +1,16 @@
 """Collective helpers for the workers' process group (the one Ray Train sets up); outside a group they do
-nothing, so the same code runs in a single process."""
+nothing, so the same code runs in a single process. `unwrap` gives the bare network inside the DDP wrapper."""
 from __future__ import annotations
+
+
+def unwrap(model):
+    """The network inside DDP (`.module`) and torch.compile (`._orig_mod`) wrappers; the model itself when it
+    has none."""
+    while True:
+        inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
+        if inner is None:
+            return model
+        model = inner
 
 
 def in_group() -> bool:

@@ -91,7 +91,7 @@ def spec_from_dict(d: Mapping[str, Any], source: str = "<dict>", *, validate_mod
     """Validate a plain dict (e.g. parsed YAML). A `_base_` in it is resolved relative to the cwd."""
     if not isinstance(d, Mapping):
         raise CvlabError(f"{source}: an experiment spec must be a mapping of sections, got {show(d)}")
-    raw, prov = _plain(dict(d)), {}
+    raw, prov = to_plain(dict(d)), {}
     sources = [source]
     if BASE_KEY in raw:
         raw, prov, bases = _merge_bases(raw, prov, source, Path.cwd(), ())
@@ -132,7 +132,7 @@ def apply_overrides(spec: ExperimentSpec, mapping: Mapping[str, Any]) -> Experim
     for key, value in mapping.items():
         label = f"override {key}"
         parts = check_path(key, label)
-        _set_path(raw, parts, _plain(value))
+        _set_path(raw, parts, to_plain(value))
         _mark(prov, parts, label)
     sources = spec.sources + [f"override {k}" for k in mapping]
     return _validate(raw, prov, "<overrides>", sources, True)
@@ -462,12 +462,13 @@ def _check_keys_are_strings(data: Any, source: str, prefix: Path_ = ()) -> None:
             _check_keys_are_strings(v, source, prefix)
 
 
-def _plain(value: Any) -> Any:
-    """Numpy scalars/arrays (e.g. sampled by Ray Tune) to Python values; containers recursively."""
+def to_plain(value: Any) -> Any:
+    """Numpy scalars/arrays (e.g. sampled by Ray Tune) to Python values; containers recursively (tuples
+    become lists)."""
     if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
+        return {k: to_plain(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
+        return [to_plain(v) for v in value]
     if type(value).__module__ == "numpy" and hasattr(value, "tolist"):
         return value.tolist()
     return value

@@ -143,7 +143,7 @@ class ClassificationDriver(Job):
 
     def worker_config(self, ctx: RunContext):
         from orchestrator.runs.records import list_local_checkpoints
-        from orchestrator.tracking.epoch_logger import MlflowEpochLogger
+        from orchestrator.tracking.metric_logger import MlflowMetricLogger
         from orchestrator.tracking.system_metrics import SystemMetricsRecorder
         from workloads.classification.config import FaultDrills, OptimConfig, TrainConfig
 
@@ -173,7 +173,7 @@ class ClassificationDriver(Job):
             log_every=run.log_every,
             faults=faults,
             fallback_checkpoints=tuple(list_local_checkpoints(local)) if local and ctx.resumed else (),
-            epoch_logger=MlflowEpochLogger(ctx.tracking_uri, ctx.run_id, key=self.best_metric),
+            epoch_logger=MlflowMetricLogger(ctx.tracking_uri, ctx.run_id, key=self.best_metric),
             system_metrics=SystemMetricsRecorder(ctx.tracking_uri, ctx.run_id),
             verbosity=ctx.verbosity,
         )

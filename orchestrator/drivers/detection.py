@@ -7,6 +7,7 @@ from pathlib import Path
 
 from orchestrator.drivers.openmmlab import OpenMMLabDriver, OpenMMLabEval, checked_data
 from orchestrator.errors import CvlabError
+from workloads.detection import METRIC_NAMES, SCOPE
 
 log = logging.getLogger(__name__)
 
@@ -47,8 +48,8 @@ def build_detection_config(spec, classes: list[str] | None = None):
 
 class DetectionDriver(OpenMMLabDriver):
     workload = "detection"
-    scope = "mmdet"
-    param_prefix = "det"
+    scope = SCOPE
+    metric_names = METRIC_NAMES
     best_metric = "val/bbox_mAP"
     step_metric = "epoch"
     budget_path = "detection.max_epochs"
@@ -62,11 +63,6 @@ class DetectionDriver(OpenMMLabDriver):
 
     def build_config(self):
         return build_detection_config(self.spec)
-
-    def worker_config_for(self, cfg: dict, **kwargs):
-        from workloads.detection.runner import worker_config
-
-        return worker_config(cfg, **kwargs)
 
 
 class DetectionEval(OpenMMLabEval, DetectionDriver):

@@ -16,6 +16,7 @@ from orchestrator.drivers.evaluation import SourceEval
 from orchestrator.errors import CvlabError
 from orchestrator.names import BEST_CHECKPOINT_ARTIFACT, FAULT_MARKER_FILE, LAST_CHECKPOINT_ARTIFACT
 from orchestrator.runs.job import Job, RunContext
+from workloads.mmlab.worker_config import SCOPES, MMWorkerConfig
 
 log = logging.getLogger(__name__)
 OUR_BACKBONES = ("RedNet", "CedNet")
@@ -35,11 +36,11 @@ def checked_data(check, root, workload: str) -> dict:
 
 
 class OpenMMLabDriver(Job):
-    """Subclasses set `workload` (= the spec section), `scope`, the metrics, and implement `prepare_data`,
-    `build_config`, `worker_config_for` (their package's `runner.worker_config`) and `data_summary`."""
+    """Subclasses set `workload` (= the spec section), `scope`, the metrics (`metric_names`: evaluator key ->
+    reported name, from their workload package) and implement `prepare_data` and `build_config`."""
 
-    scope = ""  # "mmdet" | "mmseg"
-    param_prefix = ""  # "det" | "seg"
+    scope = ""  # "mmdet" | "mmseg"; `SCOPES[scope]` prefixes the params ("det.model_params")
+    metric_names: dict[str, str] = {}
 
     def __init__(self, spec, data: dict | None = None):
         super().__init__(spec)
@@ -58,9 +59,6 @@ class OpenMMLabDriver(Job):
         raise NotImplementedError
 
     def build_config(self):
-        raise NotImplementedError
-
-    def worker_config_for(self, cfg: dict, **kwargs):
         raise NotImplementedError
 
     # ---- the Job
@@ -98,7 +96,7 @@ class OpenMMLabDriver(Job):
         return cfg, model
 
     def params(self) -> dict[str, Any]:
-        p = self.param_prefix
+        p = SCOPES[self.scope]
         return {f"{p}.model_params": self.num_params, f"{p}.classes": ",".join(self.classes),
                 "data.train_images": self.data["train"]["images"], "data.val_images": self.data["val"]["images"]}
 
@@ -120,15 +118,15 @@ class OpenMMLabDriver(Job):
         return train_worker
 
     def worker_config(self, ctx: RunContext):
-        from orchestrator.tracking.epoch_logger import MlflowEpochLogger
+        from orchestrator.tracking.metric_logger import MlflowMetricLogger
         from orchestrator.tracking.system_metrics import SystemMetricsRecorder
 
         spec = self.spec
         local = ctx.local_run_dir
         kill = spec.run.fault_kill_rank_at
-        return self.worker_config_for(
-            self.cfg.to_dict(), run_id=ctx.run_id,
-            epoch_logger=MlflowEpochLogger(ctx.tracking_uri, ctx.run_id, key=self.best_metric,
+        return MMWorkerConfig(
+            cfg=self.cfg.to_dict(), scope=self.scope, metric_names=self.metric_names, run_id=ctx.run_id,
+            epoch_logger=MlflowMetricLogger(ctx.tracking_uri, ctx.run_id, key=self.best_metric,
                                            skip=(self.step_metric,)),
             system_metrics=SystemMetricsRecorder(ctx.tracking_uri, ctx.run_id),
             log_every=spec.run.log_every,

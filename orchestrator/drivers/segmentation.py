@@ -16,6 +16,7 @@ from typing import Any
 from orchestrator.drivers.openmmlab import OpenMMLabDriver, OpenMMLabEval, checked_data
 from orchestrator.errors import CvlabError
 from orchestrator.runs.job import RunContext
+from workloads.segmentation import METRIC_NAMES, SCOPE
 
 log = logging.getLogger(__name__)
 OVERLAYS = 4  # prediction pictures logged at the end of a run
@@ -47,8 +48,8 @@ def prepare_cityscapes(spec) -> dict:
 
 class SegmentationDriver(OpenMMLabDriver):
     workload = "segmentation"
-    scope = "mmseg"
-    param_prefix = "seg"
+    scope = SCOPE
+    metric_names = METRIC_NAMES
     best_metric = "val/mIoU"
     step_metric = "iter"
     budget_path = "segmentation.max_iters"
@@ -67,11 +68,6 @@ class SegmentationDriver(OpenMMLabDriver):
                                 log_every=self.spec.run.log_every, checkpoints_kept=self.spec.run.checkpoints_kept)
         except (ValueError, FileNotFoundError) as err:
             raise CvlabError(f"segmentation: {err}") from None
-
-    def worker_config_for(self, cfg: dict, **kwargs):
-        from workloads.segmentation.runner import worker_config
-
-        return worker_config(cfg, **kwargs)
 
     def finalize(self, result, ctx: RunContext) -> dict[str, Any]:
         """Checkpoints, then the per-class IoU table of the last validation and a few prediction overlays of

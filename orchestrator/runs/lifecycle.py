@@ -108,14 +108,14 @@ def run_job(job: Job, *, resume: bool = False, trial: TrialRun | None = None) ->
 class _Opened:
     context: RunContext
     experiment_name: str
-    new: bool
 
 
 def _open_run(job: Job, tracking_uri: str, fs, storage: str, folder: str, base: str, previous,
               trial: TrialRun | None) -> _Opened:
     """Create or reopen the MLflow run; log params and the resolved spec; write the run folder's record."""
     from orchestrator.config.loader import flatten_spec, spec_yaml
-    from orchestrator.runs.records import join, write_record
+    from orchestrator.runs.records import write_record
+    from orchestrator.runs.storage import storage_join
     from orchestrator.tracking.runs import (
         create_run,
         ensure_experiment,
@@ -149,7 +149,7 @@ def _open_run(job: Job, tracking_uri: str, fs, storage: str, folder: str, base: 
         tags = {**spec.experiment.tags, WORKLOAD_TAG: job.workload, JOB_TAG: job.kind, **job.tags()}
         if trial is None:
             run_id = create_run(client, experiment_id, base, tags={**tags, RAY_RUN_TAG: folder})
-            write_record(fs, join(storage, folder), {
+            write_record(fs, storage_join(storage, folder), {
                 "mlflow_run_id": run_id, "tracking_uri": tracking_uri, "experiment_id": experiment_id,
                 "base_name": base, "created": time.time(), "workload": job.workload,
             })
@@ -158,7 +158,8 @@ def _open_run(job: Job, tracking_uri: str, fs, storage: str, folder: str, base: 
                                 parent_run_id=trial.parent_run_id)
 
     ctx = RunContext(client=client, tracking_uri=tracking_uri, experiment_id=experiment_id, run_id=run_id,
-                     run_dir=join(storage, folder), fs=fs, resumed=existing_id is not None, verbosity=verbosity())
+                     run_dir=storage_join(storage, folder), fs=fs, resumed=existing_id is not None,
+                     verbosity=verbosity())
     try:
         flat = {k: v for k, v in flatten_spec(spec).items() if not (trial and k.startswith("search."))}
         params = {**flat, **job.params(), **(trial.params if trial else {}), "git.commit": git_commit() or "none"}
@@ -185,7 +186,7 @@ def _open_run(job: Job, tracking_uri: str, fs, storage: str, folder: str, base: 
         link = ui_link(tracking_uri, experiment_id, run_id)
         if link:
             log.info("MLflow UI: %s", link)
-    return _Opened(context=ctx, experiment_name=experiment_name, new=existing_id is None)
+    return _Opened(context=ctx, experiment_name=experiment_name)
 
 
 def _train_and_end(job: Job, opened: _Opened, folder: str, storage: str,

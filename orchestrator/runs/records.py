@@ -12,6 +12,7 @@ import os
 import time
 
 from orchestrator.names import RUN_RECORD_FILE
+from orchestrator.runs.storage import storage_join
 
 
 def filesystem(fs):
@@ -23,10 +24,6 @@ def filesystem(fs):
     return pafs.LocalFileSystem()
 
 
-def join(base: str, *parts: str) -> str:
-    return "/".join([base.rstrip("/"), *parts])
-
-
 def exists(fs, path: str) -> bool:
     import pyarrow.fs as pafs
 
@@ -35,7 +32,7 @@ def exists(fs, path: str) -> bool:
 
 def read_record(fs, folder: str) -> dict | None:
     try:
-        with filesystem(fs).open_input_stream(join(folder, RUN_RECORD_FILE)) as fh:
+        with filesystem(fs).open_input_stream(storage_join(folder, RUN_RECORD_FILE)) as fh:
             return json.loads(fh.read().decode())
     except (OSError, ValueError):
         return None
@@ -44,7 +41,7 @@ def read_record(fs, folder: str) -> dict | None:
 def write_record(fs, folder: str, record: dict) -> None:
     fs = filesystem(fs)
     fs.create_dir(folder, recursive=True)
-    with fs.open_output_stream(join(folder, RUN_RECORD_FILE)) as fh:
+    with fs.open_output_stream(storage_join(folder, RUN_RECORD_FILE)) as fh:
         fh.write(json.dumps(record, indent=1).encode())
 
 
@@ -73,7 +70,7 @@ def new_run_name(fs, storage: str, base: str) -> str:
     """`<base>-<timestamp>`, made unique within `storage`."""
     stamp = time.strftime("%Y%m%d-%H%M%S")
     name, i = f"{base}-{stamp}", 2
-    while exists(fs, join(storage, name)):
+    while exists(fs, storage_join(storage, name)):
         name, i = f"{base}-{stamp}-{i}", i + 1
     return name
 

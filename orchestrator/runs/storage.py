@@ -103,10 +103,8 @@ def resolve_storage(path: str, *, create: bool = True):
 
 
 def storage_join(base: str, *parts: str) -> str:
-    """Join path parts onto a local path or a bucket URI (URIs always use '/')."""
-    if is_remote_storage(base):
-        return "/".join([base.rstrip("/"), *(p.strip("/") for p in parts)])
-    return str(Path(base, *parts))
+    """Join path parts with '/' onto a local path, a filesystem's bucket path or a bucket URI."""
+    return "/".join([base.rstrip("/"), *(p.strip("/") for p in parts)])
 
 
 def storage_uri(filesystem, path: str) -> str:

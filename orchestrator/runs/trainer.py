@@ -7,7 +7,8 @@ from typing import Any
 from orchestrator.errors import CvlabError
 from orchestrator.names import RAY_SNAPSHOT_FILE
 from orchestrator.runs.job import Job, RunContext
-from orchestrator.runs.records import exists, join
+from orchestrator.runs.records import exists
+from orchestrator.runs.storage import storage_join
 
 # Bounds Ray Train's retries of controller failures (e.g. resources that never become available).
 CONTROLLER_FAILURE_LIMIT = 3
@@ -15,8 +16,9 @@ CONTROLLER_FAILURE_LIMIT = 3
 
 def refuse_reused_folder(fs, storage: str, name: str) -> None:
     """A fresh run must not land in a folder with checkpoints: Ray Train would silently continue it."""
-    if exists(fs, join(storage, name, RAY_SNAPSHOT_FILE)):
-        raise CvlabError(f"run folder {join(storage, name)} already holds checkpoints of an earlier run; "
+    folder = storage_join(storage, name)
+    if exists(fs, storage_join(folder, RAY_SNAPSHOT_FILE)):
+        raise CvlabError(f"run folder {folder} already holds checkpoints of an earlier run; "
                          "resume it (--resume) or choose another run.name")
 
 

@@ -52,25 +52,19 @@ def short_value(value: Any) -> str:
     return str(value)
 
 
-def _plain(value: Any) -> Any:
-    if type(value).__module__ == "numpy" and hasattr(value, "item"):
-        return value.item()
-    return value
-
-
 def trial_main(config: dict, ctx: TrialContext) -> None:
     """The trainable of `cvlab tune`: one full (data-parallel) Ray Train run of the experiment's workload."""
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from orchestrator.config.loader import apply_overrides, spec_from_dict
+    from orchestrator.config.loader import apply_overrides, spec_from_dict, to_plain
     from orchestrator.drivers import driver_for
     from orchestrator.runs.lifecycle import TrialRun, run_job
     from orchestrator.tracking.runs import end_run, logged_steps, make_client
 
     tctx = ray.tune.get_context()
     trial_id, trial_name = tctx.get_trial_id(), tctx.get_trial_name()
-    overrides = {p: _plain(config[p]) for p in ctx.search_paths}
+    overrides = {p: to_plain(config[p]) for p in ctx.search_paths}
     spec = apply_overrides(spec_from_dict(ctx.spec, source="<search base spec>"), overrides)
     job = driver_for(spec, data=ctx.data)
 

@@ -1,2 +1,2 @@
-"""MLflow tracking for cvlab runs: where to log (`server`), experiments and runs (`runs`), per-epoch metrics
-from workers (`epoch_logger`) and logged models (`models`)."""
+"""MLflow tracking for cvlab runs: where to log (`server`), experiments and runs (`runs`), per-step metrics
+from workers (`metric_logger`) and logged models (`models`)."""

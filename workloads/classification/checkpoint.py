@@ -4,53 +4,13 @@ ever sits under its real name, and read back with weights_only=True."""
 from __future__ import annotations
 
 import os
-import random
-from typing import Any
+
+from workloads.classification.reproducibility import rng_state, set_rng_state
+from workloads.distributed import unwrap
 
 MODEL_FILE = "model.pt"
 STATE_FILE = "train_state.pt"
 PARTIAL_SUFFIX = ".partial"
-
-
-def unwrap(model):
-    """The model inside a DDP wrapper (or the model itself)."""
-    return getattr(model, "module", model)
-
-
-def seed_everything(seed: int) -> None:
-    import numpy as np
-    import torch
-
-    random.seed(seed)
-    np.random.seed(seed % (2**32))
-    torch.manual_seed(seed)
-
-
-def rng_state() -> dict[str, Any]:
-    import numpy as np
-    import torch
-
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
-    state = {
-        "python": random.getstate(),
-        "numpy": (kind, torch.from_numpy(keys.astype("int64")), pos, has_gauss, cached),
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    import numpy as np
-    import torch
-
-    random.setstate(state["python"])
-    kind, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((kind, keys.numpy().astype("uint32"), pos, has_gauss, cached))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def save_training_checkpoint(directory: str, model, optimizer, scheduler, scaler, epoch: int, extra: dict,
@@ -107,11 +67,6 @@ def _read(model_file: str, state_file: str, directory: str) -> tuple[dict, dict]
     except Exception as err:  # every failure here means "this checkpoint cannot be used"
         raise ValueError(f"checkpoint {directory} is unreadable ({type(err).__name__}: {err})") from err
     return saved_model.state_dict(), state
-
-
-def load_training_checkpoint(directory: str, model, optimizer, scheduler, scaler) -> dict:
-    """Restore what `save_training_checkpoint` wrote; returns the state dict (epoch, best_top1, ...)."""
-    return apply_training_state(read_training_checkpoint(directory), model, optimizer, scheduler, scaler)
 
 
 def apply_training_state(loaded: tuple[dict, dict], model, optimizer, scheduler, scaler) -> dict:

@@ -12,14 +12,7 @@ continues exactly where the checkpointed one stopped.
 """
 from __future__ import annotations
 
-
-def _bare(model):
-    """The network inside DDP (`.module`) / torch.compile (`._orig_mod`) wrappers."""
-    while True:
-        inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
-        if inner is None:
-            return model
-        model = inner
+from workloads.distributed import unwrap
 
 
 def create_ema(model, decay: float | None):
@@ -30,13 +23,13 @@ def create_ema(model, decay: float | None):
         raise ValueError(f"optim.ema_decay must be null or a number in (0, 1), got {decay!r}")
     from timm.utils import ModelEmaV3
 
-    return ModelEmaV3(_bare(model), decay=float(decay))
+    return ModelEmaV3(unwrap(model), decay=float(decay))
 
 
 def update_ema(ema, model, step: int) -> None:
     """Fold the current weights of `model` into `ema` after optimizer step `step` (no-op when ema is None)."""
     if ema is not None:
-        ema.update(_bare(model), step=step)
+        ema.update(unwrap(model), step=step)
 
 
 def ema_state_dict(ema) -> dict:

@@ -23,13 +23,12 @@ from workloads.classification.checkpoint import (
     apply_training_state,
     read_training_checkpoint,
     save_training_checkpoint,
-    seed_everything,
-    unwrap,
 )
 from workloads.classification.config import TrainConfig
 from workloads.classification.ema import ema_state_dict, load_ema_state_dict, update_ema
 from workloads.classification.hooks import KillDrill, NanDrill, NonFiniteLossPolicy, StepHook
-from workloads.distributed import all_reduce, take_rank0_buffers
+from workloads.classification.reproducibility import seed_everything
+from workloads.distributed import all_reduce, take_rank0_buffers, unwrap
 from workloads.system_metrics import start_system_metrics
 
 log = logging.getLogger(__name__)

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
 
 from workloads.mmlab import configs
 
@@ -32,9 +31,6 @@ def load_config(name: str):
 def classes_from_annotations(data_root) -> list[str]:
     cats = json.loads((Path(data_root) / ANN.format(split="train")).read_text())["categories"]
     return [c["name"] for c in sorted(cats, key=lambda c: c["id"])]
-
-
-_set_num_classes = configs.set_num_classes  # the old private name, used by tests
 
 
 def _datasets(loader: dict) -> list[dict]:
@@ -114,8 +110,3 @@ def build_config(det, *, work_dir: str, seed: int = 0, log_every: int = 10, chec
     configs.apply_run_settings(cfg, det, work_dir=work_dir, seed=seed, log_every=log_every, by_epoch=True,
                        visualizer="DetLocalVisualizer")
     return cfg
-
-
-def config_to_dict(cfg) -> dict[str, Any]:
-    """A plain dict (picklable, for Ray workers) of the config."""
-    return cfg.to_dict()

@@ -15,7 +15,6 @@ from pathlib import Path
 
 from mmengine.logging import print_log
 from mmengine.model import BaseModule
-from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 DEPTHS = (26, 38, 50, 101, 152)
@@ -151,15 +150,3 @@ class CedNet(_WrappedBackbone):
     """CedNet (C-volution) backbone: `depth` in 26/38/50/101/152, or `arch` for any registry name."""
 
     family = "cednet"
-
-
-def feature_channels(backbone: nn.Module, size: int = 64) -> list[int]:
-    """Channels of each returned feature map (measured with one tiny forward)."""
-    import torch
-
-    was_training = backbone.training
-    backbone.eval()
-    with torch.no_grad():
-        feats = backbone(torch.zeros(1, 3, size, size))
-    backbone.train(was_training)
-    return [f.shape[1] for f in feats]

@@ -74,14 +74,12 @@ class RayTrainReportHook(Hook):
     def __init__(self, metric_names: Mapping[str, str] | None = None):
         self.metric_names = dict(metric_names or {})
         self._reported: Path | None = None
-        self.last_metrics: dict = {}
 
     def after_val_epoch(self, runner, metrics=None) -> None:
         import ray.train
 
         counters = {"epoch": runner.epoch, "iter": runner.iter} if by_epoch(runner) else {"iter": runner.iter}
         report = {**counters, **rename_metrics(metrics, self.metric_names)}
-        self.last_metrics = report
         ckpt = latest_checkpoint(runner.work_dir) if get_rank() == 0 else None
         if ckpt is None or ckpt == self._reported:
             ray.train.report(report)
@@ -113,8 +111,8 @@ class Rank0BuffersHook(Hook):
 
 
 class MlflowRank0Hook(Hook):
-    """Rank 0's MLflow logging through an epoch logger (`orchestrator.tracking.epoch_logger.MlflowEpochLogger`
-    or anything with `logged_epochs()`, `log_epoch(step, metrics)` and `flush()`): params at start, losses and
+    """Rank 0's MLflow logging through a metric logger
+    (`orchestrator.tracking.metric_logger.MlflowMetricLogger` or anything with `logged_epochs()`, `log_epoch(step, metrics)` and `flush()`): params at start, losses and
     lr every `interval` iterations, validation metrics at each validation -- skipped when the run's history
     already has that step (a restarted worker group replays what followed its checkpoint), and queued while
     the tracking server is away. The checkpoints are logged by the driver at the end of the run."""

@@ -14,15 +14,16 @@ from typing import Any
 import torch
 from torch import nn
 
+from workloads.distributed import unwrap
+
 FORMAT = "cvlab-model/1"
 
-def _unwrap(model: nn.Module) -> nn.Module:
+
+def _registry_model(model: nn.Module) -> nn.Module:
     """The registry model inside DDP / torch.compile wrappers."""
-    while not hasattr(model, "arch_name"):
-        inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
-        if inner is None:
-            raise ValueError("model was not built by workloads.models.build_model (no arch_name attribute)")
-        model = inner
+    model = unwrap(model)
+    if not hasattr(model, "arch_name"):
+        raise ValueError("model was not built by workloads.models.build_model (no arch_name attribute)")
     return model
 
 
@@ -49,7 +50,7 @@ def _check_safe(obj: Any, where: str) -> None:
 
 def save_checkpoint(path: str | os.PathLike, model: nn.Module, extra: dict | None = None) -> str:
     """Write the model's weights, name and overrides (+ `extra`, e.g. epoch/metrics) to `path`."""
-    model = _unwrap(model)
+    model = _registry_model(model)
     extra = {} if extra is None else extra
     _check_safe(extra, "extra")
     _check_safe(model.arch_overrides, "arch_overrides")
@@ -130,7 +131,7 @@ def load_published_rednet(model: nn.Module, state_dict_or_path, strict: bool = T
     `head.*` keys are skipped for a model without classifier (features-only detection backbones).
     BN `num_batches_tracked` buffers are optional. Returns {"missing": [...], "unexpected": [...]}.
     """
-    target = _unwrap(model)
+    target = _registry_model(model)
     if isinstance(state_dict_or_path, (str, os.PathLike)):
         state_dict_or_path = read_published_file(state_dict_or_path)
     if not isinstance(state_dict_or_path, Mapping):

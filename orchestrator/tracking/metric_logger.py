@@ -1,4 +1,5 @@
-"""Per-epoch metrics from a Ray Train worker to one MLflow run, surviving a tracking server that goes away."""
+"""Metrics from a Ray Train worker to one MLflow run, one step at a time (the epoch; the iteration for
+iteration-based loops such as segmentation's), surviving a tracking server that goes away."""
 from __future__ import annotations
 
 import contextlib
@@ -13,8 +14,9 @@ from orchestrator.tracking.runs import log_metrics, logged_steps, make_client
 log = logging.getLogger(__name__)
 
 
-class MlflowEpochLogger:
-    """Logs epoch metrics (step = epoch) to one MLflow run; picklable, so it travels to Ray workers.
+class MlflowMetricLogger:
+    """Logs metrics by step (an epoch, or an iteration) to one MLflow run; picklable, so it travels to Ray
+    workers. The methods say "epoch" for the step whatever it counts.
 
     `logged_epochs()` reads the run's history of `key` so a restarted or resumed run skips epochs that
     are already there.
