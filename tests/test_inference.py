@@ -296,3 +296,36 @@ def test_export_check_measures_the_file_and_refuses_a_wrong_one(tmp_path, monkey
     monkeypatch.setitem(export._EXPORTERS, "torchscript", lambda *args: real(*args) + 0.25)
     with pytest.raises(CvlabError, match=r"largest absolute difference 0\.25 "):
         export.export_classifier(_tiny_classifier(), "torchscript", str(tmp_path / "m.pt"))
+
+
+def test_read_classifier_takes_cvlab_files_and_names_every_other_file(tmp_path):
+    import torch
+
+    from orchestrator.errors import CvlabError
+    from orchestrator.inference.sources import Source, read_classifier
+    from workloads.models import build_model, save_checkpoint
+
+    def src(path, fmt="cvlab"):
+        return Source(path=str(path), format=fmt, given=f"given:{path.name}")
+
+    model = build_model("resnet26", num_classes=3, zero_init_residual=False)
+    good = save_checkpoint(tmp_path / "good.pt", model, extra={"classes": ["a", "b", "c"]})
+    name, overrides, state, extra = read_classifier(src(tmp_path / "good.pt"))
+    assert (name, overrides, extra) == ("resnet26", {"num_classes": 3, "zero_init_residual": False},
+                                        {"classes": ["a", "b", "c"]})
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+    with pytest.raises(CvlabError) as err:
+        read_classifier(src(tmp_path / "good.pt", "mmcls"))
+    assert str(err.value) == (f"given:good.pt is a mmcls checkpoint; classifiers read cvlab files here (published "
+                              "mmcls files: --format mmcls with the experiment's model)")
+    for payload in ({"state_dict": {}}, torch.zeros(2)):
+        torch.save(payload, tmp_path / "other.pt")
+        with pytest.raises(CvlabError) as err:
+            read_classifier(src(tmp_path / "other.pt"))
+        assert str(err.value) == (f"given:other.pt: {tmp_path / 'other.pt'} is not a cvlab model checkpoint (use "
+                                  "--format mmcls for a published RedNet file)")
+    (tmp_path / "cut.pt").write_bytes(open(good, "rb").read()[:1000])
+    with pytest.raises(CvlabError) as err:
+        read_classifier(src(tmp_path / "cut.pt"))
+    assert str(err.value).startswith(f"given:cut.pt: cannot read {tmp_path / 'cut.pt'} (RuntimeError: ")
+    assert "\n" not in str(err.value)  # the first line of torch's message only

@@ -82,6 +82,13 @@ def test_explicit_backward_functions_directly():
     rgx, rgk = torch.autograd.grad(reference_involution(xr, kr, 2, 1, 1), (xr, kr), gy)
     torch.testing.assert_close(gx, rgx)
     torch.testing.assert_close(gk, rgk)
+    gate = torch.rand(2, 8, dtype=torch.float64)  # the C-volution gate: the same functions, gated
+    with torch.no_grad():
+        gx = torch_backend.involution_grad_input(gy, kernel, (9, 7), 2, 1, 1, gate=gate)
+        gk = torch_backend.involution_grad_kernel(gy, x, 2, 3, 2, 1, 1, gate=gate)
+    rgx, rgk = torch.autograd.grad(reference_involution(xr * gate[:, :, None, None], kr, 2, 1, 1), (xr, kr), gy)
+    torch.testing.assert_close(gx, rgx)
+    torch.testing.assert_close(gk, rgk)
 
 
 def test_gradcheck_float64():

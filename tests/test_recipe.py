@@ -355,3 +355,26 @@ def test_configs_normalise_lists_and_read_the_data_section():
     assert (inp.image_size, inp.mean, inp.channels, inp.resolved_val_resize) == (32, (0.5,), 1, 37)
     with pytest.raises(Exception):  # frozen
         inp.image_size = 64
+
+
+def test_ema_state_is_a_copy_and_restores_strictly():
+    """`ema_state_dict` is a snapshot (later updates do not change it); `load_ema_state_dict` refuses a state
+    with a missing key; a decay of 0 or 1 is refused."""
+    model = torch.nn.Linear(2, 2)
+    ema = create_ema(model, 0.5)
+    saved = ema_state_dict(ema)
+    before = saved["weight"].clone()
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    update_ema(ema, model, 1)  # step 1 copies the live weights into the EMA
+    assert torch.equal(saved["weight"], before) and not torch.equal(ema.module.weight, before)
+    with pytest.raises(RuntimeError, match="Missing key"):
+        load_ema_state_dict(ema, {"weight": before})
+    for decay in (0.0, 1.0, True):
+        with pytest.raises(ValueError, match="optim.ema_decay"):
+            create_ema(model, decay)
+
+
+def test_even_batches_pass_the_mixup_batch_check():
+    for size in (2, 32, 256):
+        check_batch_size(AugmentConfig(cutmix=1.0), size)

@@ -101,6 +101,52 @@ def test_checkpoint_killed_while_publishing_leaves_nothing_half_written(tmp_path
         read_training_checkpoint(str(tmp_path))
 
 
+def test_training_checkpoint_round_trip_restores_everything(tmp_path):
+    """What `save_training_checkpoint` writes and `read_training_checkpoint` + `apply_training_state` restore:
+    weights, optimizer moments, the schedule position, the scaler, every RNG as it was when the checkpoint
+    was taken, epoch and extras; the model file alone carries the epoch and the model info."""
+    import random
+
+    import numpy as np
+    import torch
+
+    from workloads.classification import checkpoint
+    from workloads.classification.reproducibility import seed_everything
+    from workloads.models import build_model, load_checkpoint
+
+    def objects(seed):
+        torch.manual_seed(seed)
+        model = build_model("resnet26", num_classes=3)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 1.0 / (1 + i))
+        return model, opt, sched, torch.amp.GradScaler("cpu", enabled=False)
+
+    model, opt, sched, scaler = objects(0)
+    model(torch.randn(2, 3, 32, 32)).sum().backward()
+    opt.step()
+    sched.step()
+    seed_everything(7)
+    draws = (random.random(), np.random.rand(), torch.rand(1))  # what is drawn next from the saved state
+    seed_everything(7)
+    checkpoint.save_training_checkpoint(str(tmp_path), model, opt, sched, scaler, epoch=3,
+                                        extra={"best_top1": 0.5, "optimizer_steps": 11},
+                                        model_info={"classes": ["a", "b", "c"]})
+
+    fresh = objects(1)
+    random.seed(99), np.random.seed(99), torch.manual_seed(99)
+    state = checkpoint.apply_training_state(checkpoint.read_training_checkpoint(str(tmp_path)), *fresh)
+    assert (random.random(), np.random.rand()) == draws[:2] and torch.equal(torch.rand(1), draws[2])
+    assert (state["epoch"], state["best_top1"], state["optimizer_steps"]) == (3, 0.5, 11)
+    for (k, a), b in zip(model.state_dict().items(), fresh[0].state_dict().values()):
+        assert torch.equal(a, b), k
+    assert fresh[1].state_dict()["state"][0]["momentum_buffer"].equal(opt.state_dict()["state"][0]["momentum_buffer"])
+    assert fresh[2].state_dict()["last_epoch"] == 1 and fresh[1].param_groups[0]["lr"] == opt.param_groups[0]["lr"]
+    assert fresh[3].state_dict() == scaler.state_dict()
+    _, extra = load_checkpoint(tmp_path / checkpoint.MODEL_FILE)
+    assert extra == {"epoch": 3, "classes": ["a", "b", "c"]}
+    assert sorted(os.listdir(tmp_path)) == [checkpoint.MODEL_FILE, checkpoint.STATE_FILE]  # no partial file left
+
+
 def test_checkpoint_that_does_not_reload_is_never_published(tmp_path, monkeypatch):
     from workloads.classification import checkpoint
 

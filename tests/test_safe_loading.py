@@ -79,3 +79,13 @@ def test_the_canary_works(evil_pickle, tmp_path):
     torch.load(path, weights_only=False)
     assert evil_pickle.canary.exists()
     evil_pickle.canary.unlink()  # the fixture's own check must pass
+
+
+def test_mmengine_loader_honours_map_location(tmp_path):
+    """The allow-listed loader still loads what it should, where the caller asks (meta: no memory)."""
+    pytest.importorskip("mmengine")
+    from workloads.mmlab.checkpoints import load_checkpoint_file
+
+    torch.save({"meta": {"epoch": 1}, "state_dict": {"w": torch.ones(2)}}, tmp_path / "ok.pth")
+    assert load_checkpoint_file(tmp_path / "ok.pth")["state_dict"]["w"].device.type == "cpu"
+    assert load_checkpoint_file(tmp_path / "ok.pth", map_location="meta")["state_dict"]["w"].is_meta

@@ -1,6 +1,7 @@
 """The experiment spec loader: `_base_` inheritance, `--set` overrides, error messages, helpers."""
 from __future__ import annotations
 
+import os
 import re
 import sys
 import textwrap
@@ -414,3 +415,78 @@ def test_no_numeric_field_takes_a_boolean():
     for path, (section, name, value) in fields.items():
         with pytest.raises(ValidationError, match="a boolean is not a number"):
             section.__pydantic_validator__.validate_assignment(section.model_construct(), name, value)
+
+
+def test_unreadable_files_are_named_with_where_they_were_included_from(tmp_path):
+    """Each way a file can be unreadable gives its own message naming the file and, for a base, the file that
+    included it; the size limit is inclusive (a file of exactly MAX_FILE_BYTES loads)."""
+    from orchestrator.config.loader import MAX_FILE_BYTES
+
+    child = tmp_path / "child.yaml"
+
+    def refused(base_text: bytes | None, expected: str, base_name="base.yaml"):
+        base = tmp_path / base_name
+        if base_text is not None:
+            base.write_bytes(base_text)
+        child.write_text(f"_base_: {base_name}\nmodel: {{name: cednet26}}\n")
+        with pytest.raises(CvlabError) as err:
+            load_spec(child)
+        at = rf"{re.escape(str(base))}(:\d+:\d+)?"  # syntax errors name line and column
+        assert re.fullmatch(rf"{at}: {expected} \(from {re.escape(str(child))}\)", str(err.value)), str(err.value)
+
+    refused(None, "file not found", "missing.yaml")
+    (tmp_path / "dir.yaml").mkdir()
+    refused(None, "is a directory, expected a YAML file", "dir.yaml")
+    refused(b"optim: {lr: 0.1}\n\xff\xfe\n", "not a UTF-8 text file")
+    refused(b"optim: {lr: 0.1}\x07\n", r"invalid YAML: character '\\x07' at offset 16 is not allowed")
+    refused(b"optim: {lr: [0.1}\n", r"invalid YAML: expected ',' or '\]', but got '}'", "broken.yaml")
+    refused(b"a" * (MAX_FILE_BYTES + 1), rf"{MAX_FILE_BYTES + 1} bytes is too large for an experiment file "
+                                         rf"\(at most {MAX_FILE_BYTES} bytes\)")
+    exact = b"model: {name: cednet26}\n"
+    (tmp_path / "exact.yaml").write_bytes(exact + b"#" * (MAX_FILE_BYTES - len(exact) - 1) + b"\n")
+    assert load_spec(tmp_path / "exact.yaml").model.name == "cednet26"
+    (tmp_path / "unreadable.yaml").write_text("model: {name: cednet26}\n")
+    (tmp_path / "unreadable.yaml").chmod(0)
+    if os.geteuid() != 0:  # root reads anything
+        refused(None, r"cannot read \(Permission denied\)", "unreadable.yaml")
+
+
+VALID_OVERRIDES = ("channel_groups, drop_path_rate, frozen_stages, group_channels, in_channels, kernel_size, "
+                   "norm_eval, num_classes, out_indices, reduction_ratio, stem_kernel_size, zero_init_residual")
+
+
+@pytest.mark.parametrize("model, message", [
+    ("{name: cednet27}", "model.name: unknown model 'cednet27'; did you mean cednet26? (known: rednet26, "
+     "rednet38, rednet50, rednet101, rednet152, cednet26, cednet38, cednet50, cednet101, cednet152, resnet26, "
+     "resnet38, resnet50, resnet101, resnet152)"),
+    ("{name: cednet26, reduction_ratoi: 4}", "model.reduction_ratoi: unknown override(s) for cednet26: "
+     f"'reduction_ratoi' (did you mean 'reduction_ratio'?); valid overrides: {VALID_OVERRIDES}"),
+    ("{name: cednet26, foo_bar_baz: 1}", "model.foo_bar_baz: unknown override(s) for cednet26: 'foo_bar_baz'; "
+     f"valid overrides: {VALID_OVERRIDES} (did you mean model.norm_eval?)"),
+    ("{name: cednet26, reduction_ratio: 0}", "model.reduction_ratio: reduction_ratio must be >= 1, got 0"),
+    ("{name: cednet26, group_channels: 16, kernel_size: 4}",
+     "model.kernel_size: kernel_size must be odd (same-size padding), got 4; e.g. 3, 5, 7, 9"),
+])
+def test_bad_models_are_named_exactly(tmp_path, model, message):
+    """The registry's verdict on `model.name` and each override, at the override's own line and path."""
+    path = write(tmp_path / "m.yaml", f"experiment: {{name: x}}\nmodel: {model}\n")
+    with pytest.raises(CvlabError) as err:
+        load_spec(path)
+    assert str(err.value) == f"{path}:2: {message}"
+
+
+@pytest.mark.parametrize("item, message", [
+    ("optim.lr", "bad --set 'optim.lr': expected KEY=VALUE, e.g. --set optim.lr=0.1"),
+    ("=3", "bad --set '=3': the key before '=' is empty"),
+    ("optim.lr=[1,", "bad --set 'optim.lr=[1,': the value is not valid YAML (expected the node content, but "
+     "found '<stream end>')"),
+    ("model.name=" + "a" * 10_001, "bad --set model.name=...: the value is 10001 characters long (at most 10000)"),
+])
+def test_bad_set_items_are_named_exactly(item, message):
+    from orchestrator.config.loader import parse_set
+
+    with pytest.raises(CvlabError) as err:
+        parse_set(item)
+    assert str(err.value) == message
+    assert parse_set("model.name=" + "a" * 10_000) == ("model.name", "a" * 10_000)  # the limit is inclusive
+    assert parse_set(" optim.lr =") == ("optim.lr", None) and parse_set("a=b=c") == ("a", "b=c")

@@ -206,17 +206,18 @@ def _read_yaml(path: Path, included_from: str | None) -> tuple[dict, dict[Path_,
         if node is not None:
             _node_lines(node, (), path, loader, prov)
     except yaml.reader.ReaderError as err:
-        raise CvlabError(f"{path}: invalid YAML: character {err.character!r} at offset {err.position} "
-                         f"is not allowed") from None
+        char = chr(err.character) if isinstance(err.character, int) else err.character
+        raise CvlabError(f"{path}: invalid YAML: character {char!r} at offset {err.position} "
+                         f"is not allowed{origin}") from None
     except yaml.MarkedYAMLError as err:
         mark = err.problem_mark or err.context_mark
         at = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
         problem = err.problem or err.context or "syntax error"
-        raise CvlabError(f"{at}: invalid YAML: {problem}") from None
+        raise CvlabError(f"{at}: invalid YAML: {problem}{origin}") from None
     except yaml.YAMLError as err:
-        raise CvlabError(f"{path}: invalid YAML: {str(err).splitlines()[0]}") from None
+        raise CvlabError(f"{path}: invalid YAML: {str(err).splitlines()[0]}{origin}") from None
     except RecursionError:
-        raise CvlabError(f"{path}: invalid YAML: nested too deeply") from None
+        raise CvlabError(f"{path}: invalid YAML: nested too deeply{origin}") from None
     finally:
         if loader is not None:
             loader.dispose()
