@@ -2,7 +2,8 @@
 surviving mutants by name (`mutmut show NAME` prints one's diff).
 
 Score = killed (a test failed, or the mutant hung until its timeout) / mutants that some test ran. Mutants no
-selected test reaches are counted apart ("no test"): they point at a function the fast tests never call.
+selected test reaches are counted apart ("no test"): they point at a function the fast tests never call; "not run"
+are those of a run that was stopped.
 """
 from __future__ import annotations
 
@@ -28,19 +29,19 @@ def module_counts(module: str) -> tuple[Counter, list[str]]:
 
 def main() -> int:
     modules = tomllib.loads(Path("pyproject.toml").read_text())["tool"]["mutmut"]["only_mutate"]
-    print("| module | mutants | killed | survived | no test | score |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: |")
+    print("| module | mutants | killed | survived | no test | not run | score |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     survivors = []
     for module in modules:
         counts, survived = module_counts(module)
         if not counts:
-            print(f"| `{module}` | not run | | | | |")
+            print(f"| `{module}` | not run | | | | | |")
             continue
         killed = sum(counts[s] for s in KILLED)
         ran = killed + counts["survived"]
         score = f"{100 * killed / ran:.0f}%" if ran else "-"
         print(f"| `{module}` | {sum(counts.values())} | {killed} | {counts['survived']} | {counts['no tests']} "
-              f"| {score} |")
+              f"| {counts['not checked']} | {score} |")
         survivors += survived
     if survivors:
         print("\nSurvivors:\n" + "\n".join(f"- {name}" for name in survivors))

@@ -316,7 +316,7 @@ def test_read_classifier_takes_cvlab_files_and_names_every_other_file(tmp_path):
     assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
     with pytest.raises(CvlabError) as err:
         read_classifier(src(tmp_path / "good.pt", "mmcls"))
-    assert str(err.value) == (f"given:good.pt is a mmcls checkpoint; classifiers read cvlab files here (published "
+    assert str(err.value) == ("given:good.pt is a mmcls checkpoint; classifiers read cvlab files here (published "
                               "mmcls files: --format mmcls with the experiment's model)")
     for payload in ({"state_dict": {}}, torch.zeros(2)):
         torch.save(payload, tmp_path / "other.pt")
