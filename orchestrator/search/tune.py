@@ -18,10 +18,12 @@
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -189,35 +191,54 @@ def _mark_interrupted(client, experiment_id: str, parent_run_id: str, trial_ids:
             client.set_terminated(run.info.run_id, status="KILLED")
 
 
+@dataclass
+class _Search:
+    """What the steps of one search share: the spec and its space, the prepared job, where it is tracked and
+    stored, and its MLflow parent run."""
+
+    spec: Any
+    space: Any
+    job: Any
+    shared_data: dict | None
+    tracking_uri: str
+    client: Any
+    experiment_name: str
+    experiment_id: str
+    fs: Any
+    storage: str
+    search_name: str = ""
+    tune_path: str = ""
+    parent_run_id: str = ""
+    resumed: bool = False
+
+
 def run_search(spec, *, resume: bool = False, num_cpus: int | None = None, verbose: int = 2) -> dict[str, Any]:
     """Run (or `resume`) the search described by `spec.search`. Returns a summary dict.
 
     Summary: parent_run_id, experiment_id, tracking_uri, tune_path, trials (rows best first), best
     (row), statuses (trial id -> Tune status), interrupted (bool), files (report paths).
     """
+    search = _prepare_search(spec)
+    _open_parent(search, resume)
+    statuses, interrupted = _fit_search(search, num_cpus, verbose)
+    return _end_search(search, statuses, interrupted)
+
+
+def _prepare_search(spec) -> _Search:
+    """Check every combination, the tracking server and the GPU request; prepare the data once (and check each
+    searched batch size against it); open the experiment and the storage. Nothing starts on a bad value."""
+    from orchestrator.config.loader import apply_overrides
+    from orchestrator.drivers import driver_for
+    from orchestrator.runs.ray_setup import check_gpu_request
+    from orchestrator.runs.storage import resolve_storage
     from orchestrator.search.space import check_search
+    from orchestrator.tracking.runs import ensure_experiment, make_client
+    from orchestrator.tracking.server import check_tracking_server, default_artifact_location, resolve_tracking_uri
     from workloads.logs import ensure_configured
 
     ensure_configured()
     space = check_search(spec)  # nothing starts unless every combination is valid
     spec = _absolute_spec(spec)
-
-    from ray import tune
-
-    from orchestrator.config.loader import apply_overrides, spec_to_dict
-    from orchestrator.drivers import driver_for
-    from orchestrator.runs.ray_setup import check_gpu_request, ensure_ray
-    from orchestrator.runs.storage import resolve_storage
-    from orchestrator.search.callbacks import TrialBookkeeping, make_status_callback
-    from orchestrator.search.trial import TrialContext, trial_main
-    from orchestrator.tracking.runs import create_run, ensure_experiment, make_client
-    from orchestrator.tracking.server import (
-        check_tracking_server,
-        default_artifact_location,
-        resolve_tracking_uri,
-        ui_link,
-    )
-
     tracking_uri = resolve_tracking_uri(spec)
     check_tracking_server(tracking_uri)
     check_gpu_request(spec)
@@ -235,111 +256,70 @@ def run_search(spec, *, resume: bool = False, num_cpus: int | None = None, verbo
     except Exception as err:
         raise CvlabError(f"MLflow at {tracking_uri}: cannot open experiment {experiment_name!r}: {err}") from err
     fs, storage = resolve_storage(spec.run.storage_path)
+    return _Search(spec=spec, space=space, job=job, shared_data=shared_data, tracking_uri=tracking_uri,
+                   client=client, experiment_name=experiment_name, experiment_id=experiment_id, fs=fs,
+                   storage=storage)
+
+
+def _open_parent(search: _Search, resume: bool) -> None:
+    """The MLflow parent run and the Tune folder: the earlier search's when resuming, else new ones."""
+    from ray import tune
+
+    from orchestrator.config.loader import spec_to_dict
+    from orchestrator.tracking.runs import create_run
+
+    spec, client = search.spec, search.client
     base = _search_base_name(spec)
-
-    previous = None
     if resume:
-        previous = _find_search_to_resume(client, experiment_id, base)
+        previous = _find_search_to_resume(client, search.experiment_id, base)
         if previous is None:
-            raise CvlabError(f"nothing to resume: experiment {experiment_name!r} has no search named {base!r} "
-                             f"at {tracking_uri}")
-        tune_path = previous.data.tags.get(TUNE_PATH_TAG, "")
-        if not tune.Tuner.can_restore(tune_path):
-            raise CvlabError(f"cannot resume search {previous.info.run_id}: no Tune state at {tune_path!r}")
-        parent_run_id = previous.info.run_id
-        search_name = tune_path.rstrip("/").rsplit("/", 1)[-1]
-        client.update_run(parent_run_id, status="RUNNING")
-        log.info("resuming search %s (MLflow parent run %s)", search_name, parent_run_id)
-    else:
-        search_name = f"{base}-search-{time.strftime('%Y%m%d-%H%M%S')}"
-        if fs is None and os.path.exists(f"{storage}/{search_name}"):
-            search_name += f"-{os.getpid()}"
-        # A local folder, or the bucket URI (what Tuner.restore and the trials' storage expect).
-        tune_path = f"{spec.run.storage_path.rstrip('/')}/{search_name}"
-        parent_run_id = create_run(
-            client, experiment_id, search_name,
-            tags={**spec.experiment.tags, KIND_TAG: "search", SEARCH_NAME_TAG: base, WORKLOAD_TAG: spec.workload,
-                  SEARCH_PATHS_TAG: json.dumps(space.paths), TUNE_PATH_TAG: tune_path},
-        )
-        _log_parent_params(client, parent_run_id, spec, space, job)
-        client.log_text(parent_run_id, json.dumps(spec_to_dict(spec), indent=1), "search_spec.json")
+            raise CvlabError(f"nothing to resume: experiment {search.experiment_name!r} has no search named "
+                             f"{base!r} at {search.tracking_uri}")
+        search.tune_path = previous.data.tags.get(TUNE_PATH_TAG, "")
+        if not tune.Tuner.can_restore(search.tune_path):
+            raise CvlabError(f"cannot resume search {previous.info.run_id}: no Tune state at {search.tune_path!r}")
+        search.parent_run_id = previous.info.run_id
+        search.search_name = search.tune_path.rstrip("/").rsplit("/", 1)[-1]
+        search.resumed = True
+        client.update_run(search.parent_run_id, status="RUNNING")
+        log.info("resuming search %s (MLflow parent run %s)", search.search_name, search.parent_run_id)
+        return
+    search.search_name = f"{base}-search-{time.strftime('%Y%m%d-%H%M%S')}"
+    if search.fs is None and os.path.exists(f"{search.storage}/{search.search_name}"):
+        search.search_name += f"-{os.getpid()}"
+    # A local folder, or the bucket URI (what Tuner.restore and the trials' storage expect).
+    search.tune_path = f"{spec.run.storage_path.rstrip('/')}/{search.search_name}"
+    search.parent_run_id = create_run(
+        client, search.experiment_id, search.search_name,
+        tags={**spec.experiment.tags, KIND_TAG: "search", SEARCH_NAME_TAG: base, WORKLOAD_TAG: spec.workload,
+              SEARCH_PATHS_TAG: json.dumps(search.space.paths), TUNE_PATH_TAG: search.tune_path},
+    )
+    _log_parent_params(client, search.parent_run_id, spec, search.space, search.job)
+    client.log_text(search.parent_run_id, json.dumps(spec_to_dict(spec), indent=1), "search_spec.json")
 
+
+def _fit_search(search: _Search, num_cpus: int | None, verbose: int) -> tuple[dict[str, str], bool]:
+    """Start (or connect to) Ray and run the trials; the parent run ends KILLED on Ctrl-C and FAILED on an
+    error. Returns (Tune status per trial id, whether some trial did not end)."""
+    from orchestrator.runs.ray_setup import ensure_ray
+
+    client, parent_run_id = search.client, search.parent_run_id
     # Tune runs each trial in a folder of its own; keep the working directory, so that relative paths in the
     # experiment (data roots, config files) mean in a trial what they mean to `cvlab run` (Tune passes this
     # variable on to the trial processes).
     os.environ.setdefault("RAY_CHDIR_TO_TRIAL_DIR", "0")
     started_ray = False
-    interrupted = False
     try:
         started_ray = ensure_ray(num_cpus or (os.cpu_count() or 1) + 1)  # room for the idle trial processes
-        import ray
-
-        concurrency = plan_concurrency(spec, ray.cluster_resources())
-        # Trials log where the search does (the URI resolved here, not again in each trial process).
-        trial_spec = spec_to_dict(spec)
-        trial_spec.setdefault("tracking", {})["tracking_uri"] = tracking_uri
-        ctx = TrialContext(
-            spec=trial_spec, search_paths=space.paths, tracking_uri=tracking_uri,
-            experiment_id=experiment_id, parent_run_id=parent_run_id,
-            train_storage=f"{tune_path}/train", data=shared_data, base_tags=dict(spec.experiment.tags),
-        )
-        trainable = tune.with_resources(tune.with_parameters(trial_main, ctx=ctx), trial_resources(spec))
-        log.info("search %s: %d searched path(s), %d trial(s), up to %d at once, scheduler %s; MLflow experiment "
-                 "%r parent run %s (%s)", search_name, len(space.paths), space.grid_size() * spec.search.num_samples,
-                 concurrency, spec.search.scheduler, experiment_name, parent_run_id, tracking_uri)
-        for path, desc in space.describe().items():
-            log.info("  %s: %s", path, desc)
-        link = ui_link(tracking_uri, experiment_id, parent_run_id)
-        if link:
-            log.info("MLflow UI: %s", link)
-        book = TrialBookkeeping(
-            tracking_uri=tracking_uri, experiment_id=experiment_id, parent_run_id=parent_run_id,
-            metric=spec.search.metric, mode=spec.search.mode, scheduler=spec.search.scheduler,
-            step_metric=job.step_metric, budget=job.planned_steps(), budget_path=job.budget_path)
-
-        # Tune saves its experiment state at most every 10 s by default: a search killed in between loses the
-        # trials started meanwhile, and --resume would start them again as new trials (new MLflow runs).
-        os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")
-        # The classic CLIReporter table (searched params + metric columns) needs Tune's old output engine.
-        old_output = os.environ.get("RAY_AIR_NEW_OUTPUT")
-        os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
-        try:
-            if previous is not None:
-                tuner = tune.Tuner.restore(tune_path, trainable=trainable, param_space=space.to_tune(),
-                                           resume_unfinished=True, resume_errored=False,
-                                           restart_errored=True)
-            else:
-                s = spec.search
-                tuner = tune.Tuner(
-                    trainable,
-                    param_space=space.to_tune(),
-                    tune_config=tune.TuneConfig(
-                        metric=s.metric, mode=s.mode, num_samples=s.num_samples,
-                        scheduler=_make_scheduler(spec, job),
-                        trial_dirname_creator=_trial_dirname, trial_name_creator=_trial_name,
-                        search_alg=_search_alg(spec, concurrency),
-                    ),
-                    run_config=tune.RunConfig(
-                        name=search_name, storage_path=storage, storage_filesystem=fs,
-                        callbacks=[make_status_callback(book)],
-                        failure_config=tune.FailureConfig(max_failures=spec.run.max_failures),
-                        progress_reporter=_progress_reporter(spec, space, job),
-                        verbose=verbose,
-                    ),
-                )
-            results = tuner.fit()
-        finally:
-            if old_output is None:
-                os.environ.pop("RAY_AIR_NEW_OUTPUT", None)
-            else:
-                os.environ["RAY_AIR_NEW_OUTPUT"] = old_output
-        statuses, unfinished = _trial_states(results, client, experiment_id, parent_run_id)
-        interrupted = bool(unfinished)
-        if interrupted:
-            _mark_interrupted(client, experiment_id, parent_run_id, unfinished)
+        # The classic CLIReporter table (searched params + metric columns) needs Tune's old output engine, which
+        # Tune reads when the Tuner is built and while it fits; the user's setting is back afterwards.
+        with _environment(RAY_AIR_NEW_OUTPUT="0"):
+            results = _build_tuner(search, verbose).fit()
+        statuses, unfinished = _trial_states(results, client, search.experiment_id, parent_run_id)
+        if unfinished:
+            _mark_interrupted(client, search.experiment_id, parent_run_id, unfinished)
+        return statuses, bool(unfinished)
     except KeyboardInterrupt:
-        interrupted = True
-        statuses = {}
         _end_parent(client, parent_run_id, "KILLED", "interrupted; continue with: cvlab tune <spec> --resume")
         raise
     except BaseException as err:
@@ -351,9 +331,89 @@ def run_search(spec, *, resume: bool = False, num_cpus: int | None = None, verbo
 
             ray.shutdown()
 
-    summary = finalize_search(client, spec, space, experiment_name, experiment_id, parent_run_id)
-    summary.update(tracking_uri=tracking_uri, tune_path=tune_path, statuses=statuses, interrupted=interrupted,
-                   search_name=search_name)
+
+def _build_tuner(search: _Search, verbose: int):
+    """The Tuner of the search: restored from its folder when resuming, else new, over `trial_main`."""
+    import ray
+    from ray import tune
+
+    from orchestrator.config.loader import spec_to_dict
+    from orchestrator.search.callbacks import TrialBookkeeping, make_status_callback
+    from orchestrator.search.trial import TrialContext, trial_main
+    from orchestrator.tracking.server import ui_link
+
+    spec, space, job = search.spec, search.space, search.job
+    concurrency = plan_concurrency(spec, ray.cluster_resources())
+    # Trials log where the search does (the URI resolved here, not again in each trial process).
+    trial_spec = spec_to_dict(spec)
+    trial_spec.setdefault("tracking", {})["tracking_uri"] = search.tracking_uri
+    ctx = TrialContext(
+        spec=trial_spec, search_paths=space.paths, tracking_uri=search.tracking_uri,
+        experiment_id=search.experiment_id, parent_run_id=search.parent_run_id,
+        train_storage=f"{search.tune_path}/train", data=search.shared_data, base_tags=dict(spec.experiment.tags),
+    )
+    trainable = tune.with_resources(tune.with_parameters(trial_main, ctx=ctx), trial_resources(spec))
+    log.info("search %s: %d searched path(s), %d trial(s), up to %d at once, scheduler %s; MLflow experiment "
+             "%r parent run %s (%s)", search.search_name, len(space.paths),
+             space.grid_size() * spec.search.num_samples, concurrency, spec.search.scheduler,
+             search.experiment_name, search.parent_run_id, search.tracking_uri)
+    for path, desc in space.describe().items():
+        log.info("  %s: %s", path, desc)
+    link = ui_link(search.tracking_uri, search.experiment_id, search.parent_run_id)
+    if link:
+        log.info("MLflow UI: %s", link)
+    # Tune saves its experiment state at most every 10 s by default: a search killed in between loses the
+    # trials started meanwhile, and --resume would start them again as new trials (new MLflow runs).
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")
+    if search.resumed:
+        return tune.Tuner.restore(search.tune_path, trainable=trainable, param_space=space.to_tune(),
+                                  resume_unfinished=True, resume_errored=False, restart_errored=True)
+    book = TrialBookkeeping(
+        tracking_uri=search.tracking_uri, experiment_id=search.experiment_id, parent_run_id=search.parent_run_id,
+        metric=spec.search.metric, mode=spec.search.mode, scheduler=spec.search.scheduler,
+        step_metric=job.step_metric, budget=job.planned_steps(), budget_path=job.budget_path)
+    s = spec.search
+    return tune.Tuner(
+        trainable,
+        param_space=space.to_tune(),
+        tune_config=tune.TuneConfig(
+            metric=s.metric, mode=s.mode, num_samples=s.num_samples, scheduler=_make_scheduler(spec, job),
+            trial_dirname_creator=_trial_dirname, trial_name_creator=_trial_name,
+            search_alg=_search_alg(spec, concurrency),
+        ),
+        run_config=tune.RunConfig(
+            name=search.search_name, storage_path=search.storage, storage_filesystem=search.fs,
+            callbacks=[make_status_callback(book)],
+            failure_config=tune.FailureConfig(max_failures=spec.run.max_failures),
+            progress_reporter=_progress_reporter(spec, space, job),
+            verbose=verbose,
+        ),
+    )
+
+
+@contextlib.contextmanager
+def _environment(**values: str):
+    """Set environment variables for the duration of the block, then put back what was there."""
+    old = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for name, value in old.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def _end_search(search: _Search, statuses: dict[str, str], interrupted: bool) -> dict[str, Any]:
+    """The summary on the parent run (tables, plots, best config), then the parent ends: KILLED when some
+    trial did not end, else FINISHED with the count of failed trials."""
+    client, parent_run_id = search.client, search.parent_run_id
+    summary = finalize_search(client, search.spec, search.space, search.experiment_name, search.experiment_id,
+                              parent_run_id)
+    summary.update(tracking_uri=search.tracking_uri, tune_path=search.tune_path, statuses=statuses,
+                   interrupted=interrupted, search_name=search.search_name)
     if interrupted:
         _end_parent(client, parent_run_id, "KILLED",
                     "interrupted before every trial ended; continue with: cvlab tune <spec> --resume")
