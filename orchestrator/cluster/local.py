@@ -231,28 +231,16 @@ def up(
     if workers < 0:
         raise CvlabError(f"--workers must be >= 0, got {workers}")
     state = state_dir_path(state_dir)
-    previous = read_state(state)
-    if previous and any(running_members(pid) for _, pid in recorded_leaders(previous)):
-        raise CvlabError(
-            f"a local cluster from {state} is still running; stop it first: cvlab cluster local down "
-            f"--state-dir {state}"
-        )
-    _check_port(host, ray_port, "--ray-port")
-    _check_port(host, dashboard_port, "--dashboard-port")
-    if mlflow_port is not None:
-        _check_port(host, mlflow_port, "--mlflow-port")
-
+    _check_free(state, host, ray_port, dashboard_port, mlflow_port)
     logs = state / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     temp_dir = ray_temp_dir(state)
-    bin_dir = str(Path(sys.executable).parent)
     if auth == "token":
         token_file = state / "auth_token"
         if not token_file.exists():
             token_file.write_text(secrets.token_hex(32) + "\n")
         token_file.chmod(0o600)
-    env = _ray_env(state, auth, bin_dir)
-    ray_cli = [sys.executable, "-m", "ray.scripts.scripts"]
+    env = _ray_env(state, auth, str(Path(sys.executable).parent))
 
     info: dict = {
         "state_dir": str(state),
@@ -270,53 +258,14 @@ def up(
         (state / STATE_FILE).write_text(json.dumps(info, indent=2))
 
     try:
-        log.info("starting Ray head on %s:%s (dashboard %s, auth %s) ...", host, ray_port, info["dashboard"], auth)
-        head_cmd = [
-            *ray_cli, "start", "--head", "--block", "--disable-usage-stats",
-            "--node-ip-address", host, "--port", str(ray_port),
-            "--dashboard-host", host, "--dashboard-port", str(dashboard_port),
-            "--temp-dir", str(temp_dir),
-            *_private_ports(host, head=True),
-        ]  # fmt: skip
-        if head_cpus is not None:
-            head_cmd += ["--num-cpus", str(head_cpus)]
-        if head_gpus is not None:
-            head_cmd += ["--num-gpus", str(head_gpus)]
-        head = _spawn(head_cmd, logs / "ray-head.log", env)
-        info["processes"]["head"] = head.pid
-        save()
-        _wait_http(f"{info['dashboard']}/api/version", head, logs / "ray-head.log", "the Ray head", timeout_s)
-
+        _start_head(info, save, env, logs, ray_port, dashboard_port, head_cpus, head_gpus, timeout_s)
         for i in range(workers):
-            log.info("starting Ray worker node %d (%g CPU) ...", i, worker_cpus)
-            worker_log = logs / f"ray-worker-{i}.log"
-            worker_cmd = [
-                *ray_cli, "start", "--block", "--disable-usage-stats", "--address", info["gcs_address"],
-                "--node-ip-address", host, "--num-cpus", str(worker_cpus),
-                *_private_ports(host, head=False),
-            ]  # fmt: skip
-            proc = _spawn(worker_cmd, worker_log, env)
-            info["processes"]["workers"].append(proc.pid)
-            save()
+            _start_worker(info, save, env, logs, i, worker_cpus)
         if workers:
             _wait_for_nodes(info["dashboard"], workers + 1, timeout_s, auth, state)
-
         if mlflow_port is not None:
-            log.info("starting MLflow server on %s ...", info["mlflow"])
-            artifacts = artifacts_destination or str(state / "mlartifacts")
-            mlflow_env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
-            mlflow_cmd = [
-                sys.executable, "-m", "mlflow", "server",
-                "--backend-store-uri", f"sqlite:///{state / 'mlflow.db'}",
-                "--artifacts-destination", artifacts,
-                "--host", host, "--port", str(mlflow_port), "--workers", "1",
-            ]  # fmt: skip
-            mlflow = _spawn(mlflow_cmd, logs / "mlflow.log", mlflow_env)
-            info["processes"]["mlflow"] = mlflow.pid
-            save()
-            _wait_http(
-                f"{info['mlflow']}/health", mlflow, logs / "mlflow.log", "the MLflow server", timeout_s
-            )
+            _start_mlflow(info, save, logs, mlflow_port, artifacts_destination or str(state / "mlartifacts"),
+                          timeout_s)
     except BaseException:
         log.warning("start-up failed; stopping what was started")
         _stop_all(info)
@@ -324,6 +273,72 @@ def up(
         raise
     save()
     return info
+
+
+def _check_free(state: Path, host: str, ray_port: int, dashboard_port: int, mlflow_port: int | None) -> None:
+    """No cluster of this state folder still running, and every port free."""
+    previous = read_state(state)
+    if previous and any(running_members(pid) for _, pid in recorded_leaders(previous)):
+        raise CvlabError(
+            f"a local cluster from {state} is still running; stop it first: cvlab cluster local down "
+            f"--state-dir {state}"
+        )
+    _check_port(host, ray_port, "--ray-port")
+    _check_port(host, dashboard_port, "--dashboard-port")
+    if mlflow_port is not None:
+        _check_port(host, mlflow_port, "--mlflow-port")
+
+
+_RAY_CLI = [sys.executable, "-m", "ray.scripts.scripts"]
+
+
+def _start_head(info: dict, save, env: dict, logs: Path, ray_port: int, dashboard_port: int,
+                head_cpus: int | None, head_gpus: int | None, timeout_s: float) -> None:
+    host = info["host"]
+    log.info("starting Ray head on %s:%s (dashboard %s, auth %s) ...", host, ray_port, info["dashboard"],
+             info["auth"])
+    head_cmd = [
+        *_RAY_CLI, "start", "--head", "--block", "--disable-usage-stats",
+        "--node-ip-address", host, "--port", str(ray_port),
+        "--dashboard-host", host, "--dashboard-port", str(dashboard_port),
+        "--temp-dir", info["ray_temp_dir"],
+        *_private_ports(host, head=True),
+    ]  # fmt: skip
+    if head_cpus is not None:
+        head_cmd += ["--num-cpus", str(head_cpus)]
+    if head_gpus is not None:
+        head_cmd += ["--num-gpus", str(head_gpus)]
+    head = _spawn(head_cmd, logs / "ray-head.log", env)
+    info["processes"]["head"] = head.pid
+    save()
+    _wait_http(f"{info['dashboard']}/api/version", head, logs / "ray-head.log", "the Ray head", timeout_s)
+
+
+def _start_worker(info: dict, save, env: dict, logs: Path, index: int, cpus: int) -> None:
+    log.info("starting Ray worker node %d (%g CPU) ...", index, cpus)
+    worker_cmd = [
+        *_RAY_CLI, "start", "--block", "--disable-usage-stats", "--address", info["gcs_address"],
+        "--node-ip-address", info["host"], "--num-cpus", str(cpus),
+        *_private_ports(info["host"], head=False),
+    ]  # fmt: skip
+    proc = _spawn(worker_cmd, logs / f"ray-worker-{index}.log", env)
+    info["processes"]["workers"].append(proc.pid)
+    save()
+
+
+def _start_mlflow(info: dict, save, logs: Path, port: int, artifacts: str, timeout_s: float) -> None:
+    log.info("starting MLflow server on %s ...", info["mlflow"])
+    mlflow_env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
+    mlflow_cmd = [
+        sys.executable, "-m", "mlflow", "server",
+        "--backend-store-uri", f"sqlite:///{Path(info['state_dir']) / 'mlflow.db'}",
+        "--artifacts-destination", artifacts,
+        "--host", info["host"], "--port", str(port), "--workers", "1",
+    ]  # fmt: skip
+    mlflow = _spawn(mlflow_cmd, logs / "mlflow.log", mlflow_env)
+    info["processes"]["mlflow"] = mlflow.pid
+    save()
+    _wait_http(f"{info['mlflow']}/health", mlflow, logs / "mlflow.log", "the MLflow server", timeout_s)
 
 
 def _private_ports(host: str, *, head: bool) -> list[str]:
