@@ -18,7 +18,6 @@
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
@@ -27,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from orchestrator.environment import temporary_environment
 from orchestrator.errors import CvlabError
 from orchestrator.names import (
     BEST_RUN_TAG,
@@ -313,7 +313,7 @@ def _fit_search(search: _Search, num_cpus: int | None, verbose: int) -> tuple[di
         started_ray = ensure_ray(num_cpus or (os.cpu_count() or 1) + 1)  # room for the idle trial processes
         # The classic CLIReporter table (searched params + metric columns) needs Tune's old output engine, which
         # Tune reads when the Tuner is built and while it fits; the user's setting is back afterwards.
-        with _environment(RAY_AIR_NEW_OUTPUT="0"):
+        with temporary_environment(RAY_AIR_NEW_OUTPUT="0"):
             results = _build_tuner(search, verbose).fit()
         statuses, unfinished = _trial_states(results, client, search.experiment_id, parent_run_id)
         if unfinished:
@@ -389,21 +389,6 @@ def _build_tuner(search: _Search, verbose: int):
             verbose=verbose,
         ),
     )
-
-
-@contextlib.contextmanager
-def _environment(**values: str):
-    """Set environment variables for the duration of the block, then put back what was there."""
-    old = {name: os.environ.get(name) for name in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for name, value in old.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
 
 
 def _end_search(search: _Search, statuses: dict[str, str], interrupted: bool) -> dict[str, Any]:

@@ -2,12 +2,11 @@
 iteration-based loops such as segmentation's), surviving a tracking server that goes away."""
 from __future__ import annotations
 
-import contextlib
 import logging
-import os
 import time
 from collections.abc import Iterable
 
+from orchestrator.environment import temporary_environment
 from orchestrator.errors import CvlabError
 from orchestrator.tracking.runs import log_metrics, logged_steps, make_client
 
@@ -65,25 +64,12 @@ class MlflowMetricLogger:
         return [e for e, _ in self._pending]
 
     def _http_env(self):
-        """Fail fast while the server is away (MLflow's default retries block for minutes)."""
-
-        @contextlib.contextmanager
-        def env():
-            names = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": str(self.request_retries),
-                     "MLFLOW_HTTP_REQUEST_TIMEOUT": str(int(max(1, self.request_timeout_s))),
-                     "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "0"}
-            old = {k: os.environ.get(k) for k in names}
-            os.environ.update(names)
-            try:
-                yield
-            finally:
-                for k, v in old.items():
-                    if v is None:
-                        os.environ.pop(k, None)
-                    else:
-                        os.environ[k] = v
-
-        return env()
+        """Fail fast while the server is away (MLflow's default retries block for minutes; it reads these settings
+        only from the environment)."""
+        return temporary_environment(
+            MLFLOW_HTTP_REQUEST_MAX_RETRIES=str(self.request_retries),
+            MLFLOW_HTTP_REQUEST_TIMEOUT=str(int(max(1, self.request_timeout_s))),
+            MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR="0")
 
     def logged_epochs(self) -> set[int]:
         """Epochs already in the run (retried for up to `flush_timeout_s` while the server is away)."""
