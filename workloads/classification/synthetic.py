@@ -226,26 +226,10 @@ def make_imagenet(
     params = _params(classes, per_class, size, seed, val_per_class)
     say = progress or (lambda _msg: None)
 
-    if root.exists() and not root.is_dir():
-        raise ValueError(f"{root} exists and is not a directory")
-    existing = read_manifest(root)
+    existing = _check_target(root, params, overwrite)
     if existing is not None:
-        if {k: existing.get(k) for k in params} == params and _layout_complete(root, existing):
-            say(f"{root}: synthetic dataset with these parameters already exists; reusing it")
-            return {**existing, "root": str(root), "reused": True, "seconds": 0.0}
-        if not overwrite:
-            raise ValueError(
-                f"{root} already holds a synthetic dataset with different parameters "
-                f"({_describe(existing)}); pass overwrite=True (--overwrite), delete it or choose another directory"
-            )
-    elif root.exists():
-        others = [p.name for p in root.iterdir() if not p.name.startswith(_TMP_PREFIX)]
-        if others:
-            shown = ", ".join(sorted(others)[:5]) + (", ..." if len(others) > 5 else "")
-            raise ValueError(
-                f"refusing to write into {root}: it is not empty ({shown}) and is not a synthetic dataset "
-                f"made by cvlab; choose an empty or new directory"
-            )
+        say(f"{root}: synthetic dataset with these parameters already exists; reusing it")
+        return {**existing, "root": str(root), "reused": True, "seconds": 0.0}
 
     start = time.perf_counter()
     root.mkdir(parents=True, exist_ok=True)
@@ -253,29 +237,7 @@ def make_imagenet(
         shutil.rmtree(stale, ignore_errors=True)
     tmp = root / f"{_TMP_PREFIX}{seed}"
     table = class_table(classes)
-    total = classes * (per_class + val_per_class)
-    done = 0
-    last_report = start
-    val_counter = 0
-    for split, count, split_id in (("train", per_class, 0), ("val", val_per_class, 1)):
-        for cls in table:
-            folder = tmp / split / cls["wnid"]
-            folder.mkdir(parents=True, exist_ok=True)
-            for i in range(count):
-                # One generator per image: results do not depend on order or on other parameters.
-                rng = np.random.default_rng([seed, split_id, cls["index"], i])
-                img = render(cls, rng, size)
-                if split == "train":
-                    name = f"{cls['wnid']}_{i}.JPEG"
-                else:
-                    val_counter += 1
-                    name = f"ILSVRC2012_val_{val_counter:08d}.JPEG"
-                img.save(folder / name, format="JPEG", quality=92)
-                done += 1
-                now = time.perf_counter()
-                if now - last_report > 2.0:
-                    say(f"  {done}/{total} images ({100 * done / total:.0f}%)")
-                    last_report = now
+    done = _render_splits(tmp, table, per_class, val_per_class, size, seed, say)
 
     # Swap the finished splits in, then write the manifest last.
     (root / MANIFEST).unlink(missing_ok=True)
@@ -295,6 +257,59 @@ def make_imagenet(
     seconds = round(time.perf_counter() - start, 2)
     say(f"{root}: wrote {done} images in {seconds:.1f} s")
     return {**summary, "root": str(root), "reused": False, "seconds": seconds}
+
+
+def _check_target(root: Path, params: dict[str, Any], overwrite: bool) -> dict[str, Any] | None:
+    """The manifest of a complete dataset with these parameters already at `root` (to reuse), else None when
+    `root` may be written; ValueError for a non-directory, another dataset (unless `overwrite`) or other files."""
+    if root.exists() and not root.is_dir():
+        raise ValueError(f"{root} exists and is not a directory")
+    existing = read_manifest(root)
+    if existing is not None:
+        if {k: existing.get(k) for k in params} == params and _layout_complete(root, existing):
+            return existing
+        if not overwrite:
+            raise ValueError(
+                f"{root} already holds a synthetic dataset with different parameters "
+                f"({_describe(existing)}); pass overwrite=True (--overwrite), delete it or choose another directory"
+            )
+    elif root.exists():
+        others = [p.name for p in root.iterdir() if not p.name.startswith(_TMP_PREFIX)]
+        if others:
+            shown = ", ".join(sorted(others)[:5]) + (", ..." if len(others) > 5 else "")
+            raise ValueError(
+                f"refusing to write into {root}: it is not empty ({shown}) and is not a synthetic dataset "
+                f"made by cvlab; choose an empty or new directory"
+            )
+    return None
+
+
+def _render_splits(tmp: Path, table: list[dict], per_class: int, val_per_class: int, size: int, seed: int,
+                   say: Callable[[str], None]) -> int:
+    """Render every train and val image into `tmp/<split>/<wnid>/`, saying progress every 2 s; returns the
+    number of images written."""
+    total = len(table) * (per_class + val_per_class)
+    done, val_counter, last_report = 0, 0, time.perf_counter()
+    for split, count, split_id in (("train", per_class, 0), ("val", val_per_class, 1)):
+        for cls in table:
+            folder = tmp / split / cls["wnid"]
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(count):
+                # One generator per image: results do not depend on order or on other parameters.
+                rng = np.random.default_rng([seed, split_id, cls["index"], i])
+                img = render(cls, rng, size)
+                if split == "train":
+                    name = f"{cls['wnid']}_{i}.JPEG"
+                else:
+                    val_counter += 1
+                    name = f"ILSVRC2012_val_{val_counter:08d}.JPEG"
+                img.save(folder / name, format="JPEG", quality=92)
+                done += 1
+                now = time.perf_counter()
+                if now - last_report > 2.0:
+                    say(f"  {done}/{total} images ({100 * done / total:.0f}%)")
+                    last_report = now
+    return done
 
 
 def _describe(manifest: dict[str, Any]) -> str:

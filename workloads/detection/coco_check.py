@@ -30,6 +30,29 @@ def check_coco_file(ann_file, img_dir=None, *, split: str = "train") -> dict:
     Returns {"images", "annotations", "categories", "warnings": [...]}; raises ValueError on errors.
     """
     path = Path(ann_file)
+    coco = _read_coco(path)
+    errors: list[str] = []
+    warnings: list[str] = []
+    images, cats = _images_and_categories(coco, errors)
+    annotated, usable = _check_annotations(coco["annotations"], images, cats, errors, warnings)
+    empty = len(images) - len(annotated)
+    if empty:
+        what = "dropped from training (filter_empty_gt)" if split == "train" else "evaluated without objects"
+        warnings.append(f"{empty} of {len(images)} image(s) have no usable annotation and are {what}")
+    if split == "train" and usable == 0 and not errors:
+        errors.append("no usable annotation at all: nothing to train on")
+    if img_dir is not None and images:
+        img_dir = Path(img_dir)
+        absent = [img["file_name"] for img in images.values() if not (img_dir / img["file_name"]).is_file()]
+        if absent:
+            errors.append(f"{len(absent)} image file(s) missing under {img_dir}: {_examples(absent)}")
+    if errors:
+        raise ValueError(f"{path}: " + "; ".join(errors))
+    return {"images": len(images), "annotations": usable, "categories": len(cats), "warnings": warnings}
+
+
+def _read_coco(path: Path) -> dict:
+    """The annotation file as a dict with images, annotations and categories lists; ValueError otherwise."""
     if not path.is_file():
         raise ValueError(f"COCO annotation file {path} does not exist")
     try:
@@ -40,9 +63,11 @@ def check_coco_file(ann_file, img_dir=None, *, split: str = "train") -> dict:
     if missing:
         raise ValueError(f"{path}: missing or non-list key(s) {missing}; a COCO file needs images, "
                          "annotations and categories lists")
-    errors: list[str] = []
-    warnings: list[str] = []
+    return coco
 
+
+def _images_and_categories(coco: dict, errors: list[str]) -> tuple[dict, Counter]:
+    """{image id: entry} of the well-formed images and the category id counts; problems go to `errors`."""
     images = {}
     for img in coco["images"]:
         if not isinstance(img, dict) or not {"id", "file_name", "width", "height"} <= img.keys():
@@ -58,11 +83,17 @@ def check_coco_file(ann_file, img_dir=None, *, split: str = "train") -> dict:
         errors.append("no categories")
     if any(n > 1 for n in cats.values()):
         errors.append(f"duplicate category ids: {_examples([c for c, n in cats.items() if n > 1])}")
+    return images, cats
 
+
+def _check_annotations(annotations: list, images: dict, cats: Counter, errors: list[str],
+                       warnings: list[str]) -> tuple[set, int]:
+    """(ids of images with a usable annotation, number of usable annotations); problems go to `errors` and
+    `warnings`."""
     dangling, bad_cat, bad_box, outside, degenerate = [], [], [], [], []
     annotated = set()
     usable = 0
-    for ann in coco["annotations"]:
+    for ann in annotations:
         aid = ann.get("id")
         img = images.get(ann.get("image_id"))
         if img is None:
@@ -96,20 +127,7 @@ def check_coco_file(ann_file, img_dir=None, *, split: str = "train") -> dict:
     if degenerate:
         warnings.append(f"{len(degenerate)} annotation(s) with width/height < 1 px or zero area are skipped "
                         f"by CocoDataset: ids {_examples(degenerate)}")
-    empty = len(images) - len(annotated)
-    if empty:
-        what = "dropped from training (filter_empty_gt)" if split == "train" else "evaluated without objects"
-        warnings.append(f"{empty} of {len(images)} image(s) have no usable annotation and are {what}")
-    if split == "train" and usable == 0 and not errors:
-        errors.append("no usable annotation at all: nothing to train on")
-    if img_dir is not None and images:
-        img_dir = Path(img_dir)
-        absent = [img["file_name"] for img in images.values() if not (img_dir / img["file_name"]).is_file()]
-        if absent:
-            errors.append(f"{len(absent)} image file(s) missing under {img_dir}: {_examples(absent)}")
-    if errors:
-        raise ValueError(f"{path}: " + "; ".join(errors))
-    return {"images": len(images), "annotations": usable, "categories": len(cats), "warnings": warnings}
+    return annotated, usable
 
 
 def check_coco_dataset(root, splits=("train", "val")) -> dict:
