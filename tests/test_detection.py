@@ -17,8 +17,8 @@ import torch
 
 warnings.filterwarnings("ignore", category=UserWarning)
 
-from workloads.detection.coco_check import check_coco_dataset, check_coco_file # noqa: E402
-from workloads.detection.synthetic_coco import SHAPES, make_coco # noqa: E402
+from workloads.detection.coco_check import check_coco_dataset, check_coco_file  # noqa: E402
+from workloads.detection.synthetic_coco import SHAPES, make_coco  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -329,8 +329,8 @@ def test_train_step_and_inference(config_name, with_mask):
 
 
 def test_build_config_from_quickstart_spec(coco_root, tmp_path):
-    from orchestrator.drivers.detection import build_detection_config
     from orchestrator.config.loader import load_spec
+    from orchestrator.jobs.detection import build_detection_config
 
     spec = load_spec("experiments/det_quickstart.yaml",
                      [f"detection.data_root={coco_root}", "detection.max_epochs=6",
@@ -347,17 +347,17 @@ def test_build_config_from_quickstart_spec(coco_root, tmp_path):
 
     spec2 = load_spec("experiments/det_quickstart.yaml",
                       [f"detection.data_root={coco_root}", "model.name=rednet26"])
-    from orchestrator.drivers.detection import DetectionDriver
+    from orchestrator.jobs.detection import DetectionJob
 
-    cfg2, model = DetectionDriver(spec2).config_and_model()
+    cfg2, model = DetectionJob(spec2).config_and_model()
     assert cfg2.model.backbone.arch == "rednet26" and model.backbone.arch == "rednet26"
 
 
 def test_detection_errors_before_workers(tmp_path, coco_root):
     from orchestrator.cli.run import run_experiment as run_detection
-    from orchestrator.drivers.detection import build_detection_config, prepare_coco
-    from orchestrator.errors import CvlabError
     from orchestrator.config.loader import load_spec, spec_from_dict
+    from orchestrator.errors import CvlabError
+    from orchestrator.jobs.detection import build_detection_config, prepare_coco
 
     with pytest.raises(CvlabError, match="detection:"):
         run_detection(spec_from_dict({"workload": "detection"}))
@@ -400,18 +400,18 @@ def test_mmengine_checkpoint_needs_the_allow_list(tmp_path):
 
 
 def test_eval_checks_the_weights_against_the_model_before_workers(tmp_path, coco_root):
-    """`cvlab eval` of a detection checkpoint: weights of another model are refused on the driver, naming what
-    does not fit; the weights of this model pass (and are what the workers get)."""
+    """`cvlab eval` of a detection checkpoint: weights of another model are refused before any worker starts,
+    naming what does not fit; the weights of this model pass (and are what the workers get)."""
     from orchestrator.config.loader import load_spec
-    from orchestrator.drivers import evaluator_for
     from orchestrator.errors import CvlabError
     from orchestrator.inference.sources import resolve_source
+    from orchestrator.jobs import eval_job_for, job_for
 
     spec = load_spec("experiments/det_quickstart.yaml", [f"detection.data_root={coco_root}"])
-    _cfg, model = evaluator_for(spec, None).config_and_model()
+    _cfg, model = job_for(spec).config_and_model()
     weights = {k: torch.zeros(v.shape) for k, v in model.state_dict().items()}
     torch.save({"meta": {"epoch": 1}, "state_dict": weights}, tmp_path / "epoch_1.pth")
-    job = evaluator_for(spec, resolve_source(str(tmp_path / "epoch_1.pth")))
+    job = eval_job_for(spec, resolve_source(str(tmp_path / "epoch_1.pth")))
     job.prepare()
     assert set(job.state_dict) == set(weights)
 
@@ -423,7 +423,7 @@ def test_eval_checks_the_weights_against_the_model_before_workers(tmp_path, coco
     torch.save({"state_dict": wrong}, tmp_path / "other.pth")
     with pytest.raises(CvlabError, match=r"does not fit the model.*missing 1 .*unexpected 1 \(extra.weight\).*"
                                          r"wrong-shaped 1"):
-        evaluator_for(spec, resolve_source(str(tmp_path / "other.pth"))).prepare()
+        eval_job_for(spec, resolve_source(str(tmp_path / "other.pth"))).prepare()
     torch.save({"state_dict": weights}, tmp_path / "model.pt")
     with pytest.raises(CvlabError, match="cvlab checkpoint; detection evaluates mmengine checkpoints"):
-        evaluator_for(spec, resolve_source(str(tmp_path / "model.pt"))).prepare()
+        eval_job_for(spec, resolve_source(str(tmp_path / "model.pt"))).prepare()

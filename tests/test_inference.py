@@ -24,6 +24,7 @@ def _shard_eval(world: int, rank: int = 0, port: int | None = None, out: str | N
 
     from workloads.classification.data import ShardSampler
     from workloads.classification.evaluation import evaluate_all_shards
+    from workloads.runtime import WorkerRuntime
 
     if world > 1:
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
@@ -33,7 +34,8 @@ def _shard_eval(world: int, rank: int = 0, port: int | None = None, out: str | N
     torch.manual_seed(0)
     model = torch.nn.Linear(6, 3)
     loader = torch.utils.data.DataLoader(samples, batch_size=2, sampler=ShardSampler(11, rank, world))
-    result = evaluate_all_shards(model, loader, ["a", "b", "c"], torch.nn.CrossEntropyLoss(), torch.device("cpu"))
+    result = evaluate_all_shards(model, loader, ["a", "b", "c"], torch.nn.CrossEntropyLoss(),
+                                 WorkerRuntime(rank=rank, world=world))
     if world > 1:
         dist.destroy_process_group()
     if out is not None and rank == 0:
@@ -244,7 +246,7 @@ def test_eval_of_a_published_mmcls_rednet_file(trained, tmp_path, capsys):
 
     from orchestrator.cli import main
     from orchestrator.config.loader import load_spec
-    from orchestrator.drivers.classification import prepare_data
+    from orchestrator.jobs.classification import prepare_data
     from workloads.classification.data import make_dataset
     from workloads.classification.transforms import build_val_transform
     from workloads.models import build_model, load_published_rednet

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.cluster import jobs
 from orchestrator.cli import main
+from orchestrator.cluster import submission
 from orchestrator.errors import CvlabError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -44,21 +44,21 @@ def _closed_port() -> int:
 
 
 def test_entrypoint_is_quoted_and_carries_overrides():
-    entry = jobs.build_entrypoint("run", "experiments/my exp.yaml", ["model.name=cednet26", "run.name=a b"])
+    entry = submission.build_entrypoint("run", "experiments/my exp.yaml", ["model.name=cednet26", "run.name=a b"])
     assert shlex.split(entry) == [
         "python", "-m", "orchestrator", "run", "experiments/my exp.yaml",
         "--set", "model.name=cednet26", "--set", "run.name=a b",
     ]  # fmt: skip
-    assert jobs.build_entrypoint("tune", "e.yaml").endswith("orchestrator tune e.yaml")
+    assert submission.build_entrypoint("tune", "e.yaml").endswith("orchestrator tune e.yaml")
     with pytest.raises(ValueError, match="verb"):
-        jobs.build_entrypoint("train", "e.yaml")
+        submission.build_entrypoint("train", "e.yaml")
 
 
 def test_runtime_env_excludes_outputs_and_forwards_tracking(project, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://10.0.0.5:5000")
     monkeypatch.setenv("MLFLOW_TRACKING_TOKEN", "secret")
     monkeypatch.delenv("MLFLOW_TRACKING_USERNAME", raising=False)
-    env = jobs.build_runtime_env(project, pip_extras=["det"], env={"FOO": "1"}, excludes=["/scratch/"])
+    env = submission.build_runtime_env(project, pip_extras=["det"], env={"FOO": "1"}, excludes=["/scratch/"])
     assert env["working_dir"] == str(project)
     for pattern in (".venv", "/data/", "/runs/", "mlruns", "mlartifacts", "mlflow.db", ".git", "__pycache__"):
         assert pattern in env["excludes"]
@@ -70,48 +70,48 @@ def test_runtime_env_excludes_outputs_and_forwards_tracking(project, monkeypatch
     }
     assert any(p.startswith("mmdet") for p in env["pip"]) and any(p.startswith("mmcv") for p in env["pip"])
     # No extras: nothing to pip install (the cluster image carries the project).
-    assert "pip" not in jobs.build_runtime_env(project)
+    assert "pip" not in submission.build_runtime_env(project)
 
 
 def test_pip_extras_come_from_pyproject(project):
-    assert any(p.startswith("cupy-cuda12x") for p in jobs.pip_packages_for_extras(["cuda12"], project))
-    assert any(p.startswith("ray[") for p in jobs.pip_packages_for_extras(["base"], project))
+    assert any(p.startswith("cupy-cuda12x") for p in submission.pip_packages_for_extras(["cuda12"], project))
+    assert any(p.startswith("ray[") for p in submission.pip_packages_for_extras(["base"], project))
     with pytest.raises(CvlabError, match="unknown extra 'gpu'.*cuda12"):
-        jobs.pip_packages_for_extras(["gpu"], project)
+        submission.pip_packages_for_extras(["gpu"], project)
 
 
 def test_address_defaults_and_validation(monkeypatch):
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    assert jobs.normalize_address(None) == "http://127.0.0.1:8265"
+    assert submission.normalize_address(None) == "http://127.0.0.1:8265"
     monkeypatch.setenv("RAY_ADDRESS", "http://head:8265/")
-    assert jobs.normalize_address(None) == "http://head:8265"
+    assert submission.normalize_address(None) == "http://head:8265"
     monkeypatch.setenv("RAY_ADDRESS", "auto")  # not a dashboard address: ignored
-    assert jobs.default_address() == "http://127.0.0.1:8265"
-    assert jobs.normalize_address("head:8265") == "http://head:8265"
+    assert submission.default_address() == "http://127.0.0.1:8265"
+    assert submission.normalize_address("head:8265") == "http://head:8265"
     with pytest.raises(CvlabError, match="Ray Client address"):
-        jobs.normalize_address("ray://head:10001")
+        submission.normalize_address("ray://head:10001")
 
 
 def test_auth_header_from_env_or_file(monkeypatch, tmp_path):
     monkeypatch.delenv("RAY_AUTH_TOKEN", raising=False)
     monkeypatch.delenv("RAY_AUTH_TOKEN_PATH", raising=False)
-    assert jobs.auth_headers() == {}
+    assert submission.auth_headers() == {}
     token_file = tmp_path / "token"
     token_file.write_text("abc123\n")
     monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(token_file))
-    assert jobs.auth_headers() == {"Authorization": "Bearer abc123"}
+    assert submission.auth_headers() == {"Authorization": "Bearer abc123"}
     monkeypatch.setenv("RAY_AUTH_TOKEN", "fromenv")
-    assert jobs.auth_headers() == {"Authorization": "Bearer fromenv"}
+    assert submission.auth_headers() == {"Authorization": "Bearer fromenv"}
     monkeypatch.delenv("RAY_AUTH_TOKEN")
     monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(tmp_path / "missing"))
     with pytest.raises(CvlabError, match="RAY_AUTH_TOKEN_PATH"):
-        jobs.auth_headers()
+        submission.auth_headers()
 
 
 def test_dry_run_builds_the_job_from_the_project(project, monkeypatch):
     monkeypatch.chdir(project)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    out = jobs.submit("experiments/tiny.yaml", overrides=["optim.lr=0.02"], dry_run=True)
+    out = submission.submit("experiments/tiny.yaml", overrides=["optim.lr=0.02"], dry_run=True)
     assert out["job_id"] is None
     assert shlex.split(out["entrypoint"])[3:] == ["run", "experiments/tiny.yaml", "--set", "optim.lr=0.02"]
     assert out["runtime_env"]["working_dir"] == str(project)
@@ -137,7 +137,7 @@ def test_spec_outside_the_working_dir_is_refused(project, tmp_path, monkeypatch)
     outside.write_text(TINY)
     monkeypatch.chdir(project)
     with pytest.raises(CvlabError, match="outside the working dir"):
-        jobs.submit(outside, dry_run=True)
+        submission.submit(outside, dry_run=True)
 
 
 def test_unreachable_address_is_one_clear_error(project, monkeypatch, capsys):

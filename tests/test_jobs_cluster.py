@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.cluster import jobs
-from orchestrator.cluster import local as local_cluster
 from orchestrator.cli import main
+from orchestrator.cluster import local as local_cluster
+from orchestrator.cluster import submission
 
 pytestmark = pytest.mark.slow
 
@@ -85,21 +85,21 @@ def cluster_env(monkeypatch, tmp_path):
 
 
 def test_job_plumbing_with_own_entrypoints(head, project, cluster_env, capsys):
-    client = jobs.make_client(head["dashboard"])
+    client = submission.make_client(head["dashboard"])
     check = (
         "import os, orchestrator; "
         "gone = [p for p in ('data', 'runs', '.venv', 'mlruns', 'mlflow.db') if os.path.exists(p)]; "
         "assert not gone, gone; assert os.path.isdir('experiments'); "
         "print('upload-ok', os.environ['MLFLOW_TRACKING_URI'])"
     )
-    runtime_env = jobs.build_runtime_env(project)
+    runtime_env = submission.build_runtime_env(project)
     job = client.submit_job(entrypoint=f'python -c "{check}"', runtime_env=runtime_env)
-    assert jobs.follow(client, job) == 0
+    assert submission.follow(client, job) == 0
     out = capsys.readouterr().out
     assert f"upload-ok {cluster_env}" in out and f"job {job} SUCCEEDED" in out
 
     bad = client.submit_job(entrypoint="python -c \"import sys; print('boom-42'); sys.exit(3)\"")
-    assert jobs.follow(client, bad) == 1
+    assert submission.follow(client, bad) == 1
     err = capsys.readouterr().err
     assert "boom-42" in err and f"job {bad} FAILED" in err
 
@@ -137,7 +137,7 @@ def test_tiny_experiment_through_cvlab_submit_and_ray_cli(head, project, cluster
     Both run at once (1 CPU each on the 2-CPU head) to save time; each logs to its own SQLite file.
     """
     cli_uri = f"sqlite:///{tmp_path / 'mlflow-cli.db'}"
-    runtime_env = {"excludes": jobs.WORKING_DIR_EXCLUDES, "env_vars": {"MLFLOW_TRACKING_URI": cli_uri}}
+    runtime_env = {"excludes": submission.WORKING_DIR_EXCLUDES, "env_vars": {"MLFLOW_TRACKING_URI": cli_uri}}
     cmd = [
         sys.executable, "-m", "ray.scripts.scripts", "job", "submit", "--address", head["dashboard"],
         "--working-dir", str(project), "--runtime-env-json", json.dumps(runtime_env), "--",

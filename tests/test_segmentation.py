@@ -505,7 +505,7 @@ def test_per_class_metric_reports_and_table():
 def test_worker_config_and_hooks_for_iteration_loops(tmp_path):
     import dataclasses
 
-    from orchestrator.drivers.detection import DetectionDriver
+    from orchestrator.jobs.detection import DetectionJob
     from workloads.mmlab.hooks import FailOnceHook
     from workloads.mmlab.worker_config import MMWorkerConfig
 
@@ -517,7 +517,7 @@ def test_worker_config_and_hooks_for_iteration_loops(tmp_path):
                        (dict(cfg={}), "model"), (dict(run_id=""), "run_id"), (dict(log_every=0), "log_every")):
         with pytest.raises(ValueError, match=match):
             MMWorkerConfig(**{**dict(cfg={"model": {}}, scope="mmseg", run_id="r"), **bad})
-    assert DetectionDriver.metric_names["coco/bbox_mAP"] == "val/bbox_mAP"
+    assert DetectionJob.metric_names["coco/bbox_mAP"] == "val/bbox_mAP"
 
     hook = FailOnceHook(marker=str(tmp_path / "m"), after_iter=3)
     hook.before_train_iter(SimpleNamespace(iter=2), 0)
@@ -563,12 +563,12 @@ def _fit(cfg, tmp_path, *, sync_bn: str, run_id: str, tracking_uri: str | None =
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from orchestrator.drivers.segmentation import SegmentationDriver
+    from orchestrator.jobs.segmentation import SegmentationJob
     from orchestrator.tracking.metric_logger import MlflowMetricLogger
     from workloads.mmlab.worker import train_worker
     from workloads.mmlab.worker_config import MMWorkerConfig
 
-    best = SegmentationDriver.best_metric
+    best = SegmentationJob.best_metric
     logger = MlflowMetricLogger(tracking_uri, run_id, key=best, skip=("iter",)) if tracking_uri else None
     config = MMWorkerConfig(cfg=cfg.to_dict(), scope="mmseg", metric_names=METRIC_NAMES, run_id=run_id,
                             epoch_logger=logger, log_every=1, sync_bn=sync_bn, threads=1,

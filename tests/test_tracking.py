@@ -87,7 +87,7 @@ def test_experiment_run_params_and_epoch_logger(db):
     data = client.get_run(run_id).data
     assert data.metrics["val/top1"] == 0.7 and "epoch" not in data.metrics
 
-    end_run(client, run_id, "FAILED", "boom")
+    end_run(client, run_id, "FAILED", error="boom")
     run = client.get_run(run_id)
     assert run.info.status == "FAILED" and run.data.tags[ERROR_TAG] == "boom"
 

@@ -67,7 +67,7 @@ def test_schedule_warmup_then_cosine():
 
 
 def test_scan_skips_and_counts_unreadable_images(tmp_path):
-    from orchestrator.drivers.classification import prepare_data
+    from orchestrator.jobs.classification import prepare_data
 
     root = _dataset(tmp_path)
     bad = _corrupt(root)
@@ -123,7 +123,7 @@ def test_empty_class_folder_stops_before_training(tmp_path, capsys):
 
 
 def test_empty_split_and_missing_root(tmp_path):
-    from orchestrator.drivers.classification import prepare_data
+    from orchestrator.jobs.classification import prepare_data
 
     (tmp_path / "data" / "train").mkdir(parents=True)
     (tmp_path / "data" / "val").mkdir()
@@ -135,7 +135,7 @@ def test_empty_split_and_missing_root(tmp_path):
 
 
 def test_generates_the_embedded_dataset_once(tmp_path, capsys):
-    from orchestrator.drivers.classification import prepare_data
+    from orchestrator.jobs.classification import prepare_data
 
     spec = _spec(tmp_path, data={"generate": True, "num_classes_generated": 3, "per_class_generated": 4,
                                  "generated_size": 32})
@@ -154,17 +154,17 @@ def test_kernel_picture_is_drawn_for_the_validation_input_of_the_spec(tmp_path):
     import torch
     from PIL import Image
 
-    from orchestrator.drivers.classification import ClassificationDriver, prepare_data
+    from orchestrator.jobs.classification import ClassificationJob, prepare_data
     from workloads.classification.data import make_dataset
     from workloads.classification.transforms import build_val_transform
     from workloads.models.visualize import _to_input
 
     _dataset(tmp_path)
     spec = _spec(tmp_path, data={"val_resize": 48})
-    driver = ClassificationDriver(spec, data=prepare_data(spec))
-    model_input, _display = _to_input(driver._kernel_image(), 3, normalize=True)  # what visualize_kernels runs
+    job = ClassificationJob(spec, data=prepare_data(spec))
+    model_input, _display = _to_input(job._kernel_image(), 3, normalize=True)  # what visualize_kernels runs
 
-    data = driver.data
+    data = job.data
     first = make_dataset(data.val_dir, list(data.classes), data.val_skip).samples[0][0]
     inputs = spec.data.input_config()
     with Image.open(first) as im:
@@ -183,6 +183,7 @@ def _step_trainer(hooks):
     import torch
 
     from workloads.classification.loop import EpochTrainer
+    from workloads.runtime import WorkerRuntime
 
     torch.manual_seed(0)
     trainer = EpochTrainer.__new__(EpochTrainer)
@@ -192,7 +193,7 @@ def _step_trainer(hooks):
     trainer.scaler = torch.amp.GradScaler("cpu", enabled=False)
     trainer.criterion = trainer.train_criterion = torch.nn.CrossEntropyLoss()
     trainer.mixup, trainer.ema, trainer.optimizer_steps = None, None, 0
-    trainer.device, trainer.amp_dtype, trainer.channels_last = torch.device("cpu"), None, False
+    trainer.runtime = WorkerRuntime()  # one process on the CPU in fp32
     trainer.cfg = SimpleNamespace(optim=SimpleNamespace(grad_clip=None))
     trainer.hooks = hooks
     return trainer, torch.randn(8, 4), torch.randint(0, 3, (8,))

@@ -4,13 +4,17 @@ The end-to-end test runs a 3-trial ASHA search of tiny CedNet-26 trials (1 Ray w
 3 epochs) through the CLI in a subprocess, SIGKILLs it once a trial has finished and another is mid-run,
 then resumes it in-process and checks through the MLflow client: one parent run, one nested run per trial
 (none duplicated), finished trials not re-run, the summary artifacts, and no trial/worker actor or placement
-group left.
+group left. A second search (module fixture: one trial diverges) is checked through the MLflow client and,
+served by a real `mlflow server`, in headless Chromium through the UI links cvlab prints.
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -332,26 +336,36 @@ def test_search_killed_then_resumed(tmp_path, monkeypatch, capsys):
     assert table.count("trial_") >= 3 and (tmp_path / "cmp" / "compare_parallel_coordinates.png").exists()
 
 
-@pytest.mark.slow
-@pytest.mark.timeout(600)
-def test_diverging_trial_fails_and_the_search_goes_on(tmp_path, capsys, monkeypatch):
-    """A trial whose loss becomes NaN (lr 1e30) fails with the step named; the other trial still runs to
-    the end, the parent run gets its summary, and `cvlab tune` exits 1 naming the failed trial. The file
-    names no tracking URI and a relative data root, as the shipped experiments do: the trials log into the
-    search's default ./mlflow.db and read the data where `cvlab tune` runs."""
-    from mlflow import MlflowClient
-
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    d = _spec_dict(tmp_path, scheduler="fifo", space={"optim.lr": {"grid": [0.05, 1.0e30]}})
+@pytest.fixture(scope="module")
+def diverged_search(tmp_path_factory):
+    """A 2-trial search through `cvlab tune`, one trial diverging (lr 1e30). The file names no tracking URI
+    and a relative data root, as the shipped experiments do: the trials log into the search's default
+    ./mlflow.db and read the data where `cvlab tune` runs. Shared by the diverging-trial test and the MLflow
+    UI test."""
+    tmp = tmp_path_factory.mktemp("diverged")
+    d = _spec_dict(tmp, scheduler="fifo", space={"optim.lr": {"grid": [0.05, 1.0e30]}})
     d["optim"].update(epochs=2, warmup_epochs=0.0, label_smoothing=0.0)
     d["tracking"]["tracking_uri"] = None
     d["data"]["root"] = "data"
-    rc = main(["tune", str(_write(tmp_path, d)), "--num-cpus", SEARCH_CPUS])
-    out = capsys.readouterr().out
-    assert rc == 1 and "1 trial(s) failed" in out
+    out = io.StringIO()
+    with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(out):
+        mp.chdir(tmp)
+        mp.delenv("MLFLOW_TRACKING_URI", raising=False)
+        rc = main(["tune", str(_write(tmp, d)), "--num-cpus", SEARCH_CPUS])
+    sys.stdout.write(out.getvalue())  # shown with the failing test's output
+    return {"tmp": tmp, "rc": rc, "out": out.getvalue(), "uri": f"sqlite:///{tmp / 'mlflow.db'}"}
 
-    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_diverging_trial_fails_and_the_search_goes_on(diverged_search):
+    """A trial whose loss becomes NaN (lr 1e30) fails with the step named; the other trial still runs to
+    the end, the parent run gets its summary, and `cvlab tune` exits 1 naming the failed trial."""
+    from mlflow import MlflowClient
+
+    assert diverged_search["rc"] == 1 and "1 trial(s) failed" in diverged_search["out"]
+
+    client = MlflowClient(diverged_search["uri"])
     exp = client.get_experiment_by_name("tune-test").experiment_id
     (parent,) = client.search_runs([exp], "tags.`cvlab.kind` = 'search'")
     kids = {float(r.data.params["optim.lr"]): r for r in _children(client, parent.info.run_id)}
@@ -364,3 +378,120 @@ def test_diverging_trial_fails_and_the_search_goes_on(tmp_path, capsys, monkeypa
     assert parent.data.tags["cvlab.best_run_id"] == good.info.run_id
     assert {Path(a.path).name for a in client.list_artifacts(parent.info.run_id, "summary")} >= {
         "search_summary.csv", "search_summary.md"}
+
+
+# ------------------------------------------------------------------------- the MLflow UI, in a browser
+CHROMIUM = "/usr/bin/chromium"  # Debian's package: Playwright cannot download a browser of its own here
+UI_TIMEOUT_MS = 60_000  # the UI's first load on a busy 2-core machine
+
+
+@contextlib.contextmanager
+def _chromium():
+    """Headless Chromium driven by Playwright; skips the test when either is missing."""
+    if not os.access(CHROMIUM, os.X_OK):
+        pytest.skip(f"no Chromium at {CHROMIUM} (Debian: apt-get install chromium): the MLflow UI is not "
+                    "tested in a browser")
+    playwright = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (.[dev])")
+    with playwright.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM)
+        try:
+            yield browser
+        finally:
+            browser.close()
+
+
+def _open(browser, link: str):
+    """The page a user gets by opening `link` in a fresh browser profile (MLflow keeps its GenAI / model
+    training toggle per browser: a fresh profile has the default, GenAI)."""
+    page = browser.new_context(viewport={"width": 1920, "height": 1080}).new_page()
+    page.set_default_timeout(UI_TIMEOUT_MS)
+    page.goto(link)
+    return page
+
+
+def _see(locator, what: str, text: str | None = None):
+    from playwright.sync_api import expect
+
+    if text is None:
+        expect(locator, what).to_be_visible(timeout=UI_TIMEOUT_MS)
+    else:
+        expect(locator, what).to_contain_text(text, timeout=UI_TIMEOUT_MS)
+
+
+def _row(page, run):
+    """The Runs table's row of `run` (ag-grid keys its rows by run id)."""
+    return page.locator(f'.ag-row[row-id="{run.info.run_id}"]')
+
+
+def _cell(page, run, column: str):
+    return _row(page, run).locator(f'[role="gridcell"][col-id="{column}"]')
+
+
+def _check_run_page(page, run, dataset_label: str) -> None:
+    """A run's page: its name, its dataset input, and a chart of the metric it logged each epoch."""
+    _see(page.get_by_test_id("runs-header"), "the run page", run.info.run_name)
+    _see(page.get_by_text(dataset_label), "the run's dataset")
+    page.get_by_role("tab", name="Model metrics").click()
+    page.get_by_placeholder("Search metric charts").fill("val/top1")
+    _see(page.get_by_text(f"{run.info.run_name} (val/top1)"), "the val/top1 chart's legend")
+
+
+def _check_search_in_runs_table(page, parent, trials, dataset_label: str) -> None:
+    """The Runs table: the parent run; opened, its trials with their dataset and their searched value."""
+    _see(_row(page, parent).get_by_role("link", name=parent.info.run_name), "the search's parent run")
+    assert _row(page, trials[0]).count() == 0  # trials are nested: hidden until their parent is opened
+    _row(page, parent).locator("button[data-component-id*='runnamecellrenderer']").first.click()
+    for run in trials:
+        _see(_row(page, run).get_by_role("link", name=run.info.run_name), "a trial under the parent")
+        _see(_cell(page, run, "attributes.`Dataset`"), "the trial's Dataset column", dataset_label)
+    page.get_by_role("button", name="Columns").click()
+    page.get_by_placeholder("Search columns").fill("searched.")
+    page.get_by_test_id("column-selector-tree").get_by_text("searched.optim.lr").click()
+    for run in trials:
+        _see(_cell(page, run, "params.`searched.optim.lr`"), "the trial's searched value",
+             run.data.params["searched.optim.lr"])
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_the_mlflow_ui_shows_runs_and_the_search_as_cvlab_links_them(diverged_search, tmp_path, request):
+    """The links cvlab prints (`orchestrator.tracking.server.ui_link`), each opened in a fresh headless
+    Chromium against a real `mlflow server` holding the diverged search: the model-training view (not the
+    GenAI overview), the Runs table with the trials under their parent, their Dataset column and searched
+    values, its Chart view of best/val_top1, and the finished trial's val/top1 chart."""
+    from mlflow import MlflowClient
+
+    from orchestrator.tracking.server import ui_link
+
+    with _chromium() as browser:
+        shutil.copyfile(diverged_search["tmp"] / "mlflow.db", tmp_path / "server.db")
+        server = request.getfixturevalue("mlflow_server")  # serves tmp_path/server.db: the search's store
+        client = MlflowClient(server.uri)
+        exp = client.get_experiment_by_name("tune-test").experiment_id
+        (parent,) = client.search_runs([exp], "tags.`cvlab.kind` = 'search'")
+        kids = {float(r.data.params["optim.lr"]): r for r in _children(client, parent.info.run_id)}
+        finished, failed = kids[0.05], kids[1.0e30]
+        (dataset,) = finished.inputs.dataset_inputs
+        dataset_label = f"{dataset.dataset.name} ({dataset.dataset.digest})"
+
+        # `cvlab run`'s link to a run: the run's page
+        page = _open(browser, ui_link(server.uri, exp, finished.info.run_id))
+        _check_run_page(page, finished, dataset_label)
+
+        # `cvlab tune`'s link to the search: its parent run's page, whose Runs link leads to the Runs table
+        # (a link of the model-training view; the GenAI view has Evaluations instead)
+        page = _open(browser, ui_link(server.uri, exp, parent.info.run_id))
+        _see(page.get_by_test_id("runs-header"), "the search's parent run page", parent.info.run_name)
+        runs = page.get_by_role("link", name="Runs", exact=True).first
+        _see(runs, "the model-training view's link to the Runs table")
+        runs.click()
+        _check_search_in_runs_table(page, parent, [finished, failed], dataset_label)
+        # its Chart view, the trials still open: the best value each run logged, side by side
+        page.locator('label:has(input[value="CHART"])').click()
+        page.get_by_placeholder("Search metric charts").fill("best/val_top1")
+        chart = page.get_by_test_id("experiment-view-compare-runs-card").filter(has_text="best/val_top1")
+        _see(chart, "the Chart view's best/val_top1 chart", finished.info.run_name)
+
+        # `cvlab compare`'s link to the experiment: the Runs table itself
+        page = _open(browser, ui_link(server.uri, exp))
+        _see(_row(page, parent).get_by_role("link", name=parent.info.run_name), "the experiment's Runs table")

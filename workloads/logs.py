@@ -1,5 +1,6 @@
 """Messages go through `logging`: one logger per module (`logging.getLogger(__name__)`), configured once per
-process: by the CLI (`-v` / `-q`) or the run lifecycle on the driver, by the worker function in a Ray worker.
+process: by the CLI (`-v` / `-q`) or the run lifecycle on the driver, by `workloads.runtime.start_worker` in a Ray
+worker.
 
 Progress (INFO) goes to stdout as plain lines; warnings and errors go to stderr as `cvlab: warning: ...`.
 Verbosity: -1 quiet (warnings and errors only), 0 progress, 1 debug plus Ray's own info chatter.
@@ -78,15 +79,3 @@ def ensure_configured() -> None:
 def verbosity() -> int:
     """The configured verbosity (0 when not configured); workers get it to set their own output."""
     return _state["verbosity"] or 0
-
-
-def quiet_ray_train_reports(verbosity: int) -> None:
-    """In a Ray Train worker: Ray logs every `ray.train.report` call with its whole metrics dict at INFO,
-    which buries the run's own progress. Keep that to warnings unless `verbosity` >= 1."""
-    try:
-        from ray.train.v2._internal.execution import context as train_context
-    except ImportError:  # another Ray version: nothing to quiet
-        return
-    logger = getattr(train_context, "logger", None)
-    if isinstance(logger, logging.Logger):
-        logger.setLevel(logging.INFO if verbosity > 0 else logging.WARNING)

@@ -1,6 +1,6 @@
 """`cvlab eval SPEC --checkpoint SRC [--format mmcls] [--set ...]`: evaluate a checkpoint, data-parallel on Ray.
 
-The experiment's workload picks the evaluation job (`orchestrator.drivers.evaluator_for`) and its `scaling`
+The experiment's workload picks the evaluation job (`orchestrator.jobs.eval_job_for`) and its `scaling`
 section the workers; results go to a new MLflow run of the experiment, tagged with the source
 (`cvlab.source_run`), and are printed as a table.
 """
@@ -31,13 +31,13 @@ def add_cli(subparsers: Any) -> None:
 def _eval(args) -> int:
     from orchestrator.cli.run import print_summary
     from orchestrator.config.loader import load_spec
-    from orchestrator.drivers import evaluator_for
     from orchestrator.inference.sources import resolve_source
+    from orchestrator.jobs import eval_job_for
     from orchestrator.runs.lifecycle import run_job
     from orchestrator.tracking.server import resolve_tracking_uri
 
     spec = load_spec(args.spec, args.set)
     source = resolve_source(args.checkpoint, fmt=args.format, tracking_uri=resolve_tracking_uri(spec))
-    job = evaluator_for(spec, source)
+    job = eval_job_for(spec, source)
     print_summary(job, run_job(job))
     return 0

@@ -1,6 +1,6 @@
 """`cvlab run SPEC [--set KEY=VALUE ...] [--resume]`: one Ray Train run of any workload, tracked in MLflow.
 
-The spec's workload picks the driver (`orchestrator.drivers`); the run lifecycle (`orchestrator.runs.lifecycle`)
+The spec's workload picks the job (`orchestrator.jobs`); the run lifecycle (`orchestrator.runs.lifecycle`)
 does the rest. `--resume` continues the newest run of the same name from its last checkpoint, in the same
 MLflow run.
 """
@@ -26,11 +26,11 @@ def add_cli(subparsers: Any) -> None:
 
 
 def run_experiment(spec, resume: bool = False) -> dict[str, Any]:
-    """Run `spec` with its workload's driver through the run lifecycle; returns the summary."""
-    from orchestrator.drivers import driver_for
+    """Run `spec` with its workload's job through the run lifecycle; returns the summary."""
+    from orchestrator.jobs import job_for
     from orchestrator.runs.lifecycle import run_job
 
-    return run_job(driver_for(spec), resume=resume)
+    return run_job(job_for(spec), resume=resume)
 
 
 def print_summary(job, summary: dict[str, Any]) -> None:
@@ -51,10 +51,10 @@ def print_summary(job, summary: dict[str, Any]) -> None:
 
 def _run(args) -> int:
     from orchestrator.config.loader import load_spec
-    from orchestrator.drivers import driver_for
+    from orchestrator.jobs import job_for
     from orchestrator.runs.lifecycle import run_job
 
     spec = load_spec(args.spec, args.set)
-    job = driver_for(spec)
+    job = job_for(spec)
     print_summary(job, run_job(job, resume=args.resume))
     return 0

@@ -4,7 +4,7 @@ from __future__ import annotations
 import sys
 import time
 
-from orchestrator.cluster.jobs import (
+from orchestrator.cluster.submission import (
     DEFAULT_ADDRESS,
     call,
     follow,

@@ -1,6 +1,7 @@
 """What the run lifecycle asks of a job: the parts that differ between workloads (and between training and
-evaluation). A workload's driver (`orchestrator.drivers.<workload>`) subclasses `Job`; the lifecycle
-(`orchestrator.runs.lifecycle`) does everything else and never imports a driver.
+evaluation). A workload's job (`orchestrator.jobs.<workload>`) subclasses `Job`, an evaluation job
+(`orchestrator.jobs.evaluation.EvalJob`) holds one; the lifecycle (`orchestrator.runs.lifecycle`) does everything
+else and never imports a workload's job.
 """
 from __future__ import annotations
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+from contextlib import contextmanager
 
 from orchestrator.errors import CvlabError
 
@@ -48,6 +49,21 @@ def ensure_ray(num_cpus: int | None = None) -> bool:
     else:
         ray.init(num_cpus=num_cpus, log_to_driver=True, logging_level=quiet)
     return True
+
+
+@contextmanager
+def ray_session(num_cpus: int | None = None, *, owned: bool = True):
+    """Ray for one run or search: connected or started by `ensure_ray`, and shut down at the end when this call
+    started it. `owned=False` (a Tune trial, inside the search's Ray) leaves Ray alone. Yields whether this
+    call started (or connected) Ray."""
+    started = owned and ensure_ray(num_cpus)
+    try:
+        yield started
+    finally:
+        if started:
+            import ray
+
+            ray.shutdown()
 
 
 def worker_group_resources(spec) -> dict[str, float]:

@@ -1,2 +1,2 @@
-"""Ray Tune architecture searches (`cvlab tune`): the search space, the driver, one trial, callbacks, the summary
-report, and `cvlab compare`."""
+"""Ray Tune architecture searches (`cvlab tune`): the search space, the search's driver process (`tune`), one
+trial, callbacks, the summary report, and `cvlab compare`."""

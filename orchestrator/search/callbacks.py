@@ -8,7 +8,6 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from orchestrator.names import END_REASON_TAG
 
 log = logging.getLogger(__name__)
 
@@ -76,8 +75,7 @@ def make_status_callback(book: TrialBookkeeping):
                 budget = int((getattr(trial, "config", None) or {}).get(book.budget_path, book.budget))
                 status, reason = end_status(result, budget, book.scheduler, book.step_metric)
                 log_best_metric(client, run.info.run_id, book.metric, book.mode, book.step_metric)
-                client.set_tag(run.info.run_id, END_REASON_TAG, reason)
-                client.set_terminated(run.info.run_id, status=status)
+                end_run(client, run.info.run_id, status, reason=reason)
             except Exception as err:  # noqa: BLE001 - never break the search for bookkeeping
                 log.warning("could not end the MLflow run of %s: %s", trial, err)
 
@@ -94,8 +92,7 @@ def make_status_callback(book: TrialBookkeeping):
                         lines = [ln for ln in Path(trial.error_file).read_text().splitlines() if ln.strip()]
                         error = lines[-1] if lines else error
                     log_best_metric(client, run.info.run_id, book.metric, book.mode, book.step_metric)
-                    client.set_tag(run.info.run_id, END_REASON_TAG, f"failed: {error}"[:5000])
-                    end_run(client, run.info.run_id, "FAILED", error)
+                    end_run(client, run.info.run_id, "FAILED", reason=f"failed: {error}", error=error)
             except Exception as err:  # noqa: BLE001 - never break the search for bookkeeping
                 log.warning("could not end the MLflow run of %s: %s", trial, err)
 

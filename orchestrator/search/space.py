@@ -216,7 +216,7 @@ def check_paths(spec, space: SearchSpace) -> None:
 
 
 def check_metric(search, reported: tuple[str, ...], workload: str) -> None:
-    """`search.metric` must be one the workload reports (the driver's `reported_metrics`)."""
+    """`search.metric` must be one the workload reports (the job's `reported_metrics`)."""
     if search.metric not in reported:
         import difflib
 
@@ -227,7 +227,7 @@ def check_metric(search, reported: tuple[str, ...], workload: str) -> None:
 
 
 def check_scheduler(spec, budget: int, unit: str) -> None:
-    """ASHA's rungs must fit the trial's budget (`budget` in `unit`s: the driver's planned steps)."""
+    """ASHA's rungs must fit the trial's budget (`budget` in `unit`s: the job's planned steps)."""
     s = spec.search
     if s.scheduler != "asha":
         return
@@ -264,7 +264,7 @@ def check_combinations(spec, space: SearchSpace) -> int:
     Raises CvlabError listing the bad combinations and why.
     """
     from orchestrator.config.loader import apply_overrides
-    from orchestrator.drivers import driver_class
+    from orchestrator.jobs import job_class
     from workloads.models import validate_model_config
 
     problems: list[str] = []
@@ -285,12 +285,12 @@ def check_combinations(spec, space: SearchSpace) -> int:
             validate_model_config(name, **overrides)
         except (ValueError, TypeError) as err:
             problems.append(f"{_fmt_combo(combo) or name}: {err}")
-    job_class = driver_class(spec.workload)
+    workload_job = job_class(spec.workload)
     for d in other_dims:
         for value in d.check_values():
             checked += 1
             try:
-                job_class(apply_overrides(spec, {d.path: value})).check_variant()
+                workload_job(apply_overrides(spec, {d.path: value})).check_variant()
             except (CvlabError, ValueError, TypeError) as err:
                 problems.append(f"{d.path}={value!r}: {err}")
     if problems:
@@ -312,9 +312,9 @@ def check_search(spec) -> SearchSpace:
             "this experiment has no `search:` section; add one (search.space, search.metric, ...) "
             "to run `cvlab tune`"
         )
-    from orchestrator.drivers import driver_class
+    from orchestrator.jobs import job_for
 
-    job = driver_class(spec.workload)(spec)
+    job = job_for(spec)
     space = parse_space(spec.search.space)
     check_paths(spec, space)
     check_metric(spec.search, job.reported_metrics, spec.workload)

@@ -58,7 +58,7 @@ def trial_main(config: dict, ctx: TrialContext) -> None:
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from orchestrator.config.loader import apply_overrides, spec_from_dict, to_plain
-    from orchestrator.drivers import driver_for
+    from orchestrator.jobs import job_for
     from orchestrator.runs.lifecycle import TrialRun, run_job
     from orchestrator.tracking.runs import end_run, logged_steps, make_client
 
@@ -66,7 +66,7 @@ def trial_main(config: dict, ctx: TrialContext) -> None:
     trial_id, trial_name = tctx.get_trial_id(), tctx.get_trial_name()
     overrides = {p: to_plain(config[p]) for p in ctx.search_paths}
     spec = apply_overrides(spec_from_dict(ctx.spec, source="<search base spec>"), overrides)
-    job = driver_for(spec, data=ctx.data)
+    job = job_for(spec, data=ctx.data)
 
     client = make_client(ctx.tracking_uri)
     existing = find_trial_run(client, ctx.experiment_id, ctx.parent_run_id, trial_id)
@@ -82,8 +82,7 @@ def trial_main(config: dict, ctx: TrialContext) -> None:
             log.info("[%s] already trained in MLflow run %s; not training again", trial_name, existing.info.run_id)
             ray.tune.report(final)
             if not finished:
-                client.set_tag(existing.info.run_id, END_REASON_TAG, "completed")
-                end_run(client, existing.info.run_id, "FINISHED")
+                end_run(client, existing.info.run_id, "FINISHED", reason="completed")
             return
         if END_REASON_TAG in existing.data.tags:
             client.delete_tag(existing.info.run_id, END_REASON_TAG)
@@ -94,14 +93,14 @@ def trial_main(config: dict, ctx: TrialContext) -> None:
         parent_run_id=ctx.parent_run_id,
         run_name=f"{trial_name} ({label})"[:240],
         folder=trial_id,
-        storage_path=ctx.train_storage,
+        trial_storage=ctx.train_storage,
         tags={**ctx.base_tags, KIND_TAG: "trial", TRIAL_ID_TAG: trial_id, TRIAL_NAME_TAG: trial_name,
               SEARCH_PATHS_TAG: json.dumps(ctx.search_paths)},
         # A restarted trial (resumed search, Tune retry) continues its run from its last checkpoint.
         run_id=existing.info.run_id if existing is not None else None,
         callbacks=[TuneReportCallback()],
         # The same keys in every trial, short values: what MLflow's chart and compare views line up.
-        params={f"{SEARCHED_PARAM_PREFIX}{path}": short_value(value) for path, value in overrides.items()},
+        searched={f"{SEARCHED_PARAM_PREFIX}{path}": short_value(value) for path, value in overrides.items()},
     )
     try:
         run_job(job, trial=trial)

@@ -4,7 +4,7 @@
 
 - Before anything starts, the `search:` section is checked (`orchestrator.search.space.check_search`):
   unknown paths, malformed distributions and every combination the space can produce against the model.
-- This process prepares the workload's data once (its driver), creates the MLflow experiment and a parent
+- This process prepares the workload's data once (its job), creates the MLflow experiment and a parent
   run for the search, and runs a `Tuner` whose trainable (`orchestrator.search.trial.trial_main`) runs the
   experiment through the run lifecycle with `TuneReportCallback`: per-epoch metrics reach Tune (ASHA), and
   rank 0 logs them to the trial's nested MLflow run (tag `mlflow.parentRunId`, tag `cvlab.trial_id`).
@@ -30,7 +30,6 @@ from orchestrator.environment import temporary_environment
 from orchestrator.errors import CvlabError
 from orchestrator.names import (
     BEST_RUN_TAG,
-    END_REASON_TAG,
     FAILED_TRIALS_TAG,
     KIND_TAG,
     SEARCH_NAME_TAG,
@@ -38,7 +37,11 @@ from orchestrator.names import (
     TUNE_PATH_TAG,
     WORKLOAD_TAG,
 )
+from orchestrator.runs.lifecycle import open_experiment, preflight
+from orchestrator.runs.ray_setup import ray_session
 from orchestrator.search.trial import find_trial_run
+from orchestrator.tracking.runs import end_run
+from workloads.logs import ensure_configured
 
 log = logging.getLogger(__name__)
 
@@ -187,8 +190,7 @@ def _mark_interrupted(client, experiment_id: str, parent_run_id: str, trial_ids:
     for tid in trial_ids:
         run = find_trial_run(client, experiment_id, parent_run_id, tid)
         if run is not None and run.info.status == "RUNNING":
-            client.set_tag(run.info.run_id, END_REASON_TAG, "search interrupted; continue with --resume")
-            client.set_terminated(run.info.run_id, status="KILLED")
+            end_run(client, run.info.run_id, "KILLED", reason="search interrupted; continue with --resume")
 
 
 @dataclass
@@ -228,33 +230,24 @@ def _prepare_search(spec) -> _Search:
     """Check every combination, the tracking server and the GPU request; prepare the data once (and check each
     searched batch size against it); open the experiment and the storage. Nothing starts on a bad value."""
     from orchestrator.config.loader import apply_overrides
-    from orchestrator.drivers import driver_for
-    from orchestrator.runs.ray_setup import check_gpu_request
+    from orchestrator.jobs import job_for
     from orchestrator.runs.storage import resolve_storage
     from orchestrator.search.space import check_search
-    from orchestrator.tracking.runs import ensure_experiment, make_client
-    from orchestrator.tracking.server import check_tracking_server, default_artifact_location, resolve_tracking_uri
-    from workloads.logs import ensure_configured
+    from orchestrator.tracking.runs import make_client
 
     ensure_configured()
     space = check_search(spec)  # nothing starts unless every combination is valid
     spec = _absolute_spec(spec)
-    tracking_uri = resolve_tracking_uri(spec)
-    check_tracking_server(tracking_uri)
-    check_gpu_request(spec)
+    tracking_uri = preflight(spec)
     # Generates the embedded data once, before any trial; checks every searched batch size against it.
-    job = driver_for(spec)
+    job = job_for(spec)
     job.prepare()
     for bs in (space["data.batch_size"].check_values() if "data.batch_size" in space.paths else []):
-        driver_for(apply_overrides(spec, {"data.batch_size": bs}), data=job.data).prepare()
+        job_for(apply_overrides(spec, {"data.batch_size": bs}), data=job.data).prepare()
     shared_data = None if any(p in job.data_paths for p in space.paths) else job.data
 
     client = make_client(tracking_uri)
-    experiment_name = spec.tracking.experiment_name or spec.experiment.name
-    try:
-        experiment_id = ensure_experiment(client, experiment_name, default_artifact_location(tracking_uri))
-    except Exception as err:
-        raise CvlabError(f"MLflow at {tracking_uri}: cannot open experiment {experiment_name!r}: {err}") from err
+    experiment_name, experiment_id = open_experiment(client, spec, tracking_uri)
     fs, storage = resolve_storage(spec.run.storage_path)
     return _Search(spec=spec, space=space, job=job, shared_data=shared_data, tracking_uri=tracking_uri,
                    client=client, experiment_name=experiment_name, experiment_id=experiment_id, fs=fs,
@@ -301,35 +294,28 @@ def _open_parent(search: _Search, resume: bool) -> None:
 def _fit_search(search: _Search, num_cpus: int | None, verbose: int) -> tuple[dict[str, str], bool]:
     """Start (or connect to) Ray and run the trials; the parent run ends KILLED on Ctrl-C and FAILED on an
     error. Returns (Tune status per trial id, whether some trial did not end)."""
-    from orchestrator.runs.ray_setup import ensure_ray
-
     client, parent_run_id = search.client, search.parent_run_id
     # Tune runs each trial in a folder of its own; keep the working directory, so that relative paths in the
     # experiment (data roots, config files) mean in a trial what they mean to `cvlab run` (Tune passes this
     # variable on to the trial processes).
     os.environ.setdefault("RAY_CHDIR_TO_TRIAL_DIR", "0")
-    started_ray = False
     try:
-        started_ray = ensure_ray(num_cpus or (os.cpu_count() or 1) + 1)  # room for the idle trial processes
-        # The classic CLIReporter table (searched params + metric columns) needs Tune's old output engine, which
-        # Tune reads when the Tuner is built and while it fits; the user's setting is back afterwards.
-        with temporary_environment(RAY_AIR_NEW_OUTPUT="0"):
+        # The CPUs: room for the idle trial processes besides their workers. The classic CLIReporter table
+        # (searched params + metric columns) needs Tune's old output engine, which Tune reads when the Tuner is
+        # built and while it fits; the user's setting is back afterwards.
+        with ray_session(num_cpus or (os.cpu_count() or 1) + 1), temporary_environment(RAY_AIR_NEW_OUTPUT="0"):
             results = _build_tuner(search, verbose).fit()
         statuses, unfinished = _trial_states(results, client, search.experiment_id, parent_run_id)
         if unfinished:
             _mark_interrupted(client, search.experiment_id, parent_run_id, unfinished)
         return statuses, bool(unfinished)
     except KeyboardInterrupt:
-        _end_parent(client, parent_run_id, "KILLED", "interrupted; continue with: cvlab tune <spec> --resume")
+        end_run(client, parent_run_id, "KILLED", reason="interrupted; continue with: cvlab tune <spec> --resume",
+                quiet=True)
         raise
     except BaseException as err:
-        _end_parent(client, parent_run_id, "FAILED", f"{type(err).__name__}: {err}")
+        end_run(client, parent_run_id, "FAILED", reason=f"{type(err).__name__}: {err}", quiet=True)
         raise
-    finally:
-        if started_ray:
-            import ray
-
-            ray.shutdown()
 
 
 def _build_tuner(search: _Search, verbose: int):
@@ -400,14 +386,13 @@ def _end_search(search: _Search, statuses: dict[str, str], interrupted: bool) ->
     summary.update(tracking_uri=search.tracking_uri, tune_path=search.tune_path, statuses=statuses,
                    interrupted=interrupted, search_name=search.search_name)
     if interrupted:
-        _end_parent(client, parent_run_id, "KILLED",
-                    "interrupted before every trial ended; continue with: cvlab tune <spec> --resume")
+        end_run(client, parent_run_id, "KILLED",
+                reason="interrupted before every trial ended; continue with: cvlab tune <spec> --resume", quiet=True)
     else:
         failed = sum(1 for st in statuses.values() if st == "ERROR")
         if failed:  # the search itself completed; its failed trials are counted (and named by `cvlab tune`)
             client.set_tag(parent_run_id, FAILED_TRIALS_TAG, str(failed))
-        client.set_tag(parent_run_id, END_REASON_TAG, "completed")
-        client.set_terminated(parent_run_id, "FINISHED")
+        end_run(client, parent_run_id, "FINISHED", reason="completed")
     return summary
 
 
@@ -417,14 +402,6 @@ def _search_alg(spec, concurrency: int):
     # Seeded so that a search draws the same random samples each time it is started. The concurrency
     # limit lives here: TuneConfig.max_concurrent_trials is ignored with a SearchGenerator.
     return BasicVariantGenerator(random_state=spec.experiment.seed, max_concurrent=concurrency)
-
-
-def _end_parent(client, run_id: str, status: str, reason: str) -> None:
-    try:
-        client.set_tag(run_id, END_REASON_TAG, reason[:5000])
-        client.set_terminated(run_id, status=status)
-    except Exception as err:  # noqa: BLE001 - the search's own error matters more
-        log.warning("could not end the parent run %s: %s", run_id, err)
 
 
 def finalize_search(client, spec, space, experiment_name: str, experiment_id: str,

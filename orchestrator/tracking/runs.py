@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from orchestrator.names import ERROR_TAG, EXPERIMENT_KIND, EXPERIMENT_KIND_TAG, PARENT_RUN_TAG
+from orchestrator.names import END_REASON_TAG, ERROR_TAG, EXPERIMENT_KIND, EXPERIMENT_KIND_TAG, PARENT_RUN_TAG
 
 log = logging.getLogger(__name__)
 _PARAM_VALUE_MAX = 6000  # MLflow's limit on a param value (characters)
@@ -144,16 +144,18 @@ def log_dataset(client, run_id: str, *, name: str, source: str, digest: str, pro
     client.log_inputs(run_id, datasets=[DatasetInput(dataset, tags=[InputTag("mlflow.data.context", context)])])
 
 
-def end_run(client, run_id: str, status: str = "FINISHED", error: str | None = None) -> None:
-    """End the run FINISHED / FAILED / KILLED; an error message goes into the `cvlab.error` tag."""
-    if error:
-        client.set_tag(run_id, ERROR_TAG, error[:5000])
-    client.set_terminated(run_id, status=status)
-
-
-def end_run_quietly(client, run_id: str, status: str, error: str | None = None) -> None:
-    """`end_run`, but a tracking server that is away must not hide the error being reported: warn instead."""
+def end_run(client, run_id: str, status: str = "FINISHED", *, reason: str | None = None, error: str | None = None,
+            quiet: bool = False) -> None:
+    """The one way a cvlab run ends (training, evaluation, trial or search parent): FINISHED / FAILED / KILLED,
+    with why in `cvlab.end_reason` and an error message in `cvlab.error`. `quiet`: a tracking server that is
+    away must not hide the error being reported, so warn instead of raising."""
     try:
-        end_run(client, run_id, status, error)
+        if reason:
+            client.set_tag(run_id, END_REASON_TAG, reason[:5000])
+        if error:
+            client.set_tag(run_id, ERROR_TAG, error[:5000])
+        client.set_terminated(run_id, status=status)
     except Exception as err:  # noqa: BLE001 - MLflow raises many kinds (requests, sqlalchemy, MlflowException)
+        if not quiet:
+            raise
         log.warning("could not mark MLflow run %s %s (%s: %s)", run_id, status, type(err).__name__, err)

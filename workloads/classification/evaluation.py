@@ -14,8 +14,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from workloads.classification.config import DataPlan
-from workloads.eval_report import report_evaluation
 from workloads.classification.recipe import InputConfig
+from workloads.distributed import all_reduce, unwrap
+from workloads.eval_report import report_evaluation
+from workloads.runtime import WorkerRuntime, start_worker
 
 log = logging.getLogger(__name__)
 
@@ -44,95 +46,86 @@ def confusion_counts(logits, targets, num_classes: int):
         num_classes, num_classes)
 
 
-def evaluate_shard(model, loader, num_classes: int, criterion, device, amp_dtype=None, channels_last=False):
-    """Summed counts over this worker's shard: {"loss_sum", "n", "top1", "top5", "failures", "confusion",
-    "top5_per_class"} as float64 / int64 tensors (to be all-reduced)."""
+def evaluate_shard(model, loader, num_classes: int, criterion, runtime: WorkerRuntime):
+    """Summed counts over this worker's shard, as float64 / int64 tensors to be all-reduced: `totals`
+    (loss_sum, top1, top5, n, failures), `confusion` (see `confusion_counts`) and `top5_per_class`. Used by
+    `cvlab eval` and by the training loop's epoch validation."""
     import torch
 
-    model.eval()
-    totals = torch.zeros(5, dtype=torch.float64, device=device)  # loss_sum, top1, top5, n, failures
-    confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
-    top5_per_class = torch.zeros(num_classes, dtype=torch.int64, device=device)
+    net = unwrap(model)  # no DDP collectives: shards may hold different numbers of batches
+    net.eval()
+    totals = torch.zeros(5, dtype=torch.float64, device=runtime.device)
+    confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=runtime.device)
+    top5_per_class = torch.zeros(num_classes, dtype=torch.int64, device=runtime.device)
     with torch.no_grad():
         for images, targets, failures in loader:
-            images, targets = images.to(device), targets.to(device)
-            if channels_last:
-                images = images.contiguous(memory_format=torch.channels_last)
-            with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-                logits = model(images)
+            images = runtime.in_layout(images.to(runtime.device, non_blocking=True))
+            targets = targets.to(runtime.device, non_blocking=True)
+            with runtime.autocast():
+                logits = net(images)
             logits = logits.float()
             hits = logits.topk(min(5, num_classes), dim=1).indices.eq(targets[:, None])
             n = targets.shape[0]
             totals += torch.tensor([criterion(logits, targets).item() * n, hits[:, 0].sum().item(),
                                     hits.any(dim=1).sum().item(), n, failures.sum().item()],
-                                   dtype=torch.float64, device=device)
+                                   dtype=torch.float64, device=runtime.device)
             confusion += confusion_counts(logits, targets, num_classes)
             top5_per_class += torch.bincount(targets[hits.any(dim=1)], minlength=num_classes)
     return totals, confusion, top5_per_class
 
 
+def summarize_totals(totals) -> dict[str, float]:
+    """Per-image loss, top-1 and top-5 and the failure count from the summed `totals` of `evaluate_shard`."""
+    loss_sum, top1, top5, n, failures = totals.tolist()
+    n = max(n, 1.0)
+    return {"loss": loss_sum / n, "top1": top1 / n, "top5": top5 / n, "failures": failures}
+
+
 def summarize(totals, confusion, top5_per_class, classes) -> dict[str, Any]:
     """Metrics from the summed counts (plain Python values)."""
-    loss_sum, top1, top5, n, failures = totals.tolist()
+    rates = summarize_totals(totals)
     per_class_total = confusion.sum(1).tolist()
     per_class_hits = confusion.diagonal().tolist()
-    n = max(n, 1.0)
     return {
-        "eval/loss": loss_sum / n,
-        "eval/top1": top1 / n,
-        "eval/top5": top5 / n,
+        "eval/loss": rates["loss"],
+        "eval/top1": rates["top1"],
+        "eval/top5": rates["top5"],
         "eval/images": int(sum(per_class_total)),
-        "eval/failed_images": int(failures),
+        "eval/failed_images": int(rates["failures"]),
         "per_class": {c: {"images": t, "top1": (h / t if t else None), "top5": (f / t if t else None)}
                       for c, t, h, f in zip(classes, per_class_total, per_class_hits, top5_per_class.tolist())},
         "confusion": confusion.tolist(),
     }
 
 
-def evaluate_all_shards(model, loader, classes, criterion, device, amp_dtype=None, channels_last=False):
+def evaluate_all_shards(model, loader, classes, criterion, runtime: WorkerRuntime):
     """`summarize` of the counts of every worker's shard: this worker's `evaluate_shard`, summed over the
     workers' process group (the same numbers on every worker; a single process outside a group)."""
-    from workloads.distributed import all_reduce
-
-    totals, confusion, top5_per_class = evaluate_shard(model, loader, len(classes), criterion, device, amp_dtype,
-                                                       channels_last)
+    totals, confusion, top5_per_class = evaluate_shard(model, loader, len(classes), criterion, runtime)
     for tensor in (totals, confusion, top5_per_class):
         all_reduce(tensor)
     return summarize(totals.cpu(), confusion.cpu(), top5_per_class.cpu(), classes)
 
 
 def eval_loop_per_worker(cfg: EvalConfig) -> None:
-    import ray.train
-    import ray.train.torch
     import torch
 
     from workloads.classification.data import ShardSampler, make_dataset
     from workloads.classification.transforms import build_val_transform
-    from workloads.logs import configure, quiet_ray_train_reports
     from workloads.models import build_model
 
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    configure(cfg.verbosity if rank == 0 else min(cfg.verbosity, -1))
-    quiet_ray_train_reports(cfg.verbosity)
-    device = ray.train.torch.get_device()
+    runtime = start_worker(cfg.verbosity, cfg.autocast, cfg.channels_last)
     classes = list(cfg.data.classes)
     model = build_model(cfg.model_name, **{**cfg.model_overrides, "num_classes": len(classes)})
     model.load_state_dict(cfg.state_dict, strict=True)
-    model.to(device)
-    channels_last = cfg.channels_last and device.type == "cuda"
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    amp_dtype = None
-    if cfg.autocast != "fp32" and device.type == "cuda":
-        amp_dtype = torch.bfloat16 if cfg.autocast == "bf16" else torch.float16
+    model = runtime.place(model)
 
     dataset = make_dataset(cfg.data.val_dir, classes, cfg.data.val_skip, build_val_transform(cfg.inputs))
     loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.batch_size, num_workers=cfg.loader_workers,
-                                         sampler=ShardSampler(len(dataset), rank, world),
-                                         pin_memory=device.type == "cuda")
+                                         sampler=ShardSampler(len(dataset), runtime.rank, runtime.world),
+                                         pin_memory=runtime.is_cuda)
     log.info("evaluating %s on %d images (%d classes), %d worker(s)", cfg.model_name, len(dataset), len(classes),
-             world)
+             runtime.world)
     criterion = torch.nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
-    result = evaluate_all_shards(model, loader, classes, criterion, device, amp_dtype, channels_last)
-    report_evaluation(result, rank, bulky=("per_class", "confusion"))  # the large parts travel once
+    result = evaluate_all_shards(model, loader, classes, criterion, runtime)
+    report_evaluation(result, runtime.rank, bulky=("per_class", "confusion"))  # the large parts travel once

@@ -3,9 +3,11 @@
 `train_loop_per_worker(cfg)` is handed to `ray.train.torch.TorchTrainer` with a frozen
 `workloads.classification.config.TrainConfig`. It runs in named steps:
 
-- set-up (`EpochTrainer.__init__`): model, data loaders, optimizer, schedule, step hooks;
+- set-up (`EpochTrainer.__init__`): the worker runtime (`workloads.runtime`), model, data loaders, optimizer,
+  schedule, step hooks;
 - `restore()`: Ray Train's latest checkpoint (or an older readable one) when the run restarts or resumes;
-- per epoch: `train_one_epoch()`, `evaluate()` (the whole validation set, summed across workers), then
+- per epoch: `train_one_epoch()`, `evaluate()` (the whole validation set, summed across workers, with
+  `cvlab eval`'s `evaluation.evaluate_shard`), then
   `checkpoint_and_report()`: every worker calls `ray.train.report(metrics)`; every `checkpoint_every` epochs
   and after the last, rank 0 attaches a checkpoint.
 
@@ -26,10 +28,11 @@ from workloads.classification.checkpoint import (
 )
 from workloads.classification.config import TrainConfig
 from workloads.classification.ema import ema_state_dict, load_ema_state_dict, update_ema
+from workloads.classification.evaluation import evaluate_shard, summarize_totals
 from workloads.classification.hooks import KillDrill, NanDrill, NonFiniteLossPolicy, StepHook
 from workloads.classification.reproducibility import seed_everything
 from workloads.distributed import all_reduce, take_rank0_buffers, unwrap
-from workloads.system_metrics import start_system_metrics
+from workloads.runtime import start_worker
 
 log = logging.getLogger(__name__)
 
@@ -43,34 +46,6 @@ def _fmt_eta(seconds: float) -> str:
     h, rem = divmod(seconds, 3600)
     m, s = divmod(rem, 60)
     return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
-
-
-def evaluate(model, loader, criterion, device, amp_dtype=None, channels_last=False) -> dict[str, float]:
-    """Loss, top-1 and top-5 accuracy over this worker's shard, summed across all workers (exact, not an
-    average of per-worker averages)."""
-    import torch
-
-    net = unwrap(model)  # no DDP collectives: shards may hold different numbers of batches
-    net.eval()
-    totals = torch.zeros(5, dtype=torch.float64, device=device)  # loss_sum, top1, top5, n, failures
-    with torch.no_grad():
-        for images, targets, failures in loader:
-            images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
-            if channels_last:
-                images = images.contiguous(memory_format=torch.channels_last)
-            with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-                logits = net(images)
-            logits = logits.float()
-            loss = criterion(logits, targets)
-            k = min(5, logits.shape[1])
-            hits = logits.topk(k, dim=1).indices.eq(targets[:, None])
-            n = targets.shape[0]
-            totals += torch.tensor([loss.item() * n, hits[:, 0].sum().item(), hits.any(dim=1).sum().item(), n,
-                                    failures.sum().item()], dtype=torch.float64, device=device)
-    all_reduce(totals)
-    loss_sum, top1, top5, n, failures = totals.tolist()
-    n = max(n, 1.0)
-    return {"loss": loss_sum / n, "top1": top1 / n, "top5": top5 / n, "failures": failures}
 
 
 class EpochPublisher:
@@ -107,7 +82,6 @@ class EpochTrainer:
     """One worker's training state and its named steps (see the module docstring)."""
 
     def __init__(self, cfg: TrainConfig):
-        import ray.train
         import ray.train.torch
         import torch
 
@@ -116,53 +90,37 @@ class EpochTrainer:
         from workloads.classification.mixup import build_mixup, build_train_criterion
         from workloads.classification.schedule import build_optimizer, build_scheduler, scaled_lr
         from workloads.classification.transforms import build_train_transform, build_val_transform
-        from workloads.logs import configure, quiet_ray_train_reports
         from workloads.models import build_model
 
         self.cfg = cfg
-        ctx = ray.train.get_context()
-        self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
-        # Rank 0 speaks for the group; the others only warn.
-        configure(cfg.verbosity if self.rank == 0 else min(cfg.verbosity, -1))
-        quiet_ray_train_reports(cfg.verbosity)
-        self.device = ray.train.torch.get_device()
-        is_cuda = self.device.type == "cuda"
+        self.runtime = runtime = start_worker(cfg.verbosity, cfg.autocast, cfg.channels_last)
 
         # Model: same initial weights on every rank (DDP broadcasts them anyway).
         seed_everything(cfg.seed)
         overrides = {**cfg.model_overrides, "num_classes": len(cfg.data.classes)}
-        model = build_model(cfg.model_name, **overrides)
-        self.channels_last = cfg.channels_last and is_cuda
-        if self.channels_last:
-            model = model.to(memory_format=torch.channels_last)
-        self.model = ray.train.torch.prepare_model(model)
-
-        self.amp_dtype = None
-        if cfg.autocast != "fp32":
-            if is_cuda:
-                self.amp_dtype = torch.bfloat16 if cfg.autocast == "bf16" else torch.float16
-            else:
-                log.info("precision.autocast=%s is used on GPU only; training in fp32 on CPU", cfg.autocast)
-        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
+        self.model = ray.train.torch.prepare_model(runtime.place(build_model(cfg.model_name, **overrides)))
+        if cfg.autocast != "fp32" and runtime.amp_dtype is None:
+            log.info("precision.autocast=%s is used on GPU only; training in fp32 on CPU", cfg.autocast)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=runtime.amp_dtype == torch.float16)
 
         # Data: each worker reads its shard (DistributedSampler from prepare_data_loader).
         data = cfg.data
         self.train_set = make_dataset(data.train_dir, list(data.classes), data.train_skip,
                                       build_train_transform(cfg.inputs, cfg.augment))
         val_set = make_dataset(data.val_dir, list(data.classes), data.val_skip, build_val_transform(cfg.inputs))
-        loader_kw = {"batch_size": cfg.batch_size, "num_workers": cfg.loader_workers, "pin_memory": is_cuda,
-                     "persistent_workers": cfg.loader_workers > 0}
+        loader_kw = {"batch_size": cfg.batch_size, "num_workers": cfg.loader_workers,
+                     "pin_memory": runtime.is_cuda, "persistent_workers": cfg.loader_workers > 0}
         train_loader = torch.utils.data.DataLoader(self.train_set, shuffle=True, drop_last=True, **loader_kw)
         self.train_loader = ray.train.torch.prepare_data_loader(train_loader)
         self.val_loader = torch.utils.data.DataLoader(
-            val_set, sampler=ShardSampler(len(val_set), self.rank, self.world), **loader_kw)
+            val_set, sampler=ShardSampler(len(val_set), runtime.rank, runtime.world), **loader_kw)
         self.steps_per_epoch = len(self.train_loader)
         if self.steps_per_epoch == 0:
             raise ValueError(f"the training split ({len(self.train_set)} images) is smaller than one global batch "
-                             f"({self.world} workers x {cfg.batch_size}); lower data.batch_size")
+                             f"({runtime.world} workers x {cfg.batch_size}); lower data.batch_size")
 
         o = cfg.optim
-        self.global_batch = cfg.batch_size * self.world
+        self.global_batch = cfg.batch_size * runtime.world
         self.peak_lr = scaled_lr(o.lr, self.global_batch, o.base_batch_size, o.scale_lr)
         self.optimizer = build_optimizer(self.model, o, self.peak_lr)
         self.scheduler = build_scheduler(self.optimizer, o, self.steps_per_epoch, self.peak_lr)
@@ -173,22 +131,22 @@ class EpochTrainer:
         self.ema = create_ema(self.model, o.ema_decay)  # an average of the weights, validated too
         self.optimizer_steps = 0
 
-        self.nonfinite = NonFiniteLossPolicy(o.skip_nonfinite_steps, self.steps_per_epoch, self.rank,
+        self.nonfinite = NonFiniteLossPolicy(o.skip_nonfinite_steps, self.steps_per_epoch, runtime.rank,
                                              agree=self._any_worker)
         self.hooks: list[StepHook] = [self.nonfinite]
         f = cfg.faults
         if f.kill_at is not None and f.kill_marker:
-            self.hooks.insert(0, KillDrill(*f.kill_at, marker=f.kill_marker, my_rank=self.rank))
+            self.hooks.insert(0, KillDrill(*f.kill_at, marker=f.kill_marker, my_rank=runtime.rank))
         if f.nan_at is not None:
             self.hooks.insert(0, NanDrill(*f.nan_at))
-        self.publisher = EpochPublisher(cfg.epoch_logger if self.rank == 0 else None)
+        self.publisher = EpochPublisher(cfg.epoch_logger if runtime.rank == 0 else None)
         self.start_epoch, self.best_top1 = 1, -1.0
         self.steps_done = 0  # by this worker process: a restart from a checkpoint runs fewer
 
     def _any_worker(self, bad: bool) -> bool:
         import torch
 
-        flag = torch.tensor([1.0 if bad else 0.0], device=self.device)
+        flag = torch.tensor([1.0 if bad else 0.0], device=self.runtime.device)
         return all_reduce(flag, op="max").item() > 0
 
     # ---- restore
@@ -232,9 +190,9 @@ class EpochTrainer:
     def train_one_epoch(self, epoch: int, run_start: float) -> dict[str, float]:
         import torch
 
-        cfg, device = self.cfg, self.device
+        cfg, device = self.cfg, self.runtime.device
         # Per-epoch seeds make a restarted epoch see the same augmentations and shuffling.
-        seed_everything(cfg.seed + 1000 * epoch + self.rank)
+        seed_everything(cfg.seed + 1000 * epoch + self.runtime.rank)
         sampler = getattr(self.train_loader, "sampler", None)
         if hasattr(sampler, "set_epoch"):
             sampler.set_epoch(epoch)
@@ -263,18 +221,13 @@ class EpochTrainer:
     def train_step(self, epoch: int, step: int, images, targets) -> tuple[float, int] | None:
         """One optimisation step around the step hooks: (loss, correct predictions), or None when a hook
         skipped it (no parameter update; the lr schedule still advances)."""
-        import torch
-
         for hook in self.hooks:
             hook.before_step(epoch, step)
         labels = targets  # the true classes; with mixup `targets` become soft labels
         if self.mixup is not None:
             images, targets = self.mixup(images, targets)
-        if self.channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
-                            enabled=self.amp_dtype is not None):
-            logits = self.model(images)
+        with self.runtime.autocast():
+            logits = self.model(self.runtime.in_layout(images))
             loss = self.train_criterion(logits.float(), targets)
         for hook in self.hooks:
             loss = hook.on_loss(epoch, step, loss)
@@ -307,13 +260,17 @@ class EpochTrainer:
         loss_sum, correct, n = sums[:3]
         log.info("epoch %d/%d step %d/%d loss %.4f acc %.3f lr %.4g %.1f img/s ETA %s", epoch, epochs, step, spe,
                  loss_sum / max(n, 1), correct / max(n, 1), self.optimizer.param_groups[0]["lr"],
-                 n * self.world / (time.perf_counter() - epoch_start), _fmt_eta(per_step * remaining))
+                 n * self.runtime.world / (time.perf_counter() - epoch_start), _fmt_eta(per_step * remaining))
 
     # ---- evaluation
     def evaluate(self, model=None) -> dict[str, float]:
+        """Loss, top-1 and top-5 over the whole validation split, summed across workers (exact, not an average
+        of per-worker averages); only the totals are all-reduced."""
         model = model or self.model
         take_rank0_buffers(unwrap(model))  # the statistics rank 0 checkpoints
-        return evaluate(model, self.val_loader, self.criterion, self.device, self.amp_dtype, self.channels_last)
+        totals, _, _ = evaluate_shard(model, self.val_loader, len(self.cfg.data.classes), self.criterion,
+                                      self.runtime)
+        return summarize_totals(all_reduce(totals))
 
     # ---- checkpoint and report
     def checkpoint_and_report(self, epoch: int, metrics: dict[str, float]) -> bool:
@@ -324,7 +281,7 @@ class EpochTrainer:
         due = epoch % cfg.checkpoint_every == 0 or epoch == cfg.optim.epochs
         with tempfile.TemporaryDirectory(prefix="cvlab-ckpt-") as tmp:
             checkpoint = None
-            if due and self.rank == 0:
+            if due and self.runtime.rank == 0:
                 info = {"best_top1": self.best_top1, "val/top1": metrics["val/top1"], "classes": list(cfg.data.classes),
                         "inputs": dataclasses.asdict(cfg.inputs)}  # what predict / export need to feed it
                 extra = {**info, "skipped_steps": self.nonfinite.skipped, "optimizer_steps": self.optimizer_steps}
@@ -339,12 +296,8 @@ class EpochTrainer:
 
     # ---- the whole loop
     def fit(self) -> None:
-        monitor = start_system_metrics(self.cfg.system_metrics)
-        try:
+        with self.runtime.recording_system_metrics(self.cfg.system_metrics):
             self._fit()
-        finally:
-            if monitor is not None:
-                monitor.stop()
 
     def _fit(self) -> None:
         cfg = self.cfg
@@ -354,8 +307,8 @@ class EpochTrainer:
             log.info("nothing to train: the checkpoint is at epoch %d and optim.epochs is %d", self.start_epoch - 1,
                      epochs)
         log.info("training %s on %d images (%d classes), %d worker(s), global batch %d, peak lr %.4g, %d steps/epoch, "
-                 "device %s", cfg.model_name, len(self.train_set), len(cfg.data.classes), self.world,
-                 self.global_batch, self.peak_lr, self.steps_per_epoch, self.device)
+                 "device %s", cfg.model_name, len(self.train_set), len(cfg.data.classes), self.runtime.world,
+                 self.global_batch, self.peak_lr, self.steps_per_epoch, self.runtime.device)
         run_start = time.perf_counter()
         for epoch in range(self.start_epoch, epochs + 1):
             train = self.train_one_epoch(epoch, run_start)

@@ -7,7 +7,7 @@
 - `synthetic_coco.make_coco`: a tiny COCO-format dataset of shapes; `coco_check.check_coco_dataset`:
   annotation validation before any worker starts; `mmcfg.build_config`: the final config of a run.
 - What detection shares with segmentation (backbones, the neck mixin, hooks, the Ray Train worker,
-  `MMWorkerConfig`) lives in `workloads.mmlab`; the driver (`orchestrator.drivers.detection`) makes the
+  `MMWorkerConfig`) lives in `workloads.mmlab`; the detection job (`orchestrator.jobs.detection`) makes the
   worker's config with this package's `SCOPE` and `METRIC_NAMES`.
 
 This package itself imports nothing heavy, so the data helpers work without mmdet installed.
@@ -19,7 +19,7 @@ from pathlib import Path
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 SCOPE = "mmdet"
 
-# CocoMetric key -> reported name (Ray Train and MLflow; the driver ranks checkpoints by its `best_metric`).
+# CocoMetric key -> reported name (Ray Train and MLflow; the job ranks checkpoints by its `best_metric`).
 METRIC_NAMES = {
     "coco/bbox_mAP": "val/bbox_mAP",
     "coco/bbox_mAP_50": "val/bbox_mAP50",

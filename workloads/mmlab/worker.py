@@ -18,6 +18,9 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from workloads.distributed import in_group
+from workloads.runtime import start_worker
+
 from .worker_config import MMWorkerConfig
 
 log = logging.getLogger(__name__)
@@ -50,26 +53,18 @@ def train_worker(config: MMWorkerConfig) -> None:
     """`train_loop_per_worker` of an OpenMMLab TorchTrainer."""
     if not isinstance(config, MMWorkerConfig):
         raise TypeError(f"train_worker expects an MMWorkerConfig, got {type(config).__name__}")
-    import ray.train
-    import ray.train.torch
     import torch
     from mmengine.config import Config
     from mmengine.runner import Runner
-
-    from workloads.logs import configure, quiet_ray_train_reports
 
     from .checkpoints import allow_mmengine_checkpoints
     from .hooks import KillDrillHook, MlflowRank0Hook, Rank0BuffersHook, RayTrainReportHook
     from .norm import norm_for
 
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    # Rank 0 speaks for the group; the others only warn.
-    configure(config.verbosity if rank == 0 else min(config.verbosity, -1))
-    quiet_ray_train_reports(config.verbosity)
+    runtime = start_worker(config.verbosity)  # mmengine runs the model itself: no autocast or layout here
     if config.threads:
         torch.set_num_threads(config.threads)
-    os.environ.setdefault("LOCAL_RANK", str(ctx.get_local_rank()))
+    os.environ.setdefault("LOCAL_RANK", str(runtime.local_rank))
 
     cfg = Config(dict(config.cfg))
     import_custom_modules(cfg)
@@ -78,60 +73,52 @@ def train_worker(config: MMWorkerConfig) -> None:
         cfg.log_level = "WARNING"  # mmengine's own logger (rank 0 prints; the others only errors)
     # Each node writes its own logs; checkpoints are written by rank 0 only (mmengine master_only).
     root = Path(config.work_root or Path(tempfile.gettempdir()) / f"cvlab-{config.param_prefix}")
-    work_dir = root / config.run_id / f"rank{rank}"
+    work_dir = root / config.run_id / f"rank{runtime.rank}"
     work_dir.mkdir(parents=True, exist_ok=True)
     cfg.work_dir = str(work_dir)
 
-    device = ray.train.torch.get_device()
-    if device.type == "cuda":  # mmengine moves the model to the current CUDA device
+    device = runtime.device
+    if runtime.is_cuda:  # mmengine moves the model to the current CUDA device
         torch.cuda.set_device(device)
-    distributed = world > 1 and torch.distributed.is_available() and torch.distributed.is_initialized()
+    distributed = runtime.world > 1 and in_group()
     cfg.launcher = "pytorch" if distributed else "none"
     if distributed:
         cfg.model_wrapper_cfg = dict(
             type="NormDistributedDataParallel",
             norm=norm_for(config.sync_bn, device.type, distributed),
             # DDP on CPU takes no device ids; on GPU the device Ray assigned to this worker.
-            device_ids=[device.index] if device.type == "cuda" else None,
+            device_ids=[device.index] if runtime.is_cuda else None,
             broadcast_buffers=False,
             find_unused_parameters=bool(cfg.get("find_unused_parameters", False)),
         )
 
     if config.eval_state_dict is not None:
-        _evaluate(cfg, config, work_dir)
+        _evaluate(cfg, config, work_dir, runtime.rank)
         return
 
     resume_from = _restore_checkpoint(work_dir)
     if resume_from is not None:
         cfg.resume = True
         cfg.load_from = str(resume_from)
-        log.info("rank %d: resuming from %s", rank, resume_from.name)
+        log.info("rank %d: resuming from %s", runtime.rank, resume_from.name)
 
     runner = Runner.from_cfg(cfg)
     runner.register_hook(Rank0BuffersHook())
     runner.register_hook(RayTrainReportHook(config.metric_names))
-    if config.epoch_logger is not None and rank == 0:
+    if config.epoch_logger is not None and runtime.rank == 0:
         runner.register_hook(MlflowRank0Hook(config.epoch_logger, interval=config.log_every,
                                              params=dict(config.params), metric_names=config.metric_names,
                                              param_prefix=config.param_prefix))
     if config.kill_at is not None and config.kill_marker:
         runner.register_hook(KillDrillHook(*config.kill_at, marker=config.kill_marker))
-    from workloads.system_metrics import start_system_metrics
-
-    monitor = start_system_metrics(config.system_metrics)
-    try:
-        with allow_mmengine_checkpoints():
-            runner.train()
-    finally:
-        if monitor is not None:
-            monitor.stop()
+    with runtime.recording_system_metrics(config.system_metrics), allow_mmengine_checkpoints():
+        runner.train()
 
 
-def _evaluate(cfg, config: MMWorkerConfig, work_dir: Path) -> None:
+def _evaluate(cfg, config: MMWorkerConfig, work_dir: Path, rank: int) -> None:
     """`cvlab eval`: validate the given weights once. mmengine's evaluator gathers every rank's predictions on
     rank 0 and computes the metric over the whole split (COCO evaluation, IoU), then gives all ranks the result."""
     import torch
-    from mmengine.dist import get_rank
     from mmengine.runner import Runner
 
     from workloads.eval_report import report_evaluation
@@ -146,4 +133,4 @@ def _evaluate(cfg, config: MMWorkerConfig, work_dir: Path) -> None:
     with allow_mmengine_checkpoints():
         metrics = runner.val()
     named = rename_metrics(metrics, config.metric_names)
-    report_evaluation({"eval/" + k.split("/", 1)[-1]: v for k, v in named.items()}, get_rank())
+    report_evaluation({"eval/" + k.split("/", 1)[-1]: v for k, v in named.items()}, rank)

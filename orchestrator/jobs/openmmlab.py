@@ -1,7 +1,8 @@
-"""What the OpenMMLab workloads (mmdet detection, mmseg segmentation) share as drivers: the data check and the
+"""What the OpenMMLab workloads (mmdet detection, mmseg segmentation) share as jobs: the data check and the
 final config before any worker starts, the model built once on the meta device (config errors surface here,
 not in a worker), one mmengine `Runner` per Ray Train worker in Ray's process group
-(`workloads.mmlab.worker.train_worker`), and the checkpoints logged at the end.
+(`workloads.mmlab.worker.train_worker`), and the checkpoints logged at the end. `OpenMMLabEvalJob` evaluates a
+checkpoint of either: it holds the workload's job for the data check, the config and the meta model.
 
 The YAML's `model` section, when present (`model: {name: cednet26, ...}`), replaces the backbone architecture
 of the config (its overrides go to the backbone too).
@@ -12,8 +13,8 @@ import logging
 import os
 from typing import Any
 
-from orchestrator.drivers.evaluation import SourceEval
 from orchestrator.errors import CvlabError
+from orchestrator.jobs.evaluation import EvalJob
 from orchestrator.names import BEST_CHECKPOINT_ARTIFACT, FAULT_MARKER_FILE, LAST_CHECKPOINT_ARTIFACT
 from orchestrator.runs.job import Job, RunContext
 from workloads.mmlab.worker_config import SCOPES, MMWorkerConfig
@@ -35,7 +36,7 @@ def checked_data(check, root, workload: str) -> dict:
     return report
 
 
-class OpenMMLabDriver(Job):
+class OpenMMLabJob(Job):
     """Subclasses set `workload` (= the spec section), `scope`, the metrics (`metric_names`: evaluator key ->
     reported name, from their workload package) and implement `prepare_data` and `build_config`."""
 
@@ -117,6 +118,13 @@ class OpenMMLabDriver(Job):
 
         return train_worker
 
+    def runner_settings(self, ctx: RunContext) -> dict[str, Any]:
+        """The worker config fields of training and evaluation alike: the config, the registry scope and
+        metric names, the work-dir name, threads, SyncBN and verbosity."""
+        return dict(cfg=self.cfg.to_dict(), scope=self.scope, metric_names=self.metric_names, run_id=ctx.run_id,
+                    threads=max(1, int(dict(self.spec.scaling.resources_per_worker).get("CPU", 1))),
+                    sync_bn=getattr(self.section, "sync_bn", "auto"), verbosity=ctx.verbosity)
+
     def worker_config(self, ctx: RunContext):
         from orchestrator.tracking.metric_logger import MlflowMetricLogger
         from orchestrator.tracking.system_metrics import SystemMetricsRecorder
@@ -125,16 +133,13 @@ class OpenMMLabDriver(Job):
         local = ctx.local_run_dir
         kill = spec.run.fault_kill_rank_at
         return MMWorkerConfig(
-            cfg=self.cfg.to_dict(), scope=self.scope, metric_names=self.metric_names, run_id=ctx.run_id,
+            **self.runner_settings(ctx),
             epoch_logger=MlflowMetricLogger(ctx.tracking_uri, ctx.run_id, key=self.best_metric,
                                            skip=(self.step_metric,)),
             system_metrics=SystemMetricsRecorder(ctx.tracking_uri, ctx.run_id),
             log_every=spec.run.log_every,
-            threads=max(1, int(dict(spec.scaling.resources_per_worker).get("CPU", 1))),
-            sync_bn=getattr(self.section, "sync_bn", "auto"),
             kill_at=(kill.epoch, kill.step, kill.rank) if kill and local else None,
             kill_marker=os.path.join(local, FAULT_MARKER_FILE) if local else None,
-            verbosity=ctx.verbosity,
         )
 
     def finalize(self, result, ctx: RunContext) -> dict[str, Any]:
@@ -160,21 +165,29 @@ class OpenMMLabDriver(Job):
         return [f"  final {self.step_metric:<9} {m.get(self.step_metric)}: {shown}"]
 
 
-class OpenMMLabEval(SourceEval):
-    """`cvlab eval` of an mmdet / mmseg checkpoint, mixed in before the workload's driver
-    (`class DetectionEval(OpenMMLabEval, DetectionDriver)`): the driver's data check and config, the weights
-    checked against the config's model on the driver, then one validation on every worker's shard, the metric
-    computed by mmengine's evaluator over all shards together (`workloads.mmlab.worker`)."""
+def eval_metric(name: str) -> str:
+    """The name a validation metric is reported under by an evaluation (`val/mIoU` -> `eval/mIoU`)."""
+    return name.replace("val/", "eval/", 1)
 
-    def __init__(self, spec, source, data=None):
-        super().__init__(spec, source, data=data)
+
+class OpenMMLabEvalJob(EvalJob):
+    """`cvlab eval` of an mmdet / mmseg checkpoint. Holds the workload's job (`DetectionJob`, `SegmentationJob`):
+    its data check and config, and its model on the meta device to check the weights against before any worker
+    starts; then one validation on every worker's shard, the metric computed by mmengine's evaluator over all
+    shards together (`workloads.mmlab.worker`). Detection reports bbox (and segm) mAP; segmentation mIoU, mAcc,
+    aAcc and each class's IoU over the whole val split."""
+
+    def __init__(self, job: OpenMMLabJob, source):
+        super().__init__(job, source)
+        self.best_metric = eval_metric(job.best_metric)
+        self.reported_metrics = tuple(eval_metric(k) for k in job.reported_metrics)
         self.state_dict: dict = {}
 
     def prepare(self) -> None:
-        super().prepare()
+        self.job.prepare()
         if self.source.format != "mmengine":
             raise CvlabError(f"{self.source.given} is a {self.source.format} checkpoint; {self.workload} evaluates "
-                             f"mmengine checkpoints (.pth, as written by {self.scope} or by `cvlab run`)")
+                             f"mmengine checkpoints (.pth, as written by {self.job.scope} or by `cvlab run`)")
         self.state_dict = self._read_weights()
 
     def _read_weights(self) -> dict:
@@ -189,7 +202,7 @@ class OpenMMLabEval(SourceEval):
         weights = payload.get("state_dict", payload) if isinstance(payload, dict) else None
         if not isinstance(weights, dict) or not weights:
             raise CvlabError(f"{self.source.given}: {self.source.path} holds no state_dict")
-        expected = {k: tuple(v.shape) for k, v in self.meta_model.state_dict().items()}
+        expected = {k: tuple(v.shape) for k, v in self.job.meta_model.state_dict().items()}
         missing = sorted(set(expected) - set(weights))
         unexpected = sorted(set(weights) - set(expected))
         wrong = sorted(k for k in set(expected) & set(weights) if tuple(weights[k].shape) != expected[k])
@@ -197,15 +210,16 @@ class OpenMMLabEval(SourceEval):
             parts = [f"{what} {len(keys)} ({', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''})"
                      for what, keys in (("missing", missing), ("unexpected", unexpected),
                                         ("wrong-shaped", wrong)) if keys]
-            raise CvlabError(f"{self.source.given} does not fit the model of {self.section.config}: "
+            raise CvlabError(f"{self.source.given} does not fit the model of {self.job.section.config}: "
                              f"{'; '.join(parts)} keys")
         return weights
 
-    def worker_config(self, ctx: RunContext):
-        import dataclasses
+    def worker(self):
+        return self.job.worker()
 
-        return dataclasses.replace(super().worker_config(ctx), eval_state_dict=self.state_dict, epoch_logger=None,
-                                   system_metrics=None, kill_at=None)
+    def worker_config(self, ctx: RunContext):
+        """The weights and what the validation needs; nothing of training (no MLflow logger, no drills)."""
+        return MMWorkerConfig(**self.job.runner_settings(ctx), eval_state_dict=self.state_dict)
 
     def finalize(self, result, ctx: RunContext) -> dict[str, Any]:
         return {"metrics": self.log_eval_metrics(result, ctx)}

@@ -1,5 +1,5 @@
-"""`workload: segmentation`: mmseg 1.x semantic segmentation on Cityscapes (the driver; what it shares with
-detection is in `orchestrator.drivers.openmmlab`, the rest in the run lifecycle).
+"""`workload: segmentation`: mmseg 1.x semantic segmentation on Cityscapes (the job; what it shares with
+detection, evaluation included, is in `orchestrator.jobs.openmmlab`, the rest in the run lifecycle).
 
 Iteration-based like mmseg's schedules: every `segmentation.val_interval` iterations the workers validate,
 write a checkpoint and report `val/mIoU`, `val/mAcc`, `val/aAcc` (and per-class IoU) with `iter`; at the end
@@ -13,8 +13,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from orchestrator.drivers.openmmlab import OpenMMLabDriver, OpenMMLabEval, checked_data
 from orchestrator.errors import CvlabError
+from orchestrator.jobs.openmmlab import OpenMMLabJob, checked_data
 from orchestrator.runs.job import RunContext
 from workloads.segmentation import METRIC_NAMES, SCOPE
 
@@ -46,7 +46,7 @@ def prepare_cityscapes(spec) -> dict:
     return checked_data(check_cityscapes_dataset, root, "segmentation")
 
 
-class SegmentationDriver(OpenMMLabDriver):
+class SegmentationJob(OpenMMLabJob):
     workload = "segmentation"
     scope = SCOPE
     metric_names = METRIC_NAMES
@@ -104,9 +104,3 @@ class SegmentationDriver(OpenMMLabDriver):
             log.warning("no prediction overlays: %s: %s", type(err).__name__, err)
             return []
 
-
-class SegmentationEval(OpenMMLabEval, SegmentationDriver):
-    """`cvlab eval` of a segmentation checkpoint: mIoU, mAcc, aAcc and each class's IoU over the whole val split."""
-
-    best_metric = "eval/mIoU"
-    reported_metrics = ("eval/mIoU", "eval/mAcc", "eval/aAcc")

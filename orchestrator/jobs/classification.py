@@ -1,8 +1,9 @@
-"""`workload: classification`: ImageNet-layout image classification (the driver; the run lifecycle does the rest).
+"""`workload: classification`: ImageNet-layout image classification (the job; the run lifecycle does the rest).
 
-The driver generates the embedded dataset when asked, verifies the images once, checks the model, hands
-every worker a frozen `TrainConfig` (`workloads.classification.loop` trains), and at the end logs the best
-and last checkpoints, a kernel visualisation and the model.
+The job generates the embedded dataset when asked, verifies the images once, checks the model, hands every
+worker a frozen `TrainConfig` (`workloads.classification.loop` trains), and at the end logs the best and last
+checkpoints, a kernel visualisation and the model. Its evaluation job (`ClassificationEvalJob`) holds it for the
+data plan.
 """
 from __future__ import annotations
 
@@ -12,8 +13,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from orchestrator.drivers.evaluation import SourceEval
 from orchestrator.errors import CvlabError
+from orchestrator.jobs.evaluation import EvalJob
 from orchestrator.names import BEST_CHECKPOINT_ARTIFACT, FAULT_MARKER_FILE, LAST_CHECKPOINT_ARTIFACT
 from orchestrator.runs.job import Job, RunContext
 
@@ -21,7 +22,8 @@ log = logging.getLogger(__name__)
 
 
 def prepare_data(spec):
-    """Generate the embedded dataset when asked and missing, then verify the images once (on the driver).
+    """Generate the embedded dataset when asked and missing, then verify the images once (in Ray's driver
+    process, before any worker starts).
 
     Returns a `workloads.classification.config.DataPlan`. Raises CvlabError for a missing folder, an empty
     split or a class folder without readable images; unreadable files are listed in the plan (and a warning
@@ -86,7 +88,13 @@ def model_overrides(spec, data) -> dict[str, Any]:
     return overrides
 
 
-class ClassificationDriver(Job):
+def data_params(data) -> dict[str, Any]:
+    """The MLflow params that describe a `DataPlan`."""
+    return {"data.train_images": data.train_images, "data.val_images": data.val_images,
+            "data.classes": len(data.classes)}
+
+
+class ClassificationJob(Job):
     workload = "classification"
     best_metric = "val/top1"
     best_mode = "max"
@@ -101,19 +109,23 @@ class ClassificationDriver(Job):
         self.data = data  # a DataPlan; given by a Tune search, which scans the data once for all trials
         self.stats: dict[str, Any] = {}
 
+    def ensure_data(self):
+        """The data plan: scanned (and generated when asked) on first use, unless a search handed it over."""
+        if self.data is None:
+            self.data = prepare_data(self.spec)
+        return self.data
+
     def prepare(self) -> None:
         from workloads.models import build_model, count_flops, count_params
 
         spec = self.spec
-        if self.data is None:
-            self.data = prepare_data(spec)
-        check_batch(spec, self.data)
+        check_batch(spec, self.ensure_data())
         o = spec.optim
         steps = self.data.train_images // (spec.data.batch_size * spec.scaling.num_workers)
         if o.warmup_iters and o.warmup_iters >= o.epochs * steps:
             raise CvlabError(f"optim.warmup_iters ({o.warmup_iters}) must be shorter than training "
                              f"({o.epochs} epochs x {steps} steps)")
-        try:  # build once on the driver: validates the config; params and GFLOPs at the image size
+        try:  # build once, before any worker: validates the config; params and GFLOPs at the image size
             model = build_model(spec.model.name, **model_overrides(spec, self.data))
         except (ValueError, TypeError, KeyError) as err:
             raise CvlabError(f"model {spec.model.name}: {err}") from err
@@ -125,8 +137,7 @@ class ClassificationDriver(Job):
         }
 
     def params(self) -> dict[str, Any]:
-        return {**self.stats, "data.train_images": self.data.train_images, "data.val_images": self.data.val_images,
-                "data.classes": len(self.data.classes)}
+        return {**self.stats, **data_params(self.data)}
 
     def dataset_input(self) -> dict[str, Any]:
         d = self.data
@@ -242,58 +253,74 @@ class ClassificationDriver(Job):
         return lines
 
 
-class ClassificationEval(SourceEval, ClassificationDriver):
+class ClassificationEvalJob(EvalJob):
     """`cvlab eval` of a classification checkpoint: data-parallel over the validation split, counts summed
     exactly across workers; a new MLflow run tagged with the source run gets top-1/top-5, per-class accuracy
-    and a confusion-matrix picture."""
+    and a confusion-matrix picture. Holds the `ClassificationJob` for its data plan (and dataset input)."""
 
     best_metric = "eval/top1"
     reported_metrics = ("eval/top1", "eval/top5", "eval/loss")
 
-    def __init__(self, spec, source, data=None):
-        super().__init__(spec, source, data=data)
+    def __init__(self, job: ClassificationJob, source):
+        super().__init__(job, source)
         self.model_name = ""
         self.overrides: dict[str, Any] = {}
         self.state_dict: dict = {}
+        self.stats: dict[str, Any] = {}
+
+    @property
+    def data(self):
+        return self.job.data
 
     def prepare(self) -> None:
-        from orchestrator.inference.sources import read_classifier
-        from workloads.models import build_model, count_params
+        from workloads.models import count_params
 
-        if self.data is None:
-            self.data = prepare_data(self.spec)
-        classes = list(self.data.classes)
+        classes = list(self.job.ensure_data().classes)
         if self.source.format == "mmcls":  # a published RedNet: the spec names the architecture
-            from workloads.models import load_published_rednet
-
-            self.model_name = self.spec.model.name
-            self.overrides = {k: v for k, v in model_overrides(self.spec, self.data).items() if k != "num_classes"}
-            model = build_model(self.model_name, **self.overrides, num_classes=len(classes))
-            try:
-                load_published_rednet(model, self.source.path)
-            except (ValueError, OSError, RuntimeError) as err:
-                raise CvlabError(f"{self.source.given}: {err}") from err
-            self.state_dict = model.state_dict()
+            model = self._published_model(classes)
         else:
-            self.model_name, overrides, self.state_dict, extra = read_classifier(self.source)
-            trained_on = extra.get("classes")
-            if trained_on is not None and list(trained_on) != classes:
-                raise CvlabError(f"{self.source.given} was trained on {len(trained_on)} classes "
-                                 f"({', '.join(map(str, trained_on[:5]))}...), not the {len(classes)} class folders "
-                                 f"of {self.data.val_dir}")
-            self.overrides = {k: v for k, v in overrides.items() if k != "num_classes"}
-            model = build_model(self.model_name, **self.overrides, num_classes=len(classes))
-            try:
-                model.load_state_dict(self.state_dict, strict=True)
-            except RuntimeError as err:
-                raise CvlabError(f"{self.source.given} does not fit {self.model_name} with {len(classes)} classes: "
-                                 f"{str(err).splitlines()[0]}") from err
+            model = self._cvlab_model(classes)
         self.stats = {"model.params": count_params(model)}
         for note in self.source.notes:
             log.info("%s", note)
 
+    def _published_model(self, classes: list[str]):
+        """The spec's architecture with the weights of a published mmcls RedNet file (kept as `state_dict`)."""
+        from workloads.models import build_model, load_published_rednet
+
+        self.model_name = self.spec.model.name
+        self.overrides = {k: v for k, v in model_overrides(self.spec, self.data).items() if k != "num_classes"}
+        model = build_model(self.model_name, **self.overrides, num_classes=len(classes))
+        try:
+            load_published_rednet(model, self.source.path)
+        except (ValueError, OSError, RuntimeError) as err:
+            raise CvlabError(f"{self.source.given}: {err}") from err
+        self.state_dict = model.state_dict()
+        return model
+
+    def _cvlab_model(self, classes: list[str]):
+        """The model a cvlab checkpoint names, with its weights (kept as `state_dict`); refused when trained on
+        other classes."""
+        from orchestrator.inference.sources import read_classifier
+        from workloads.models import build_model
+
+        self.model_name, overrides, self.state_dict, extra = read_classifier(self.source)
+        trained_on = extra.get("classes")
+        if trained_on is not None and list(trained_on) != classes:
+            raise CvlabError(f"{self.source.given} was trained on {len(trained_on)} classes "
+                             f"({', '.join(map(str, trained_on[:5]))}...), not the {len(classes)} class folders "
+                             f"of {self.data.val_dir}")
+        self.overrides = {k: v for k, v in overrides.items() if k != "num_classes"}
+        model = build_model(self.model_name, **self.overrides, num_classes=len(classes))
+        try:
+            model.load_state_dict(self.state_dict, strict=True)
+        except RuntimeError as err:
+            raise CvlabError(f"{self.source.given} does not fit {self.model_name} with {len(classes)} classes: "
+                             f"{str(err).splitlines()[0]}") from err
+        return model
+
     def params(self) -> dict[str, Any]:
-        return {**super().params(), "eval.model": self.model_name}
+        return {**self.stats, **data_params(self.data), **self.source_params(), "eval.model": self.model_name}
 
     def worker(self):
         from workloads.classification.evaluation import eval_loop_per_worker

@@ -1,12 +1,12 @@
-"""`workload: detection`: mmdet 3.x detection / instance segmentation on COCO (the driver; what it shares with
-segmentation is in `orchestrator.drivers.openmmlab`, the rest in the run lifecycle)."""
+"""`workload: detection`: mmdet 3.x detection / instance segmentation on COCO (the job; what it shares with
+segmentation, evaluation included, is in `orchestrator.jobs.openmmlab`, the rest in the run lifecycle)."""
 from __future__ import annotations
 
 import logging
 from pathlib import Path
 
-from orchestrator.drivers.openmmlab import OpenMMLabDriver, OpenMMLabEval, checked_data
 from orchestrator.errors import CvlabError
+from orchestrator.jobs.openmmlab import OpenMMLabJob, checked_data
 from workloads.detection import METRIC_NAMES, SCOPE
 
 log = logging.getLogger(__name__)
@@ -46,7 +46,7 @@ def build_detection_config(spec, classes: list[str] | None = None):
         raise CvlabError(f"detection: {err}") from None
 
 
-class DetectionDriver(OpenMMLabDriver):
+class DetectionJob(OpenMMLabJob):
     workload = "detection"
     scope = SCOPE
     metric_names = METRIC_NAMES
@@ -64,9 +64,3 @@ class DetectionDriver(OpenMMLabDriver):
     def build_config(self):
         return build_detection_config(self.spec)
 
-
-class DetectionEval(OpenMMLabEval, DetectionDriver):
-    """`cvlab eval` of a detection checkpoint: bbox (and segm) mAP from one COCO evaluation over all shards."""
-
-    best_metric = "eval/bbox_mAP"
-    reported_metrics = tuple(k.replace("val/", "eval/", 1) for k in DetectionDriver.reported_metrics)
