@@ -76,26 +76,28 @@ def make_images(root: Path, count: int, seed: int = 0) -> dict:
             "mean_megapixels": float(np.mean(pixels)) / 1e6}
 
 
-def recipes():
-    from workloads.classification.recipe import AugmentConfig
-
+def recipes() -> dict[str, dict]:
+    """The `data.augment` section of each recipe (the paper recipe is the spec's defaults)."""
     return {
-        "paper": AugmentConfig(),
-        "modern": AugmentConfig(auto_augment="rand-m9-mstd0.5-inc1", re_prob=0.25, mixup=0.1, cutmix=1.0),
+        "paper": {},
+        "modern": {"auto_augment": "rand-m9-mstd0.5-inc1", "re_prob": 0.25, "mixup": 0.1, "cutmix": 1.0},
     }
 
 
-def _pipeline(train_dir: Path, augment, size: int, batch: int):
-    """(dataset, mixup or None) of the recipe, as the worker loop builds them."""
+def _pipeline(train_dir: Path, augment: dict, size: int, batch: int):
+    """(dataset, mixup or None) of the recipe, as the job configures and the worker loop builds them."""
+    from orchestrator.config.loader import spec_from_dict
+    from orchestrator.jobs.classification import augment_config, input_config
     from workloads.classification.data import list_class_folders, make_dataset
     from workloads.classification.mixup import build_mixup
-    from workloads.classification.recipe import InputConfig, check_batch_size
     from workloads.classification.transforms import build_train_transform
 
-    check_batch_size(augment, batch)
+    # Validated as an experiment file would be (a mixing recipe needs an even batch).
+    spec = spec_from_dict({"data": {"image_size": size, "batch_size": batch, "augment": augment}}, "benchmarks.data")
+    aug = augment_config(spec.data.augment)
     classes = list_class_folders(str(train_dir))
-    transform = build_train_transform(InputConfig(image_size=size), augment)
-    return make_dataset(str(train_dir), classes, transform=transform), build_mixup(augment, len(classes), 0.1)
+    transform = build_train_transform(input_config(spec.data), aug)
+    return make_dataset(str(train_dir), classes, transform=transform), build_mixup(aug, len(classes), 0.1)
 
 
 def measure_cpu(train_dir: Path, augment, size: int, batch: int, passes: int, seed: int = 0) -> dict:

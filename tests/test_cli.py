@@ -134,3 +134,30 @@ def test_run_and_tune_print_the_mlflow_ui_link_of_a_tracking_server(tmp_path, ca
         assert f"MLflow UI: {uri}/#/experiments/3/runs/p1{view}\n" in tune_out
     else:
         assert "MLflow UI" not in run_out + tune_out
+
+
+def test_default_output_leaves_rays_internal_notes_for_verbose():
+    """At the default verbosity Ray's error-level note about the preemption watcher's constructor arguments
+    (Ray Train's own actor) and its token-authentication note are dropped; `-v` shows them. The end-to-end
+    check is in test_reliability's interrupted run, whose resumed `cvlab run` has nothing on stderr."""
+    code = """
+import logging, os, re
+from workloads.logs import configure
+watcher = ("[2026-12-04 23:48:44,773 E 5427 5495] core_worker.cc:2465: Actor with class name: 'PreemptionWatcher' "
+           "and ID: '7f67' has constructor arguments in the object store and max_restarts > 0. If the arguments ...")
+auth = logging.getLogger("ray._private.authentication.authentication_token_setup")
+note = logging.LogRecord(auth.name, logging.WARNING, "f", 1,
+                         "Token authentication is enabled for this Ray cluster. Set RAY_AUTH_MODE=disabled", None, None)
+other = logging.LogRecord(auth.name, logging.WARNING, "f", 1, "something else", None, None)
+configure(0)
+skip = os.environ["RAY_DEDUP_LOGS_SKIP_REGEX"]
+print(bool(re.search(skip, watcher)), bool(re.search(skip, "epoch 1 done: val/top1 0.5")),
+      auth.filter(note), auth.filter(other))
+configure(1)
+print(auth.filter(note))
+"""
+    env = {k: v for k, v in ENV.items() if k != "RAY_DEDUP_LOGS_SKIP_REGEX"}
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True,
+                         timeout=120, check=False)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["True", "False", "False", "True", "True"]

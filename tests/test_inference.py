@@ -5,6 +5,7 @@ One small classification run (module fixture, 2 CPU workers) provides the checkp
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -13,7 +14,12 @@ import sysconfig
 
 import pytest
 
+from orchestrator.config.schema import DataSection
+from orchestrator.inference.classifier import load_classifier
+from orchestrator.inference.sources import Source
+from orchestrator.jobs.classification import input_config
 from workloads.classification.synthetic import make_imagenet
+from workloads.models import build_model, save_checkpoint
 
 
 def _shard_eval(world: int, rank: int = 0, port: int | None = None, out: str | None = None) -> dict:
@@ -262,7 +268,7 @@ def test_eval_of_a_published_mmcls_rednet_file(trained, tmp_path, capsys):
     data = prepare_data(spec)
     model = build_model("rednet26", num_classes=4).eval()
     load_published_rednet(model, payload)
-    val = make_dataset(data.val_dir, list(data.classes), data.val_skip, build_val_transform(spec.data.input_config()))
+    val = make_dataset(data.val_dir, list(data.classes), data.val_skip, build_val_transform(input_config(spec.data)))
     with torch.no_grad():
         items = [val[i] for i in range(len(val))]  # (image, label, unreadable files skipped)
         correct = sum(int(model(image[None]).argmax(1).item() == label) for image, label, _ in items)
@@ -279,11 +285,11 @@ def _tiny_classifier():
     import torch
 
     from orchestrator.inference.classifier import Classifier
-    from workloads.classification.recipe import InputConfig
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
-    return Classifier(model=model.eval(), name="tiny", classes=list("abcd"), inputs=InputConfig(image_size=32))
+    return Classifier(model=model.eval(), name="tiny", classes=list("abcd"),
+                      inputs=input_config(DataSection(image_size=32)))
 
 
 def test_export_check_measures_the_file_and_refuses_a_wrong_one(tmp_path, monkeypatch):
@@ -298,6 +304,22 @@ def test_export_check_measures_the_file_and_refuses_a_wrong_one(tmp_path, monkey
     monkeypatch.setitem(export._EXPORTERS, "torchscript", lambda *args: real(*args) + 0.25)
     with pytest.raises(CvlabError, match=r"largest absolute difference 0\.25 "):
         export.export_classifier(_tiny_classifier(), "torchscript", str(tmp_path / "m.pt"))
+
+
+def test_load_classifier_reads_the_recorded_inputs_and_class_count(tmp_path, caplog):
+    """A checkpoint records the worker's InputConfig and (in the model's overrides) num_classes: read back as
+    they were; a file from before the inputs were recorded gets the schema's defaults (224 px, ImageNet)."""
+    model = build_model("resnet26", num_classes=3)
+    gray = input_config(DataSection(image_size=40, val_resize=48, grayscale=True, mean=[0.5], std=[0.25],
+                                    interpolation="bicubic"))
+    save_checkpoint(tmp_path / "new.pt", model, extra={"classes": list("abc"), "inputs": dataclasses.asdict(gray)})
+    save_checkpoint(tmp_path / "old.pt", model, extra={"classes": list("abc")})
+    new = load_classifier(Source(path=str(tmp_path / "new.pt"), format="cvlab", given="new"))
+    assert new.inputs == gray and new.classes == list("abc") and new.input_shape == (1, 40, 40)
+    old = load_classifier(Source(path=str(tmp_path / "old.pt"), format="cvlab", given="old"))
+    assert old.inputs == input_config(DataSection()) and old.input_shape == (3, 224, 224)
+    assert old.inputs.mean == (0.485, 0.456, 0.406) and old.inputs.resolved_val_resize == 256
+    assert "old stores no input settings" in caplog.text
 
 
 def test_read_classifier_takes_cvlab_files_and_names_every_other_file(tmp_path):

@@ -3,6 +3,7 @@ when set and off when not), mixup/cutmix targets and loss, model EMA with checkp
 from __future__ import annotations
 
 import math
+import re
 import random
 
 import numpy as np
@@ -11,12 +12,26 @@ import torch
 from PIL import Image
 from torchvision import transforms as T
 
+from orchestrator.config.loader import spec_from_dict
+from orchestrator.config.schema import AugmentSection, DataSection
+from orchestrator.errors import CvlabError
+from orchestrator.jobs.classification import augment_config, input_config
 from workloads.classification.ema import create_ema, ema_state_dict, load_ema_state_dict, update_ema
 from workloads.classification.mixup import build_mixup, build_train_criterion
-from workloads.classification.recipe import AugmentConfig, InputConfig, check_batch_size
+from workloads.classification.recipe import AugmentConfig, InputConfig
 from workloads.classification.transforms import _posterize, build_train_transform, build_val_transform
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def inputs(**data) -> InputConfig:
+    """The worker's `InputConfig` of a spec `data` section with these keys (the rest: the spec's defaults)."""
+    return input_config(DataSection(**data))
+
+
+def augment(**keys) -> AugmentConfig:
+    """The worker's `AugmentConfig` of a spec `data.augment` section with these keys."""
+    return augment_config(AugmentSection(**keys))
 
 
 def todays_pipeline(image_size: int, val_resize: int | None = None):
@@ -58,8 +73,8 @@ def kinds(tf) -> set[str]:
 @pytest.mark.parametrize("size,val_resize", [(32, None), (224, None), (224, 256), (60, None)])
 def test_defaults_are_bit_identical_to_todays_pipeline(size, val_resize):
     old_train, old_val = todays_pipeline(size, val_resize)
-    inp = InputConfig(image_size=size, val_resize=val_resize)
-    new_train, new_val = build_train_transform(inp, AugmentConfig()), build_val_transform(inp)
+    inp = inputs(image_size=size, val_resize=val_resize)
+    new_train, new_val = build_train_transform(inp, augment()), build_val_transform(inp)
     imgs = images()
     for seed in range(2):
         torch.manual_seed(seed)
@@ -82,26 +97,26 @@ def test_timms_own_crop_is_not_bit_identical():
 
 # -- each augmentation on when set, off when not -------------------------------------------------------------
 def test_default_pipeline_has_nothing_else():
-    tf = build_train_transform(InputConfig(image_size=32))
+    tf = build_train_transform(inputs(image_size=32), augment())
     assert kinds(tf) == {"RandomResizedCrop", "RandomHorizontalFlip", "MaybeToTensor", "Normalize"}
 
 
 def test_scale_and_ratio():
     square = Image.fromarray(np.random.RandomState(1).randint(0, 256, (64, 64, 3), dtype=np.uint8))
-    whole = build_train_transform(InputConfig(image_size=32), AugmentConfig(scale=(1.0, 1.0), ratio=(1.0, 1.0),
+    whole = build_train_transform(inputs(image_size=32), augment(scale=(1.0, 1.0), ratio=(1.0, 1.0),
                                                                             hflip=0.0))
     resized = T.Compose([T.Resize(32, antialias=True), T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
     assert same(run(whole, [square] * 3, 0), [resized(square)] * 3)  # the crop is the whole image
-    crop = build_train_transform(InputConfig(image_size=32), AugmentConfig(hflip=0.0)).transforms[0]
+    crop = build_train_transform(inputs(image_size=32), augment(hflip=0.0)).transforms[0]
     assert crop.scale == (0.08, 1.0) and crop.ratio == (3 / 4, 4 / 3)
     cut = np.asarray(run(crop, [square], 0)[0])
     assert not np.array_equal(cut, np.asarray(T.Resize(32, antialias=True)(square)))
 
 
 def test_hflip():
-    inp, imgs = InputConfig(image_size=32), images()
-    never = build_train_transform(inp, AugmentConfig(hflip=0.0))
-    always = build_train_transform(inp, AugmentConfig(hflip=1.0))
+    inp, imgs = inputs(image_size=32), images()
+    never = build_train_transform(inp, augment(hflip=0.0))
+    always = build_train_transform(inp, augment(hflip=1.0))
     assert "RandomHorizontalFlip" not in kinds(never)
     for seed in range(3):  # the same crops, mirrored
         assert same([t.flip(-1) for t in run(never, imgs, seed)], run(always, imgs, seed))
@@ -110,26 +125,26 @@ def test_hflip():
 @pytest.mark.parametrize("policy,kind", [("rand-m9-mstd0.5-inc1", "RandAugment"), ("augmix-m5-w4-d2", "AugMixAugment"),
                                          ("original", "AutoAugment"), ("trivialaugment", "TrivialAugmentWide")])
 def test_auto_augment(policy, kind):
-    inp, imgs = InputConfig(image_size=32), images()
-    on = build_train_transform(inp, AugmentConfig(auto_augment=policy))
-    off = build_train_transform(inp, AugmentConfig())
+    inp, imgs = inputs(image_size=32), images()
+    on = build_train_transform(inp, augment(auto_augment=policy))
+    off = build_train_transform(inp, augment())
     assert kind in kinds(on) and kind not in kinds(off)
     assert not all(same(run(on, imgs, s), run(off, imgs, s)) for s in range(3))
 
 
 def test_color_jitter():
-    inp, imgs = InputConfig(image_size=32), images()
-    on = build_train_transform(inp, AugmentConfig(color_jitter=(0.4, 0.4, 0.4, 0.1)))
+    inp, imgs = inputs(image_size=32), images()
+    on = build_train_transform(inp, augment(color_jitter=(0.4, 0.4, 0.4, 0.1)))
     jitter = next(t for t in on.transforms if isinstance(t, T.ColorJitter))
     assert jitter.brightness == (0.6, 1.4) and jitter.hue == (-0.1, 0.1)
-    assert "ColorJitter" not in kinds(build_train_transform(inp))
-    assert not same(run(on, imgs, 0), run(build_train_transform(inp), imgs, 0))
+    assert "ColorJitter" not in kinds(build_train_transform(inp, augment()))
+    assert not same(run(on, imgs, 0), run(build_train_transform(inp, augment()), imgs, 0))
 
 
 def test_random_erasing():
-    inp, imgs = InputConfig(image_size=32), images()
-    on = build_train_transform(inp, AugmentConfig(re_prob=1.0))
-    off = build_train_transform(inp)
+    inp, imgs = inputs(image_size=32), images()
+    on = build_train_transform(inp, augment(re_prob=1.0))
+    off = build_train_transform(inp, augment())
     assert "RandomErasing" in kinds(on) and "RandomErasing" not in kinds(off)
     erased, plain = run(on, imgs, 0), run(off, imgs, 0)
     for e, p in zip(erased, plain, strict=True):  # the same crop, with one rectangle replaced
@@ -139,24 +154,24 @@ def test_random_erasing():
 
 def test_grayscale_mean_std_interpolation():
     imgs = images()
-    gray = build_train_transform(InputConfig(image_size=32, grayscale=True, mean=(0.5,), std=(0.25,)))
+    gray = build_train_transform(inputs(image_size=32, grayscale=True, mean=(0.5,), std=(0.25,)), augment())
     reference = T.Compose([T.Grayscale(1), T.RandomResizedCrop(32, antialias=True), T.RandomHorizontalFlip(),
                            T.ToTensor(), T.Normalize((0.5,), (0.25,))])
     out = run(gray, imgs, 0)
     assert out[0].shape == (1, 32, 32) and same(out, run(reference, imgs, 0))
-    val = build_val_transform(InputConfig(image_size=32, grayscale=True, mean=(0.5,), std=(0.25,)))
+    val = build_val_transform(inputs(image_size=32, grayscale=True, mean=(0.5,), std=(0.25,)))
     assert val(imgs[1]).shape == (1, 32, 32)
 
-    custom = build_train_transform(InputConfig(image_size=32, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)))
-    a, b = run(custom, imgs, 0), run(build_train_transform(InputConfig(image_size=32)), imgs, 0)
+    custom = build_train_transform(inputs(image_size=32, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)), augment())
+    a, b = run(custom, imgs, 0), run(build_train_transform(inputs(image_size=32), augment()), imgs, 0)
     mean, std = torch.tensor(IMAGENET_MEAN)[:, None, None], torch.tensor(IMAGENET_STD)[:, None, None]
     for x, y in zip(a, b, strict=True):
         torch.testing.assert_close(x * 0.5 + 0.5, y * std + mean)
 
-    bicubic = InputConfig(image_size=32, interpolation="bicubic")
-    assert build_train_transform(bicubic).transforms[0].interpolation == T.InterpolationMode.BICUBIC
+    bicubic = inputs(image_size=32, interpolation="bicubic")
+    assert build_train_transform(bicubic, augment()).transforms[0].interpolation == T.InterpolationMode.BICUBIC
     assert build_val_transform(bicubic).transforms[0].interpolation == T.InterpolationMode.BICUBIC
-    assert not same(run(build_train_transform(bicubic), imgs, 0), b)
+    assert not same(run(build_train_transform(bicubic, augment()), imgs, 0), b)
 
 
 def test_posterize_with_zero_bits_gives_a_black_image_not_an_error():
@@ -164,19 +179,19 @@ def test_posterize_with_zero_bits_gives_a_black_image_not_an_error():
     img = images(1)[0]
     assert np.asarray(_posterize(img, 0)).max() == 0
     assert np.array_equal(np.asarray(_posterize(img, 8)), np.asarray(img))
-    tf = build_train_transform(InputConfig(image_size=16), AugmentConfig(auto_augment="rand-n2-m10-mstd0-inc1"))
+    tf = build_train_transform(inputs(image_size=16), augment(auto_augment="rand-n2-m10-mstd0-inc1"))
     ops = next(t for t in tf.transforms if type(t).__name__ == "RandAugment").ops
     assert [op.aug_fn for op in ops if op.name == "PosterizeIncreasing"] == [_posterize]
     small = Image.fromarray(np.random.RandomState(2).randint(0, 256, (20, 20, 3), dtype=np.uint8))
     for policy in ("rand-n2-m10-mstd0-inc1", "v0"):
-        tf = build_train_transform(InputConfig(image_size=16), AugmentConfig(auto_augment=policy))
+        tf = build_train_transform(inputs(image_size=16), augment(auto_augment=policy))
         run(tf, [small] * 200, 0)  # would raise ValueError with Pillow >= 13 without the fix
 
 
 # -- mixup / cutmix ------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("mixup,cutmix", [(0.1, 1.0), (0.2, 0.0), (0.0, 1.0)])
 def test_mixup_targets_sum_to_one(mixup, cutmix):
-    aug = AugmentConfig(mixup=mixup, cutmix=cutmix)
+    aug = augment(mixup=mixup, cutmix=cutmix)
     mix = build_mixup(aug, num_classes=10, label_smoothing=0.1)
     assert type(mix).__name__ == "Mixup" and (mix.mixup_alpha, mix.cutmix_alpha) == (mixup, cutmix)
     assert type(build_train_criterion(aug, 0.1)).__name__ == "SoftTargetCrossEntropy"
@@ -191,20 +206,20 @@ def test_mixup_targets_sum_to_one(mixup, cutmix):
 
 
 def test_no_mixup_by_default():
-    assert build_mixup(AugmentConfig(), 10, 0.1) is None
-    assert build_mixup(AugmentConfig(mixup=0.2, mixup_prob=0.0), 10, 0.1) is None
-    criterion = build_train_criterion(AugmentConfig(), 0.1)
+    assert build_mixup(augment(), 10, 0.1) is None
+    assert build_mixup(augment(mixup=0.2, mixup_prob=0.0), 10, 0.1) is None
+    criterion = build_train_criterion(augment(), 0.1)
     assert isinstance(criterion, torch.nn.CrossEntropyLoss) and criterion.label_smoothing == 0.1
-    check_batch_size(AugmentConfig(), 33)
-    with pytest.raises(ValueError, match="data.batch_size must be even"):
-        check_batch_size(AugmentConfig(cutmix=1.0), 33)
+    spec_from_dict({"data": {"batch_size": 33}})
+    with pytest.raises(CvlabError, match="data.batch_size must be even"):
+        spec_from_dict({"data": {"batch_size": 33, "augment": {"cutmix": 1.0}}})
 
 
 def test_mixup_uses_the_configured_probabilities():
     """`data.augment.mixup_prob` and `switch_prob` reach timm's Mixup: with mixup_prob 0.5 about half the
     batches are mixed (each draw is one batch), with 1.0 all of them."""
     def mixed_fraction(prob, batches=400):
-        mix = build_mixup(AugmentConfig(mixup=1.0, mixup_prob=prob, switch_prob=0.25), 4, 0.0)  # lam uniform
+        mix = build_mixup(augment(mixup=1.0, mixup_prob=prob, switch_prob=0.25), 4, 0.0)  # lam uniform
         assert (mix.mix_prob, mix.switch_prob) == (prob, 0.25)
         np.random.seed(0)
         hard = 0
@@ -221,14 +236,14 @@ def test_label_smoothing_is_folded_into_mixed_targets():
     """Under mixup the targets carry `optim.label_smoothing` (off value s/K, as CrossEntropyLoss does); the
     soft-target loss then equals cross-entropy with that smoothing when nothing is mixed in."""
     k, s = 10, 0.2
-    mix = build_mixup(AugmentConfig(mixup=0.2, mixup_prob=1.0), k, label_smoothing=s)
+    mix = build_mixup(augment(mixup=0.2, mixup_prob=1.0), k, label_smoothing=s)
     np.random.seed(0)
     _, targets = mix(torch.rand(4, 3, 8, 8), torch.tensor([0, 1, 2, 3]))
     assert targets[:, 4:].unique().tolist() == pytest.approx([s / k])  # classes in neither image of a pair
     one_hot_smoothed = torch.full((1, k), s / k)
     one_hot_smoothed[0, 3] = 1 - s + s / k
     logits = torch.randn(1, k)
-    torch.testing.assert_close(build_train_criterion(AugmentConfig(mixup=0.2), s)(logits, one_hot_smoothed),
+    torch.testing.assert_close(build_train_criterion(augment(mixup=0.2), s)(logits, one_hot_smoothed),
                                torch.nn.CrossEntropyLoss(label_smoothing=s)(logits, torch.tensor([3])))
 
 
@@ -304,7 +319,7 @@ def test_ema_of_a_ddp_style_wrapper_averages_the_bare_network():
     update_ema(None, wrapper, 2)  # EMA off: nothing to do
 
 
-# -- validation ----------------------------------------------------------------------------------------------
+# -- validation (by the schema, before anything runs) -------------------------------------------------------
 @pytest.mark.parametrize("kwargs,key", [
     ({"scale": (0.5, 0.2)}, "data.augment.scale"),
     ({"scale": (0.0, 1.0)}, "data.augment.scale"),
@@ -317,7 +332,7 @@ def test_ema_of_a_ddp_style_wrapper_averages_the_bare_network():
     ({"mixup_prob": 2}, "data.augment.mixup_prob"),
     ({"switch_prob": float("nan")}, "data.augment.switch_prob"),
     ({"mixup": -1.0}, "data.augment.mixup"),
-    ({"cutmix": "1"}, "data.augment.cutmix"),
+    ({"cutmix": "lots"}, "data.augment.cutmix"),
     ({"auto_augment": "rand-x9"}, "data.augment.auto_augment"),
     ({"auto_augment": "fancy"}, "data.augment.auto_augment"),
     ({"auto_augment": 42}, "data.augment.auto_augment"),
@@ -327,8 +342,8 @@ def test_ema_of_a_ddp_style_wrapper_averages_the_bare_network():
     ({"color_jitter": 0.4, "auto_augment": "rand-m9-mstd0.5-inc1"}, "data.augment.color_jitter"),
 ])
 def test_bad_augment_values_name_their_key(kwargs, key):
-    with pytest.raises(ValueError, match=key.replace(".", r"\.")):
-        AugmentConfig(**kwargs)
+    with pytest.raises(CvlabError, match="^<dict>: " + re.escape(key)):
+        spec_from_dict({"data": {"augment": kwargs}})
 
 
 @pytest.mark.parametrize("kwargs,key", [
@@ -339,20 +354,26 @@ def test_bad_augment_values_name_their_key(kwargs, key):
     ({"interpolation": "lanczos"}, "data.interpolation"),
     ({"image_size": 0}, "data.image_size"),
     ({"image_size": 224, "val_resize": 200}, "data.val_resize"),
-    ({"grayscale": "yes"}, "data.grayscale"),
+    ({"grayscale": "maybe"}, "data.grayscale"),
 ])
 def test_bad_input_values_name_their_key(kwargs, key):
-    with pytest.raises(ValueError, match=key.replace(".", r"\.")):
-        InputConfig(**kwargs)
+    with pytest.raises(CvlabError, match="^<dict>: " + re.escape(key)):
+        spec_from_dict({"data": kwargs})
 
 
 def test_configs_normalise_lists_and_read_the_data_section():
-    aug = AugmentConfig(scale=[0.35, 1], color_jitter=[0.4, 0.4, 0.4], auto_augment=None)
+    aug = augment(scale=[0.35, 1], color_jitter=[0.4, 0.4, 0.4], auto_augment=None)
     assert aug.scale == (0.35, 1.0) and aug.color_jitter == (0.4, 0.4, 0.4)
-    assert AugmentConfig(color_jitter=0.3, auto_augment="3a").color_jitter == 0.3  # timm keeps jitter for 3a
-    inp = InputConfig.from_data_section({"root": "x", "image_size": 32, "val_resize": None, "mean": [0.5],
-                                         "std": [0.5], "grayscale": True, "batch_size": 16})
+    assert augment(color_jitter=0.3, auto_augment="3a").color_jitter == 0.3  # timm keeps jitter for 3a
+    spec = spec_from_dict({"data": {"root": "x", "image_size": 32, "val_resize": None, "mean": [0.5], "std": [0.5],
+                                    "grayscale": True, "batch_size": 16}})
+    inp = input_config(spec.data)  # the data section's other keys are not the network's
+    assert inp == InputConfig(mean=(0.5,), std=(0.5,), grayscale=True, interpolation="bilinear", image_size=32,
+                              val_resize=None)
     assert (inp.image_size, inp.mean, inp.channels, inp.resolved_val_resize) == (32, (0.5,), 1, 37)
+    assert augment() == AugmentConfig(scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), hflip=0.5, auto_augment=None,
+                                      color_jitter=None, re_prob=0.0, mixup=0.0, cutmix=0.0, mixup_prob=1.0,
+                                      switch_prob=0.5)  # the paper recipe: the schema's defaults
     with pytest.raises(Exception):  # frozen
         inp.image_size = 64
 
@@ -377,4 +398,4 @@ def test_ema_state_is_a_copy_and_restores_strictly():
 
 def test_even_batches_pass_the_mixup_batch_check():
     for size in (2, 32, 256):
-        check_batch_size(AugmentConfig(cutmix=1.0), size)
+        spec_from_dict({"data": {"batch_size": size, "augment": {"cutmix": 1.0}}})

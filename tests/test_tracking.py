@@ -7,7 +7,8 @@ import time
 import pytest
 
 from orchestrator.errors import CvlabError
-from orchestrator.config.schema import ExperimentSpec
+from orchestrator.config.schema import DataSection, ExperimentSpec
+from orchestrator.jobs.classification import input_config
 
 
 @pytest.fixture(scope="module")
@@ -107,7 +108,6 @@ def test_logged_classifier_loads_and_predicts_without_pickle(db, tmp_path, caplo
     from orchestrator.inference.classifier import Classifier
     from orchestrator.tracking.models import log_classifier_model
     from orchestrator.tracking.runs import create_run, ensure_experiment, make_client
-    from workloads.classification.recipe import InputConfig
     from workloads.models import build_model, save_checkpoint
 
     uri, path = db
@@ -117,7 +117,7 @@ def test_logged_classifier_loads_and_predicts_without_pickle(db, tmp_path, caplo
     classes = ["cat", "dog", "eel"]
     torch.manual_seed(0)
     model = build_model("cednet26", num_classes=3).eval()
-    inputs = InputConfig(image_size=32)
+    inputs = input_config(DataSection(image_size=32))
     ckpt = save_checkpoint(tmp_path / "model.pt", model, extra={"classes": classes})
     # MLflow shows its type-hint warning "once" per process: forget earlier ones so that this test sees it.
     monkeypatch.setattr(warnings, "onceregistry", {})

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.config.schema import ExperimentSpec
+from orchestrator.config.schema import DataSection, ExperimentSpec
+from orchestrator.jobs.classification import input_config
 
 ROOT = Path(__file__).resolve().parents[1]
 CLASSES = ["cat", "dog"]
@@ -113,11 +114,10 @@ def test_logging_a_model_leaves_the_environment_alone(store, user_env):
     from orchestrator.inference.classifier import Classifier
     from orchestrator.tracking.models import log_classifier_model
     from orchestrator.tracking.runs import create_run, make_client
-    from workloads.classification.recipe import InputConfig
 
     client = make_client(store["uri"])
     run_id = create_run(client, store["experiment_id"], "logs-a-model")
-    classifier = Classifier(store["model"], "cednet26", CLASSES, InputConfig(image_size=32))
+    classifier = Classifier(store["model"], "cednet26", CLASSES, input_config(DataSection(image_size=32)))
     before = dict(os.environ)
     model_uri = log_classifier_model(store["uri"], run_id, classifier, store["checkpoint"],
                                      registered_model_name="uri-logged")

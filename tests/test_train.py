@@ -5,6 +5,7 @@ The end-to-end tests share one small Ray cluster (module fixture) and use a tiny
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import shutil
@@ -12,7 +13,12 @@ import textwrap
 
 import pytest
 
+from orchestrator.config.loader import apply_overrides
+from orchestrator.config.schema import DataSection
 from orchestrator.errors import CvlabError
+from orchestrator.jobs.classification import ClassificationJob, input_config, prepare_data
+from orchestrator.runs.job import RunContext
+from workloads.models import build_model
 from workloads.classification.synthetic import make_imagenet
 
 
@@ -80,12 +86,12 @@ def test_scan_skips_and_counts_unreadable_images(tmp_path):
 
 def test_tolerant_loader_replaces_file_that_breaks_after_the_scan(tmp_path):
     from workloads.classification.data import make_dataset
-    from workloads.classification.recipe import InputConfig
     from workloads.classification.transforms import build_val_transform
 
     root = _dataset(tmp_path, classes=2, per_class=3)
     classes = sorted(os.listdir(root / "train"))
-    ds = make_dataset(str(root / "train"), classes, (), build_val_transform(InputConfig(image_size=32)))
+    transform = build_val_transform(input_config(DataSection(image_size=32)))
+    ds = make_dataset(str(root / "train"), classes, (), transform)
     first = ds.samples[0][0]
     with open(first, "wb") as fh:
         fh.write(b"\xff\xd8broken")
@@ -166,7 +172,7 @@ def test_kernel_picture_is_drawn_for_the_validation_input_of_the_spec(tmp_path):
 
     data = job.data
     first = make_dataset(data.val_dir, list(data.classes), data.val_skip).samples[0][0]
-    inputs = spec.data.input_config()
+    inputs = input_config(spec.data)
     with Image.open(first) as im:
         image = im.convert("RGB")
     expected = build_val_transform(inputs)(image)[None]
@@ -174,6 +180,30 @@ def test_kernel_picture_is_drawn_for_the_validation_input_of_the_spec(tmp_path):
     torch.testing.assert_close(model_input, expected, rtol=0, atol=0)
     default = build_val_transform(dataclasses.replace(inputs, val_resize=None))(image)[None]
     assert not torch.allclose(expected, default)  # the setting changes the picture
+
+
+def test_worker_config_is_the_spec_translated_once(tmp_path):
+    """The job turns the validated spec into the worker's frozen config, every value from the spec (the
+    schema's defaults included), and decides the class count once: the overrides the worker builds the model
+    with carry num_classes (and one input channel for grayscale data), as the checkpoint then records them."""
+    _dataset(tmp_path)
+    gray = {"grayscale": True, "mean": [0.5], "std": [0.25]}
+    base = _spec(tmp_path, model="resnet26", data={**gray, "augment": {"color_jitter": [0.1, 0.2, 0.3]}})
+    spec = apply_overrides(base, {"model.zero_init_residual": False})
+    job = ClassificationJob(spec, data=prepare_data(spec))
+    ctx = RunContext(client=None, tracking_uri=f"sqlite:///{tmp_path}/mlflow.db", experiment_id="0", run_id="r",
+                     run_dir=str(tmp_path / "runs"), fs=None, resumed=False, verbosity=0)
+    cfg = job.worker_config(ctx)
+    assert cfg.model_overrides == {"zero_init_residual": False, "in_channels": 1, "num_classes": 4}
+    assert build_model(cfg.model_name, **cfg.model_overrides).arch_overrides == cfg.model_overrides
+    assert cfg.inputs == input_config(spec.data) and (cfg.inputs.mean, cfg.inputs.channels) == ((0.5,), 1)
+    assert cfg.augment.color_jitter == (0.1, 0.2, 0.3) and cfg.augment.scale == (0.08, 1.0)
+    assert dataclasses.asdict(cfg.optim) == spec.optim.model_dump() and cfg.optim.epochs == 2
+    assert cfg.faults.kill_at is None and cfg.faults.nan_at is None
+
+    wrong = apply_overrides(spec, {"model.num_classes": 5})
+    with pytest.raises(CvlabError, match=r"model\.num_classes is 5 but .* has 4 class folders"):
+        ClassificationJob(wrong, data=job.data).worker_config(ctx)
 
 
 def _step_trainer(hooks):

@@ -12,13 +12,13 @@ import tempfile
 from collections.abc import Collection
 from typing import Any
 
+import ray.train
+
 RESULT_FILE = "eval.json"
 
 
 def report_evaluation(result: dict[str, Any], rank: int, bulky: Collection[str] = ()) -> None:
     """Report `result` (JSON-serialisable) from this worker; ranks other than 0 leave out the `bulky` keys."""
-    import ray.train
-
     if rank != 0:
         ray.train.report({k: v for k, v in result.items() if k not in bulky})
         return

@@ -14,6 +14,12 @@ import warnings
 
 OUR_LOGGERS = ("orchestrator", "workloads")
 _state = {"verbosity": None}
+# Ray Train's controller starts its preemption watcher with actor handles as arguments, and Ray's core worker
+# then logs an error-level note that such an actor may not restart if those are lost: Ray's own bookkeeping,
+# nothing a user can act on. Ray drops worker lines matching this variable, read when `ray` is first imported.
+RAY_NOISE_REGEX = r"PreemptionWatcher.*max_restarts"
+# Ray's note, when it starts a local cluster, that token authentication is on by default.
+RAY_AUTH_NOTE = "Token authentication is enabled for this Ray cluster"
 
 
 class _Formatter(logging.Formatter):
@@ -58,6 +64,8 @@ def configure(verbosity: int = 0) -> None:
     # Other libraries' progress chatter (Ray's start-up, MLflow's database and system-metrics notes) only with -v.
     for name in ("ray", "mlflow"):
         logging.getLogger(name).setLevel(logging.INFO if verbosity > 0 else logging.WARNING)
+    auth = logging.getLogger("ray._private.authentication.authentication_token_setup")
+    auth.filters[:] = [] if verbosity > 0 else [lambda record: RAY_AUTH_NOTE not in record.getMessage()]
     if verbosity < 1:  # the OpenMMLab stack's deprecation notices, every time it is imported
         warnings.filterwarnings("ignore", message="pkg_resources is deprecated")
         warnings.filterwarnings("ignore", category=UserWarning, module=r"(mmengine|mmseg|mmdet|mmcv)(\.|$)")
@@ -65,7 +73,8 @@ def configure(verbosity: int = 0) -> None:
         # which inherits the environment): say it there. Also no download progress bars and no "View run at"
         # lines.
         for key, value in (("MLFLOW_LOGGING_LEVEL", "WARNING"), ("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false"),
-                           ("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")):
+                           ("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true"),
+                           ("RAY_DEDUP_LOGS_SKIP_REGEX", RAY_NOISE_REGEX)):
             os.environ.setdefault(key, value)
     _state["verbosity"] = verbosity
 

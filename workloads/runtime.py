@@ -13,9 +13,16 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+import ray.train
+import ray.train.torch
 import torch
 
 from workloads.logs import configure
+
+try:  # Ray Train v2's per-worker context (private; another Ray version has no report logger to quiet)
+    from ray.train.v2._internal.execution import context as _train_context
+except ImportError:
+    _train_context = None
 
 _AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}  # None: no autocast
 
@@ -68,9 +75,6 @@ class WorkerRuntime:
 def start_worker(verbosity: int, autocast: str = "fp32", channels_last: bool = False) -> WorkerRuntime:
     """This Ray Train worker's runtime, from Ray Train's context and the worker config's settings; configures
     its log output first. Autocast and channels-last apply on GPU only."""
-    import ray.train
-    import ray.train.torch
-
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     # Rank 0 speaks for the group; the others only warn.
@@ -91,10 +95,6 @@ def start_worker(verbosity: int, autocast: str = "fp32", channels_last: bool = F
 def _quiet_ray_train_reports(verbosity: int) -> None:
     """Ray logs every `ray.train.report` call with its whole metrics dict at INFO, which buries the run's own
     progress. Keep that to warnings unless `verbosity` >= 1."""
-    try:
-        from ray.train.v2._internal.execution import context as train_context
-    except ImportError:  # another Ray version: nothing to quiet
-        return
-    logger = getattr(train_context, "logger", None)
+    logger = getattr(_train_context, "logger", None)
     if isinstance(logger, logging.Logger):
         logger.setLevel(logging.INFO if verbosity > 0 else logging.WARNING)

@@ -1,8 +1,9 @@
-"""`cvlab data make-imagenet | make-coco | make-cityscapes DIR`: generate small synthetic data sets.
+"""`cvlab data make-imagenet | make-coco | make-cityscapes DIR`: generate small synthetic data sets;
+`cvlab data shard SRC DEST`: write an ImageNet-layout folder as WebDataset shards (local or s3://).
 
-The generators live in the workloads (`workloads.classification.synthetic.make_imagenet`,
-`workloads.detection.synthetic_coco.make_coco`, `workloads.segmentation.synthetic.make_cityscapes`) and are
-imported only when a verb runs.
+The work lives in the workloads (`workloads.classification.synthetic.make_imagenet`,
+`workloads.detection.synthetic_coco.make_coco`, `workloads.segmentation.synthetic.make_cityscapes`,
+`workloads.classification.shard_writer.write_shards`) and is imported only when a verb runs.
 """
 from __future__ import annotations
 
@@ -60,6 +61,27 @@ def add_cli(subparsers: Any) -> None:
     cs.add_argument("--width", type=_positive, default=256, help="image width in pixels (default 256)")
     cs.add_argument("--seed", type=int, default=0)
     cs.set_defaults(func=_make_cityscapes)
+    _add_shard(verbs)
+
+
+SHARD_DESCRIPTION = (
+    "Write DEST/{train,val}/shard-NNNNNN.tar (samples KEY.jpg + KEY.cls) and DEST/manifest.json from "
+    "SRC/{train,val}/<class>/*. Unreadable images are left out and listed in the manifest. Run it again after an "
+    "interruption to write the missing shards. S3 endpoint and credentials come from AWS_ENDPOINT_URL, "
+    "AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY and AWS_REGION."
+)
+
+
+def _add_shard(verbs: Any) -> None:
+    shard = verbs.add_parser(
+        "shard",
+        help="write an ImageNet-layout folder as WebDataset shards with a manifest (local folder or s3://)",
+        description=SHARD_DESCRIPTION)
+    shard.add_argument("src", metavar="SRC", help="an ImageNet-layout folder (train/<class>/*, val/<class>/*)")
+    shard.add_argument("dest", metavar="DEST", help="a local folder or s3://bucket/prefix")
+    shard.add_argument("--shard-size-mb", type=float, default=64.0, help="about this many MB per shard (default 64)")
+    shard.add_argument("--workers", type=_positive, default=4, help="shards written at once (default 4)")
+    shard.set_defaults(func=_shard)
 
 
 def _positive(text: str) -> int:
@@ -119,6 +141,28 @@ def _make_cityscapes(args: argparse.Namespace) -> int:
     except (ValueError, FileExistsError) as err:
         raise CvlabError(f"data make-cityscapes: {err}") from None
     _print_summary(summary, skip=("classes",))
+    return 0
+
+
+def _shard(args: argparse.Namespace) -> int:
+    from workloads.classification.shard_writer import write_shards
+
+    print(f"writing the shards of {args.src} to {args.dest} ...", flush=True)
+    try:
+        manifest = write_shards(args.src, args.dest, shard_size_mb=args.shard_size_mb, workers=args.workers,
+                                progress=lambda msg: print(msg, flush=True))
+    except ValueError as err:
+        raise CvlabError(f"data shard: {err}") from None
+    except OSError as err:  # pyarrow's words for a missing bucket, refused credentials, an unreachable server
+        hint = ""
+        if "://" in args.dest:
+            hint = (" (the endpoint and credentials come from AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, "
+                    "AWS_SECRET_ACCESS_KEY and AWS_REGION)")
+        raise CvlabError(f"data shard: cannot write {args.dest}: {err}{hint}") from None
+    for split, info in manifest["splits"].items():
+        skipped = f", {len(info['skipped'])} unreadable image(s) left out" if info["skipped"] else ""
+        print(f"  {split}: {info['samples']} images in {len(info['shards'])} shard(s){skipped}")
+    print(f"  classes: {len(manifest['classes'])}; manifest: {args.dest.rstrip('/')}/manifest.json")
     return 0
 
 

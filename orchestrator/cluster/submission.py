@@ -23,6 +23,8 @@ from pathlib import Path
 from orchestrator.errors import CvlabError
 
 log = logging.getLogger(__name__)
+# `cli/submit.py` imports this module at its top, so every `cvlab --help` loads it: ray, the config loader
+# (pydantic), pyarrow (runs.storage), asyncio and tomllib are imported inside the functions that use them.
 
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 
@@ -124,7 +126,7 @@ def _auth_hint(address: str) -> str:
 
 def translate_error(err: BaseException, address: str) -> CvlabError:
     """Turn the SDK's connection/authentication/HTTP errors into one CvlabError message."""
-    from ray.exceptions import AuthenticationError
+    from ray.exceptions import AuthenticationError  # deferred: see the note at the top
 
     if isinstance(err, AuthenticationError):
         return CvlabError(_auth_hint(address))
@@ -141,7 +143,7 @@ def translate_error(err: BaseException, address: str) -> CvlabError:
 
 def make_client(address: str | None = None):
     """A connected `JobSubmissionClient`, or CvlabError saying what to set or check."""
-    from ray.job_submission import JobSubmissionClient
+    from ray.job_submission import JobSubmissionClient  # deferred: see the note at the top
 
     address = normalize_address(address)
     # The SDK warns "no token found" whenever its own auth mode is token, even for clusters without auth.
@@ -175,7 +177,7 @@ def pip_packages_for_extras(extras: list[str], project_root: Path) -> list[str]:
     """Requirement strings for project extras from pyproject.toml; `base` means the core dependencies."""
     if not extras:
         return []
-    import tomllib
+    import tomllib  # deferred: see the note at the top (and Python 3.10 has no tomllib)
 
     pyproject = project_root / "pyproject.toml"
     try:
@@ -262,7 +264,7 @@ def _spec_path_in_project(spec_file: Path, project_root: Path) -> str:
 
 
 def _load_spec(spec_file: Path, overrides: list[str]):
-    from orchestrator.config.loader import load_spec
+    from orchestrator.config.loader import load_spec  # deferred: see the note at the top
 
     return load_spec(str(spec_file), overrides=list(overrides))
 
@@ -279,7 +281,7 @@ def _warn_local_tracking(uri: str | None, address: str) -> None:
 
 
 def _warn_relative_storage(storage_path: str) -> None:
-    from orchestrator.runs.storage import storage_scheme
+    from orchestrator.runs.storage import storage_scheme  # deferred: see the note at the top
 
     if storage_scheme(storage_path) == "" and not os.path.isabs(os.path.expanduser(storage_path)):
         log.warning("run.storage_path %r is relative: the job resolves it inside its temporary working dir, so "
@@ -360,7 +362,7 @@ def wait_for_job(client, job_id: str, *, timeout_s: float | None = None, poll_s:
 
 def stream_logs(client, job_id: str, out=None) -> None:
     """Print the job's logs as they come until the job ends (the SDK's async `tail_job_logs`)."""
-    import asyncio
+    import asyncio  # deferred: see the note at the top
 
     out = out or sys.stdout
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import difflib
 import functools
+import re
 import typing
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -117,8 +118,6 @@ def suggest(unknown: str, full: str | None = None) -> str | None:
 
 def mentioned_path(text: str) -> Path_ | None:
     """The first schema path named in a message (`... data.image_size (3) ...`), for locating it in a file."""
-    import re
-
     for word in re.findall(r"[a-z_]+(?:\.[a-z_]+)+", text):
         if word in _paths_and_sections():
             return tuple(word.split("."))

@@ -23,6 +23,9 @@ from pydantic import (
 MODEL_TOTAL_STRIDE = 32
 WORKLOADS = ("classification", "detection", "segmentation")
 DEFAULT_MODEL = "cednet26"
+# `data.augment.auto_augment: trivialaugment` selects torchvision's TrivialAugmentWide (timm 1.0 has no such
+# policy string); the classification worker's transforms know the same name.
+TRIVIAL_AUGMENT = "trivialaugment"
 
 
 def _not_bool(value: Any) -> Any:
@@ -73,9 +76,60 @@ class ModelSection(_Section):
         return dict(self.model_extra or {})
 
 
+def _pair(key: str, value: tuple[float, float], low: float, high: float | None, what: str) -> None:
+    lo, hi = value
+    if lo > hi:
+        raise ValueError(f"{key} must be [low, high] with low <= high, got [{lo:g}, {hi:g}]")
+    if lo <= low or (high is not None and hi > high):
+        bound = f"in (0, {high:g}]" if high is not None else "> 0"
+        raise ValueError(f"{key} values must be {bound} ({what}), got [{lo:g}, {hi:g}]")
+
+
+def _color_jitter(value: float | list[float] | None) -> None:
+    key = "data.augment.color_jitter"
+    if value is None:
+        return
+    if isinstance(value, list) and len(value) not in (3, 4):
+        raise ValueError(f"{key} must be null, one number or 3-4 numbers (brightness, contrast, saturation"
+                         f"[, hue]), got {value!r}")
+    values = value if isinstance(value, list) else [value]
+    if any(v < 0 for v in values):
+        raise ValueError(f"{key} strengths must be >= 0, got {value!r}")
+    if len(values) == 4 and values[3] > 0.5:
+        raise ValueError(f"{key}: the hue strength must be in [0, 0.5], got {values[3]:g}")
+
+
+def _auto_augment(value: str | None) -> None:
+    key = "data.augment.auto_augment"
+    if value is None or value == TRIVIAL_AUGMENT:
+        return
+    if not value:
+        raise ValueError(f"{key} must be null or a policy string, got {value!r}")
+    from timm.data import create_transform  # heavy, and needed only for a policy string
+
+    try:  # timm parses the string when it builds the policy (the same call the training transform makes)
+        create_transform(32, is_training=True, auto_augment=value)
+    except Exception as err:  # noqa: BLE001 - timm raises AssertionError, KeyError, ValueError, IndexError
+        raise ValueError(f"{key}: timm cannot read the policy {value!r} ({type(err).__name__}: {err}); use e.g. "
+                         f"'rand-m9-mstd0.5-inc1', '{TRIVIAL_AUGMENT}' or 'augmix-m5-w4-d2'") from None
+
+
 class AugmentSection(_Section):
-    """Training-time augmentation. The defaults are the paper recipe (crop + flip); the rest is timm's.
-    Values are checked by `workloads.classification.recipe.AugmentConfig`, the worker's own config."""
+    """`data.augment`: training-time augmentation. The defaults are the paper recipe (crop + flip only); the rest
+    is timm's.
+
+    - `scale`, `ratio`: RandomResizedCrop's area fraction and aspect-ratio ranges.
+    - `hflip`: probability of a horizontal flip (0 for digits and text).
+    - `auto_augment`: a timm policy string ('rand-m9-mstd0.5-inc1', 'augmix-m5-w4-d2', 'original', ...) or
+      'trivialaugment' (torchvision's TrivialAugmentWide); null = none.
+    - `color_jitter`: null = off; one strength or (brightness, contrast, saturation[, hue]). Not combinable
+      with `auto_augment` (timm turns colour jitter off under an auto-augment policy, except '3a').
+    - `re_prob`: random erasing probability (timm's RandomErasing, per-pixel noise fill as in timm's
+      training script).
+    - `mixup`, `cutmix`: Beta(alpha, alpha) parameters, 0 = off; `mixup_prob`: probability that a batch is
+      mixed; `switch_prob`: probability of cutmix rather than mixup when both are on. Mixing needs an even
+      `data.batch_size` (timm's Mixup pairs each image with the one at the mirrored position of the batch).
+    """
 
     scale: tuple[Float, Float] = (0.08, 1.0)  # RandomResizedCrop area range
     ratio: tuple[Float, Float] = (3 / 4, 4 / 3)  # RandomResizedCrop aspect-ratio range
@@ -90,13 +144,29 @@ class AugmentSection(_Section):
 
     @model_validator(mode="after")
     def _recipe(self):
-        self.to_config()  # ValueError naming the key (data.augment.scale: ...)
+        _pair("data.augment.scale", self.scale, 0.0, 1.0, "crop area as a fraction of the image")
+        _pair("data.augment.ratio", self.ratio, 0.0, None, "crop aspect ratio, width / height")
+        _auto_augment(self.auto_augment)
+        _color_jitter(self.color_jitter)
+        for name in ("hflip", "re_prob", "mixup_prob", "switch_prob"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"data.augment.{name} is a probability and must be in [0, 1], "
+                                 f"got {getattr(self, name):g}")
+        for name in ("mixup", "cutmix"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"data.augment.{name} is a Beta alpha and must be >= 0 (0 = off), "
+                                 f"got {getattr(self, name):g}")
+        aa = self.auto_augment
+        if aa is not None and self.color_jitter is not None and "3a" not in aa:
+            raise ValueError(f"data.augment.color_jitter cannot be combined with data.augment.auto_augment "
+                             f"({aa!r}): timm turns colour jitter off under an auto-augment policy; set "
+                             f"color_jitter to null")
         return self
 
-    def to_config(self):
-        from workloads.classification.recipe import AugmentConfig
-
-        return AugmentConfig(**self.model_dump())
+    @property
+    def mixes(self) -> bool:
+        """Whether batches are mixed (mixup or cutmix on, with a non-zero probability)."""
+        return (self.mixup > 0 or self.cutmix > 0) and self.mixup_prob > 0
 
 
 class DataSection(_Section):
@@ -111,23 +181,27 @@ class DataSection(_Section):
     batch_size: PosInt = 32  # per worker
     num_workers: NonNegInt = 4  # data-loader processes per Ray worker
     augment: AugmentSection = Field(default_factory=AugmentSection)
-    # What the network sees; checked by `workloads.classification.recipe.InputConfig`.
+    # What the network sees; with `grayscale` images have one channel, and mean/std one value each.
     mean: list[Float] = Field(default_factory=lambda: [0.485, 0.456, 0.406])
     std: list[Float] = Field(default_factory=lambda: [0.229, 0.224, 0.225])
     grayscale: bool = False  # one input channel (the model gets in_channels: 1)
-    interpolation: Literal["bilinear", "bicubic", "nearest"] = "bilinear"
+    interpolation: Literal["bilinear", "bicubic", "nearest"] = "bilinear"  # crop, val resize, auto-augment
 
     @model_validator(mode="after")
     def _inputs(self):
-        self.input_config()  # ValueError naming the key (data.mean: ..., data.val_resize: ...)
+        size, resize = self.image_size, self.val_resize
+        if resize is not None and resize < size:
+            raise ValueError(f"data.val_resize must be null or an integer >= data.image_size ({size}): the "
+                             f"centre crop must fit, got {resize!r}")
+        channels = 1 if self.grayscale else 3
+        for key in ("mean", "std"):
+            values = getattr(self, key)
+            if len(values) != channels:
+                raise ValueError(f"data.{key} has {len(values)} value(s) but the input has {channels} channel(s)"
+                                 + (" (data.grayscale is true)" if self.grayscale else ""))
+            if key == "std" and any(v <= 0 for v in values):
+                raise ValueError(f"data.std values must be > 0, got {list(values)}")
         return self
-
-    def input_config(self):
-        from workloads.classification.recipe import InputConfig
-
-        return InputConfig(mean=tuple(self.mean), std=tuple(self.std), grayscale=self.grayscale,
-                           interpolation=self.interpolation, image_size=self.image_size,
-                           val_resize=self.val_resize)
 
 
 class OptimSection(_Section):
@@ -229,7 +303,7 @@ class SearchSection(_Section):
 class DetectionSection(_Section):
     """mmdet workload (used when `workload: detection`)."""
 
-    config: str = Field(min_length=1)  # an mmdet config file (path, or one under workloads/detection/configs)
+    config: str = Field(min_length=1)  # an mmdet config file (a path, or a name from the bundled configs)
     data_root: str = "data/tiny-coco"
     generate: bool = False
     classes: list[str] | None = None
@@ -250,7 +324,7 @@ class DetectionSection(_Section):
 class SegmentationSection(_Section):
     """mmseg workload (used when `workload: segmentation`); iteration-based like mmseg's schedules."""
 
-    config: str = Field(min_length=1)  # an mmseg config (path, or one under workloads/segmentation/configs)
+    config: str = Field(min_length=1)  # an mmseg config (a path, or a name from the bundled configs)
     data_root: str = "data/tiny-cityscapes"
     generate: bool = False
     num_train_generated: PosInt = 40  # images written when `generate` is set and data_root is missing
@@ -299,7 +373,7 @@ class ExperimentSpec(_Section):
     @classmethod
     def _default_classifier(cls, data: Any) -> Any:
         # A classification file without a model section trains the quickstart's model; one that has the
-        # section must name the model (`model: {}` is refused). Other workloads take theirs from a config.
+        # section must name the model (`model: {}` is refused). Detection and segmentation take theirs from a config.
         if isinstance(data, dict) and data.get("workload", "classification") == "classification" \
                 and data.get("model") is None:
             return {**data, "model": {"name": DEFAULT_MODEL}}
@@ -311,9 +385,10 @@ class ExperimentSpec(_Section):
             if self.data.image_size < MODEL_TOTAL_STRIDE:
                 raise ValueError(f"data.image_size ({self.data.image_size}) is smaller than the model's total "
                                  f"stride ({MODEL_TOTAL_STRIDE}): use at least {MODEL_TOTAL_STRIDE}")
-            from workloads.classification.recipe import check_batch_size
-
-            check_batch_size(self.data.augment.to_config(), self.data.batch_size)
+            if self.data.augment.mixes and self.data.batch_size % 2:
+                raise ValueError(f"data.batch_size must be even when data.augment.mixup or data.augment.cutmix is "
+                                 f"on (timm's Mixup pairs every image with another of the batch), got "
+                                 f"{self.data.batch_size}")
         for workload in ("detection", "segmentation"):
             if self.workload == workload and getattr(self, workload) is None:
                 raise ValueError(f"workload: {workload} needs a `{workload}:` section (at least {workload}.config)")

@@ -5,7 +5,11 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
+from orchestrator.config.schema import DataSection
 from orchestrator.errors import CvlabError
+from orchestrator.inference.sources import read_classifier
+from workloads.classification.recipe import InputConfig
+from workloads.models import build_model
 
 log = logging.getLogger(__name__)
 
@@ -15,7 +19,7 @@ class Classifier:
     model: Any  # torch.nn.Module, eval mode, on the CPU
     name: str  # registry name, e.g. cednet26
     classes: list[str]
-    inputs: Any  # workloads.classification.recipe.InputConfig
+    inputs: InputConfig
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
@@ -24,10 +28,6 @@ class Classifier:
 
 def load_classifier(source) -> Classifier:
     """The classifier of a resolved source (`orchestrator.inference.sources.Source`) in the cvlab format."""
-    from orchestrator.inference.sources import read_classifier
-    from workloads.classification.recipe import InputConfig
-    from workloads.models import build_model
-
     name, overrides, state_dict, extra = read_classifier(source)
     model = build_model(name, **overrides)
     try:
@@ -40,9 +40,11 @@ def load_classifier(source) -> Classifier:
         log.warning("%s stores no class names; calling them class_0 .. class_%d", source.given, num_classes - 1)
         classes = [f"class_{i}" for i in range(num_classes)]
     stored = dict(extra.get("inputs") or {})
-    for key in ("mean", "std"):
-        if key in stored:
-            stored[key] = tuple(stored[key])
     if not stored:
         log.warning("%s stores no input settings; assuming 224 px ImageNet normalisation", source.given)
-    return Classifier(model=model.eval(), name=name, classes=classes, inputs=InputConfig(**stored))
+    # The worker's InputConfig as the checkpoint recorded it (dataclasses.asdict), checked by the schema, whose
+    # defaults (224 px, ImageNet normalisation) stand in for a file from before the inputs were recorded.
+    data = DataSection.model_validate(stored)
+    inputs = InputConfig(mean=tuple(data.mean), std=tuple(data.std), grayscale=data.grayscale,
+                         interpolation=data.interpolation, image_size=data.image_size, val_resize=data.val_resize)
+    return Classifier(model=model.eval(), name=name, classes=classes, inputs=inputs)

@@ -14,7 +14,11 @@ import os
 import warnings
 from typing import Any
 
+import onnxruntime
+import torch
+
 from orchestrator.errors import CvlabError
+from workloads.ops import decomposed
 
 log = logging.getLogger(__name__)
 FORMATS = ("onnx", "torchscript", "pt2")
@@ -24,22 +28,16 @@ CHECK_TOLERANCE = 1e-4
 
 
 def batch_dim():
-    import torch
-
     return torch.export.Dim("batch", min=1, max=4096)
 
 
 def export_program(model, example):
     """`torch.export.export` of `model` with a dynamic batch dimension (the custom op is kept)."""
-    import torch
-
     return torch.export.export(model, (example,), dynamic_shapes=({0: batch_dim()},))
 
 
 def export_classifier(classifier, fmt: str, out: str) -> dict[str, Any]:
     """Write `classifier` in `fmt` to `out`; returns {"path", "format", "max_abs_diff", "input_shape"}."""
-    import torch
-
     if fmt not in FORMATS:
         raise CvlabError(f"--format {fmt!r}: expected one of {', '.join(FORMATS)}")
     out = os.path.abspath(out)
@@ -66,11 +64,6 @@ def export_classifier(classifier, fmt: str, out: str) -> dict[str, Any]:
 
 
 def _onnx(model, example, check, out):
-    import onnxruntime
-    import torch
-
-    from workloads.ops import decomposed
-
     # The TorchScript-based exporter: on the decomposed involution (K*K strided slices per layer) it is about 5x
     # faster than the dynamo exporter (34 s against 168 s for cednet26 on 2 CPU cores) and gives the same graph
     # numerics. Its constant-folding notes about strided slices are expected, hence silenced.
@@ -83,10 +76,6 @@ def _onnx(model, example, check, out):
 
 
 def _torchscript(model, example, check, out):
-    import torch
-
-    from workloads.ops import decomposed
-
     with decomposed(), torch.no_grad():
         traced = torch.jit.trace(model, example, check_trace=False)
     traced.save(out)
@@ -95,8 +84,6 @@ def _torchscript(model, example, check, out):
 
 
 def _pt2(model, example, check, out):
-    import torch
-
     with torch.no_grad():
         torch.export.save(export_program(model, example), out)
         return torch.export.load(out).module()(check)

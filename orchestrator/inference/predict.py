@@ -5,14 +5,17 @@ import logging
 import os
 from typing import Any
 
+import torch
+from PIL import Image, UnidentifiedImageError
+
 from orchestrator.errors import CvlabError
+from workloads.classification.transforms import build_val_transform
+from workloads.models import visualize_kernels
 
 log = logging.getLogger(__name__)
 
 
 def load_image(path: str, grayscale: bool):
-    from PIL import Image, UnidentifiedImageError
-
     try:
         with Image.open(path) as im:
             return im.convert("L" if grayscale else "RGB")
@@ -23,10 +26,6 @@ def load_image(path: str, grayscale: bool):
 def predict_images(classifier, paths: list[str], topk: int = 5) -> list[dict[str, Any]]:
     """For each image: {"image", "top": [(class, probability), ...]} (best first), with the validation
     transform the classifier was trained with."""
-    import torch
-
-    from workloads.classification.transforms import build_val_transform
-
     if topk < 1:
         raise CvlabError(f"--topk must be >= 1, got {topk}")
     transform = build_val_transform(classifier.inputs)
@@ -42,9 +41,6 @@ def predict_images(classifier, paths: list[str], topk: int = 5) -> list[dict[str
 def write_kernel_maps(classifier, paths: list[str], out_dir: str) -> list[str]:
     """The involution kernel maps (`workloads.models.visualize_kernels`) of each image, as PNGs in `out_dir`,
     for the model input the validation transform makes of it."""
-    from workloads.classification.transforms import build_val_transform
-    from workloads.models import visualize_kernels
-
     os.makedirs(out_dir, exist_ok=True)
     transform = build_val_transform(classifier.inputs)
     written = []

@@ -5,6 +5,10 @@ import csv
 import os
 from typing import Any
 
+import matplotlib
+import matplotlib.pyplot as plt
+import numpy as np
+
 # Above this many classes the confusion matrix is drawn without class names on its axes.
 MAX_LABELLED_CLASSES = 40
 
@@ -31,12 +35,7 @@ def per_class_table(per_class: dict[str, dict[str, Any]], out_dir: str) -> list[
 
 def confusion_png(confusion: list[list[int]], classes: list[str], out_dir: str) -> str:
     """`confusion_matrix.png`: rows = true class, columns = prediction, each row normalised to its images."""
-    import matplotlib
-
     matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
-    import numpy as np
-
     counts = np.asarray(confusion, dtype=np.float64)
     rates = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1.0)
     n = len(classes)

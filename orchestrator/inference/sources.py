@@ -19,7 +19,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import mlflow
+import torch
+from mlflow import MlflowClient
+
 from orchestrator.errors import CvlabError
+from orchestrator.runs.records import read_record
+from orchestrator.tracking.server import resolve_tracking_uri
+from workloads.models.checkpoint import FORMAT
 
 log = logging.getLogger(__name__)
 FORMATS = ("auto", "cvlab", "mmcls", "mmengine")
@@ -62,11 +69,6 @@ def resolve_source(src: str, *, fmt: str = "auto", tracking_uri: str | None = No
 def _download(uri: str, tracking_uri: str | None, download_dir: str | None) -> tuple[Path, str | None]:
     """Fetch a `runs:/` or `models:/<name>/<version>` URI through an MlflowClient of `tracking_uri` (also the
     registry); MLflow's process-wide tracking URI and the environment are left alone."""
-    import mlflow
-    from mlflow import MlflowClient
-
-    from orchestrator.tracking.server import resolve_tracking_uri
-
     uri_tracking = tracking_uri or resolve_tracking_uri(None)
     try:
         client = MlflowClient(tracking_uri=uri_tracking, registry_uri=uri_tracking)
@@ -102,8 +104,6 @@ def _model_version_location(client, uri: str) -> tuple[str | None, str]:
 
 def _run_of_folder(path: Path) -> str | None:
     """The MLflow run of a cvlab Ray Train run folder (or of a checkpoint folder inside one)."""
-    from orchestrator.runs.records import read_record
-
     for folder in (path, path.parent, path.parent.parent):
         record = read_record(None, str(folder)) if folder.is_dir() else None
         if record:
@@ -155,10 +155,6 @@ def read_classifier(source: Source) -> tuple[str, dict[str, Any], dict, dict[str
     cvlab files carry their architecture and class names; published mmcls files carry neither: their weights
     are mapped onto the spec's model (`load_published_rednet`) by the caller.
     """
-    import torch
-
-    from workloads.models.checkpoint import FORMAT
-
     if source.format != "cvlab":
         raise CvlabError(f"{source.given} is a {source.format} checkpoint; classifiers read cvlab files here "
                          "(published mmcls files: --format mmcls with the experiment's model)")

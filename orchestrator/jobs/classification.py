@@ -4,19 +4,50 @@ The job generates the embedded dataset when asked, verifies the images once, che
 worker a frozen `TrainConfig` (`workloads.classification.loop` trains), and at the end logs the best and last
 checkpoints, a kernel visualisation and the model. Its evaluation job (`ClassificationEvalJob`) holds it for the
 data plan.
+
+The worker configs are translated from the validated spec here and nowhere else (`input_config`,
+`augment_config`, `optim_config`, `model_overrides`): the schema holds every default and every rule, the
+worker's dataclasses only the values.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
+from orchestrator.config.schema import AugmentSection, DataSection, OptimSection
 from orchestrator.errors import CvlabError
+from orchestrator.inference.classifier import Classifier
+from orchestrator.inference.reports import confusion_png, per_class_table
+from orchestrator.inference.sources import read_classifier
 from orchestrator.jobs.evaluation import EvalJob
 from orchestrator.names import BEST_CHECKPOINT_ARTIFACT, FAULT_MARKER_FILE, LAST_CHECKPOINT_ARTIFACT
 from orchestrator.runs.job import Job, RunContext
+from orchestrator.runs.records import list_local_checkpoints
+from orchestrator.runs.trainer import best_and_last
+from orchestrator.tracking.metric_logger import MlflowMetricLogger
+from orchestrator.tracking.models import log_classifier_model
+from orchestrator.tracking.system_metrics import SystemMetricsRecorder
+from workloads.classification.checkpoint import MODEL_FILE
+from workloads.classification.config import DataPlan, FaultDrills, OptimConfig, TrainConfig
+from workloads.classification.data import make_dataset, scan_split
+from workloads.classification.evaluation import EvalConfig, eval_loop_per_worker
+from workloads.classification.loop import train_loop_per_worker
+from workloads.classification.recipe import AugmentConfig, InputConfig
+from workloads.classification.synthetic import make_imagenet
+from workloads.classification.transforms import build_val_transform
+from workloads.models import (
+    build_model,
+    count_flops,
+    count_params,
+    load_checkpoint,
+    load_published_rednet,
+    visualize_kernels,
+)
 
 log = logging.getLogger(__name__)
 
@@ -29,13 +60,8 @@ def prepare_data(spec):
     split or a class folder without readable images; unreadable files are listed in the plan (and a warning
     names the first ones).
     """
-    from workloads.classification.config import DataPlan
-    from workloads.classification.data import scan_split
-
     root = Path(spec.data.root).expanduser().absolute()
     if spec.data.generate and not (root / "train").is_dir():
-        from workloads.classification.synthetic import make_imagenet
-
         log.info("generating the embedded dataset in %s ...", root)
         try:
             make_imagenet(root, classes=spec.data.num_classes_generated, per_class=spec.data.per_class_generated,
@@ -75,17 +101,43 @@ def check_batch(spec, data) -> None:
         )
 
 
+def with_class_count(overrides: dict[str, Any], count: int) -> dict[str, Any]:
+    """`overrides` with `num_classes: count` (last, where the checkpoints have always recorded it)."""
+    return {**{k: v for k, v in overrides.items() if k != "num_classes"}, "num_classes": count}
+
+
 def model_overrides(spec, data) -> dict[str, Any]:
-    """The model's constructor overrides, with the class count of the data (and one input channel for
-    grayscale data)."""
+    """The model's constructor overrides as the workers build it: the spec's, with the class count of the data
+    (and one input channel for grayscale data)."""
     overrides = dict(spec.model.overrides)
     wanted = overrides.get("num_classes")
     if wanted is not None and wanted != len(data.classes):
         raise CvlabError(f"model.num_classes is {wanted} but {data.train_dir} has {len(data.classes)} class folders")
-    overrides["num_classes"] = len(data.classes)
     if spec.data.grayscale:
         overrides["in_channels"] = 1
-    return overrides
+    return with_class_count(overrides, len(data.classes))
+
+
+_INPUT_KEYS = {f.name for f in dataclasses.fields(InputConfig)}
+
+
+def input_config(data: DataSection) -> InputConfig:
+    """The worker's `InputConfig` from the spec's `data` section (its other keys are not the network's)."""
+    values = data.model_dump(include=_INPUT_KEYS)
+    return InputConfig(**{**values, "mean": tuple(data.mean), "std": tuple(data.std)})
+
+
+def augment_config(augment: AugmentSection) -> AugmentConfig:
+    """The worker's `AugmentConfig` from the spec's `data.augment` section."""
+    values = augment.model_dump()
+    if isinstance(values["color_jitter"], list):
+        values["color_jitter"] = tuple(values["color_jitter"])
+    return AugmentConfig(**values)
+
+
+def optim_config(optim: OptimSection) -> OptimConfig:
+    """The worker's `OptimConfig` from the spec's `optim` section."""
+    return OptimConfig(**optim.model_dump())
 
 
 def data_params(data) -> dict[str, Any]:
@@ -116,8 +168,6 @@ class ClassificationJob(Job):
         return self.data
 
     def prepare(self) -> None:
-        from workloads.models import build_model, count_flops, count_params
-
         spec = self.spec
         check_batch(spec, self.ensure_data())
         o = spec.optim
@@ -148,16 +198,9 @@ class ClassificationJob(Job):
                             "skipped_images": d.skipped}}
 
     def worker(self):
-        from workloads.classification.loop import train_loop_per_worker
-
         return train_loop_per_worker
 
     def worker_config(self, ctx: RunContext):
-        from orchestrator.runs.records import list_local_checkpoints
-        from orchestrator.tracking.metric_logger import MlflowMetricLogger
-        from orchestrator.tracking.system_metrics import SystemMetricsRecorder
-        from workloads.classification.config import FaultDrills, OptimConfig, TrainConfig
-
         spec, run = self.spec, self.spec.run
         local = ctx.local_run_dir
         kill, nan = run.fault_kill_rank_at, run.fault_nan_loss_at
@@ -166,18 +209,16 @@ class ClassificationJob(Job):
             kill_marker=os.path.join(local, FAULT_MARKER_FILE) if local else None,
             nan_at=(nan.epoch, nan.step) if nan else None,
         )
-        optim = spec.optim.model_dump()
-        optim["betas"] = tuple(optim["betas"])
         return TrainConfig(
             model_name=spec.model.name,
-            model_overrides={k: v for k, v in model_overrides(spec, self.data).items() if k != "num_classes"},
+            model_overrides=model_overrides(spec, self.data),
             data=self.data,
             seed=spec.experiment.seed,
-            inputs=spec.data.input_config(),
-            augment=spec.data.augment.to_config(),
+            inputs=input_config(spec.data),
+            augment=augment_config(spec.data.augment),
             batch_size=spec.data.batch_size,
             loader_workers=spec.data.num_workers,
-            optim=OptimConfig(**optim),
+            optim=optim_config(spec.optim),
             autocast=spec.precision.autocast,
             channels_last=spec.precision.channels_last,
             checkpoint_every=run.checkpoint_every,
@@ -191,14 +232,6 @@ class ClassificationJob(Job):
 
     def finalize(self, result, ctx: RunContext) -> dict[str, Any]:
         """Log the best and last checkpoints, the kernel picture and the model; return the summary."""
-        import tempfile
-
-        from orchestrator.inference.classifier import Classifier
-        from orchestrator.runs.trainer import best_and_last
-        from orchestrator.tracking.models import log_classifier_model
-        from workloads.classification.checkpoint import MODEL_FILE
-        from workloads.models import load_checkpoint, visualize_kernels
-
         summary: dict[str, Any] = {"metrics": dict(result.metrics or {})}
         best, best_metrics, last = best_and_last(result, self.best_metric, self.best_mode)
         if last is None:
@@ -214,7 +247,7 @@ class ClassificationJob(Job):
             model, _extra = load_checkpoint(os.path.join(last_dir, MODEL_FILE))
             if self.spec.tracking.log_model:
                 classifier = Classifier(model=model.eval(), name=self.spec.model.name,
-                                        classes=list(self.data.classes), inputs=self.spec.data.input_config())
+                                        classes=list(self.data.classes), inputs=input_config(self.spec.data))
                 summary["model_uri"] = log_classifier_model(
                     ctx.tracking_uri, run_id, classifier, os.path.join(last_dir, MODEL_FILE),
                     registered_model_name=self.spec.tracking.register_model)
@@ -231,11 +264,8 @@ class ClassificationJob(Job):
     def _kernel_image(self):
         """The first validation image as the model sees it in validation: a (1, C, H, W) tensor from the
         validation transform (the spec's `data.val_resize`, crop, mean and std)."""
-        from workloads.classification.data import make_dataset
-        from workloads.classification.transforms import build_val_transform
-
         ds = make_dataset(self.data.val_dir, list(self.data.classes), self.data.val_skip,
-                          build_val_transform(self.spec.data.input_config()))
+                          build_val_transform(input_config(self.spec.data)))
         return ds[0][0][None]
 
     def summary_lines(self, summary: dict[str, Any]) -> list[str]:
@@ -273,8 +303,6 @@ class ClassificationEvalJob(EvalJob):
         return self.job.data
 
     def prepare(self) -> None:
-        from workloads.models import count_params
-
         classes = list(self.job.ensure_data().classes)
         if self.source.format == "mmcls":  # a published RedNet: the spec names the architecture
             model = self._published_model(classes)
@@ -286,11 +314,9 @@ class ClassificationEvalJob(EvalJob):
 
     def _published_model(self, classes: list[str]):
         """The spec's architecture with the weights of a published mmcls RedNet file (kept as `state_dict`)."""
-        from workloads.models import build_model, load_published_rednet
-
         self.model_name = self.spec.model.name
-        self.overrides = {k: v for k, v in model_overrides(self.spec, self.data).items() if k != "num_classes"}
-        model = build_model(self.model_name, **self.overrides, num_classes=len(classes))
+        self.overrides = model_overrides(self.spec, self.data)
+        model = build_model(self.model_name, **self.overrides)
         try:
             load_published_rednet(model, self.source.path)
         except (ValueError, OSError, RuntimeError) as err:
@@ -301,17 +327,14 @@ class ClassificationEvalJob(EvalJob):
     def _cvlab_model(self, classes: list[str]):
         """The model a cvlab checkpoint names, with its weights (kept as `state_dict`); refused when trained on
         other classes."""
-        from orchestrator.inference.sources import read_classifier
-        from workloads.models import build_model
-
         self.model_name, overrides, self.state_dict, extra = read_classifier(self.source)
         trained_on = extra.get("classes")
         if trained_on is not None and list(trained_on) != classes:
             raise CvlabError(f"{self.source.given} was trained on {len(trained_on)} classes "
                              f"({', '.join(map(str, trained_on[:5]))}...), not the {len(classes)} class folders "
                              f"of {self.data.val_dir}")
-        self.overrides = {k: v for k, v in overrides.items() if k != "num_classes"}
-        model = build_model(self.model_name, **self.overrides, num_classes=len(classes))
+        self.overrides = with_class_count(overrides, len(classes))
+        model = build_model(self.model_name, **self.overrides)
         try:
             model.load_state_dict(self.state_dict, strict=True)
         except RuntimeError as err:
@@ -323,25 +346,17 @@ class ClassificationEvalJob(EvalJob):
         return {**self.stats, **data_params(self.data), **self.source_params(), "eval.model": self.model_name}
 
     def worker(self):
-        from workloads.classification.evaluation import eval_loop_per_worker
-
         return eval_loop_per_worker
 
     def worker_config(self, ctx: RunContext):
-        from workloads.classification.evaluation import EvalConfig
-
         spec = self.spec
         return EvalConfig(model_name=self.model_name, state_dict=self.state_dict, data=self.data,
-                          model_overrides=self.overrides, inputs=spec.data.input_config(),
+                          model_overrides=self.overrides, inputs=input_config(spec.data),
                           batch_size=spec.data.batch_size, loader_workers=spec.data.num_workers,
                           label_smoothing=spec.optim.label_smoothing, autocast=spec.precision.autocast,
                           channels_last=spec.precision.channels_last, verbosity=ctx.verbosity)
 
     def finalize(self, result, ctx: RunContext) -> dict[str, Any]:
-        import tempfile
-
-        from orchestrator.inference.reports import confusion_png, per_class_table
-
         metrics = dict(result.metrics or {})
         scalars = self.log_eval_metrics(result, ctx)
         classes = list(self.data.classes)

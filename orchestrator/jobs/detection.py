@@ -8,14 +8,15 @@ from pathlib import Path
 from orchestrator.errors import CvlabError
 from orchestrator.jobs.openmmlab import OpenMMLabJob, checked_data
 from workloads.detection import METRIC_NAMES, SCOPE
+from workloads.detection.coco_check import check_coco_dataset
+from workloads.detection.mmcfg import build_config
+from workloads.detection.synthetic_coco import DEFAULT_CLASSES, make_coco
 
 log = logging.getLogger(__name__)
 
 
 def prepare_coco(spec) -> dict:
     """Generate the synthetic set when asked and missing, then validate the annotations (CvlabError)."""
-    from workloads.detection.coco_check import check_coco_dataset
-
     det = spec.detection
     root = Path(det.data_root)
     if not (root / "annotations").is_dir():
@@ -23,8 +24,6 @@ def prepare_coco(spec) -> dict:
             raise CvlabError(f"detection.data_root {root} holds no annotations/ folder; point it at a COCO "
                              "layout (annotations/instances_{train,val}2017.json, train2017/, val2017/) or "
                              "set detection.generate: true for the synthetic shapes set")
-        from workloads.detection.synthetic_coco import DEFAULT_CLASSES, make_coco
-
         log.info("generating the synthetic COCO set in %s ...", root)
         try:
             make_coco(root, num_train=det.num_train_generated, num_val=det.num_val_generated,
@@ -36,8 +35,6 @@ def prepare_coco(spec) -> dict:
 
 def build_detection_config(spec, classes: list[str] | None = None):
     """The final mmengine Config of a detection spec (CvlabError on bad settings)."""
-    from workloads.detection.mmcfg import build_config
-
     try:
         return build_config(spec.detection, work_dir="work_dirs/cvlab-det", seed=spec.experiment.seed,
                             log_every=spec.run.log_every, checkpoint_every=spec.run.checkpoint_every,

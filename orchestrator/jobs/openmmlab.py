@@ -9,6 +9,7 @@ of the config (its overrides go to the backbone too).
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 from typing import Any
@@ -17,6 +18,12 @@ from orchestrator.errors import CvlabError
 from orchestrator.jobs.evaluation import EvalJob
 from orchestrator.names import BEST_CHECKPOINT_ARTIFACT, FAULT_MARKER_FILE, LAST_CHECKPOINT_ARTIFACT
 from orchestrator.runs.job import Job, RunContext
+from orchestrator.runs.trainer import best_and_last
+from orchestrator.tracking.metric_logger import MlflowMetricLogger
+from orchestrator.tracking.system_metrics import SystemMetricsRecorder
+from workloads.mmlab.checkpoints import load_checkpoint_file
+from workloads.mmlab.configs import build_on_meta
+from workloads.mmlab.worker import train_worker
 from workloads.mmlab.worker_config import SCOPES, MMWorkerConfig
 
 log = logging.getLogger(__name__)
@@ -79,8 +86,6 @@ class OpenMMLabJob(Job):
 
     def config_and_model(self):
         """The final config (the YAML's model section applied) and its model on the meta device."""
-        from workloads.mmlab.configs import build_on_meta
-
         cfg = self.build_config()
         if self.spec.model is not None:
             backbone = cfg.model.backbone
@@ -105,8 +110,6 @@ class OpenMMLabJob(Job):
         return {f"{self.scope}_config.py": self.cfg.pretty_text}
 
     def dataset_input(self) -> dict[str, Any]:
-        import hashlib
-
         root = str(self.section.data_root)
         profile = {f"{split}_images": info["images"] for split, info in self.data.items()}
         digest = hashlib.sha256(repr(sorted(profile.items())).encode()).hexdigest()[:16]
@@ -114,8 +117,6 @@ class OpenMMLabJob(Job):
                 "digest": digest, "profile": profile}
 
     def worker(self):
-        from workloads.mmlab.worker import train_worker
-
         return train_worker
 
     def runner_settings(self, ctx: RunContext) -> dict[str, Any]:
@@ -126,9 +127,6 @@ class OpenMMLabJob(Job):
                     sync_bn=getattr(self.section, "sync_bn", "auto"), verbosity=ctx.verbosity)
 
     def worker_config(self, ctx: RunContext):
-        from orchestrator.tracking.metric_logger import MlflowMetricLogger
-        from orchestrator.tracking.system_metrics import SystemMetricsRecorder
-
         spec = self.spec
         local = ctx.local_run_dir
         kill = spec.run.fault_kill_rank_at
@@ -144,8 +142,6 @@ class OpenMMLabJob(Job):
 
     def finalize(self, result, ctx: RunContext) -> dict[str, Any]:
         """Log the best and last checkpoints; subclasses add their pictures and tables."""
-        from orchestrator.runs.trainer import best_and_last
-
         best, best_metrics, last = best_and_last(result, self.best_metric, self.best_mode)
         summary = {"metrics": dict(result.metrics or {}), "checkpoint": last.path if last else None,
                    "best_checkpoint": best.path if best else None, "num_params": self.num_params,
@@ -192,8 +188,6 @@ class OpenMMLabEvalJob(EvalJob):
 
     def _read_weights(self) -> dict:
         """The checkpoint's state dict, with its keys and shapes checked against the config's model."""
-        from workloads.mmlab.checkpoints import load_checkpoint_file
-
         try:
             payload = load_checkpoint_file(self.source.path)
         except Exception as err:  # noqa: BLE001 - pickle, zip and allow-list errors all mean "cannot read"

@@ -13,10 +13,16 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import ray.train
+
 from orchestrator.errors import CvlabError
 from orchestrator.jobs.openmmlab import OpenMMLabJob, checked_data
 from orchestrator.runs.job import RunContext
-from workloads.segmentation import METRIC_NAMES, SCOPE
+from workloads.segmentation import METRIC_NAMES, SCOPE, mmcfg
+from workloads.segmentation.cityscapes import check_cityscapes_dataset
+from workloads.segmentation.metrics import class_iou_table, format_class_iou_table
+from workloads.segmentation.synthetic import make_cityscapes
+from workloads.segmentation.visualize import load_segmentor, val_samples, write_overlays
 
 log = logging.getLogger(__name__)
 OVERLAYS = 4  # prediction pictures logged at the end of a run
@@ -25,8 +31,6 @@ OVERLAYS = 4  # prediction pictures logged at the end of a run
 def prepare_cityscapes(spec) -> dict:
     """Generate the synthetic set when asked and missing, then check images and labels (CvlabError naming the
     bad files)."""
-    from workloads.segmentation.cityscapes import check_cityscapes_dataset
-
     seg = spec.segmentation
     root = Path(seg.data_root)
     if not (root / "leftImg8bit").is_dir():
@@ -35,8 +39,6 @@ def prepare_cityscapes(spec) -> dict:
                              "Cityscapes layout (leftImg8bit/{train,val}/<city>/*_leftImg8bit.png, gtFine/{train,val}/"
                              "<city>/*_gtFine_labelTrainIds.png) or set segmentation.generate: true for the "
                              "synthetic set")
-        from workloads.segmentation.synthetic import make_cityscapes
-
         log.info("generating the synthetic Cityscapes set in %s ...", root)
         try:
             make_cityscapes(root, num_train=seg.num_train_generated, num_val=seg.num_val_generated,
@@ -61,19 +63,16 @@ class SegmentationJob(OpenMMLabJob):
         return prepare_cityscapes(self.spec)
 
     def build_config(self):
-        from workloads.segmentation.mmcfg import build_config
-
         try:
-            return build_config(self.section, work_dir="work_dirs/cvlab-seg", seed=self.spec.experiment.seed,
-                                log_every=self.spec.run.log_every, checkpoints_kept=self.spec.run.checkpoints_kept)
+            return mmcfg.build_config(self.section, work_dir="work_dirs/cvlab-seg",
+                                      seed=self.spec.experiment.seed, log_every=self.spec.run.log_every,
+                                      checkpoints_kept=self.spec.run.checkpoints_kept)
         except (ValueError, FileNotFoundError) as err:
             raise CvlabError(f"segmentation: {err}") from None
 
     def finalize(self, result, ctx: RunContext) -> dict[str, Any]:
         """Checkpoints, then the per-class IoU table of the last validation and a few prediction overlays of
         the best checkpoint."""
-        from workloads.segmentation.metrics import class_iou_table, format_class_iou_table
-
         summary = super().finalize(result, ctx)
         rows = class_iou_table(result.metrics or {})
         with tempfile.TemporaryDirectory(prefix="cvlab-seg-") as tmp:
@@ -91,10 +90,6 @@ class SegmentationJob(OpenMMLabJob):
 
     def _overlays(self, checkpoint_dir: str, out_dir: str) -> list:
         """image | ground truth | prediction pictures of the first validation images (none if that fails)."""
-        import ray.train
-
-        from workloads.segmentation.visualize import load_segmentor, val_samples, write_overlays
-
         try:
             with ray.train.Checkpoint(checkpoint_dir).as_directory() as folder:
                 pth = sorted(Path(folder).glob("*.pth"))

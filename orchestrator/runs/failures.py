@@ -1,6 +1,9 @@
 """One readable message for whatever stopped a Ray Train run."""
 from __future__ import annotations
 
+from ray.exceptions import RayActorError
+from ray.train import TrainingFailedError
+
 from orchestrator.errors import CvlabError
 
 
@@ -25,9 +28,6 @@ def _last_line(err: BaseException) -> str:
 
 def as_cvlab_error(err: Exception, what: str = "training") -> Exception:
     """A CvlabError for the failures of `trainer.fit()` that have a known cause; other errors unchanged."""
-    from ray.exceptions import RayActorError
-    from ray.train import TrainingFailedError
-
     if isinstance(err, TrainingFailedError):
         return CvlabError(training_error_message(err, what))
     if isinstance(err, RayActorError):  # Ray's Ctrl-C handler aborts the controller actor

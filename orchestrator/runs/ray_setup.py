@@ -7,7 +7,11 @@ import math
 import os
 from contextlib import contextmanager
 
+import ray
+import torch
+
 from orchestrator.errors import CvlabError
+from workloads.logs import verbosity
 
 log = logging.getLogger(__name__)
 # Worker processes importing torch on a busy machine can take longer than Ray Train's 60 s default.
@@ -19,9 +23,6 @@ def check_gpu_request(spec) -> None:
     (no RAY_ADDRESS, no Ray connection) and torch sees no CUDA device."""
     if not spec.scaling.use_gpu or os.environ.get("RAY_ADDRESS"):
         return
-    import ray
-    import torch
-
     if ray.is_initialized():
         return  # the cluster's resources are checked against the request (check_fits)
     if not torch.cuda.is_available():
@@ -36,10 +37,6 @@ def ensure_ray(num_cpus: int | None = None) -> bool:
     """Connect to Ray (an initialised session, RAY_ADDRESS or a running local cluster), else start a local
     one with `num_cpus` logical CPUs (default: Ray's own count). True when this call started or connected it,
     i.e. when the caller should shut it down."""
-    import ray
-
-    from workloads.logs import verbosity
-
     if ray.is_initialized():
         return False
     os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", WORKER_START_TIMEOUT_S)
@@ -61,8 +58,6 @@ def ray_session(num_cpus: int | None = None, *, owned: bool = True):
         yield started
     finally:
         if started:
-            import ray
-
             ray.shutdown()
 
 
@@ -97,7 +92,5 @@ def check_fits(need: dict[str, float], cluster: dict[str, float], what: str, det
 
 def check_run_fits(spec) -> None:
     """Refuse a run whose workers can never be placed (Ray would wait for them forever)."""
-    import ray
-
     check_fits(worker_group_resources(spec), ray.cluster_resources(), "the run",
                f"{spec.scaling.num_workers} worker(s)")

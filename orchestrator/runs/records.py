@@ -11,6 +11,8 @@ import json
 import os
 import time
 
+import pyarrow.fs as pafs
+
 from orchestrator.names import RUN_RECORD_FILE
 from orchestrator.runs.storage import storage_join
 
@@ -19,14 +21,10 @@ def filesystem(fs):
     """`fs`, or the local pyarrow filesystem when it is None."""
     if fs is not None:
         return fs
-    import pyarrow.fs as pafs
-
     return pafs.LocalFileSystem()
 
 
 def exists(fs, path: str) -> bool:
-    import pyarrow.fs as pafs
-
     return filesystem(fs).get_file_info(path).type != pafs.FileType.NotFound
 
 
@@ -47,8 +45,6 @@ def write_record(fs, folder: str, record: dict) -> None:
 
 def find_previous_run(fs, storage: str, base: str) -> tuple[str, dict] | None:
     """The newest `(ray_run_name, record)` among `<storage>/<base>-<timestamp>` folders, or None."""
-    import pyarrow.fs as pafs
-
     found = []
     try:
         infos = filesystem(fs).get_file_info(pafs.FileSelector(storage, allow_not_found=True))

@@ -17,6 +17,8 @@ import os
 from pathlib import Path
 from urllib.parse import urlsplit
 
+import pyarrow.fs as pafs
+
 from orchestrator.errors import CvlabError
 
 # Schemes pyarrow opens natively. `gcs` is pyarrow's alias for `gs`.
@@ -79,8 +81,6 @@ def resolve_storage(path: str, *, create: bool = True):
             if not os.access(normalised, os.W_OK):
                 raise CvlabError(f"run.storage_path {normalised!r} is not writable")
         return None, normalised
-
-    import pyarrow.fs as pafs  # heavy import: only when a bucket is used
 
     try:
         filesystem, bucket_path = pafs.FileSystem.from_uri(normalised)

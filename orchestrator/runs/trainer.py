@@ -4,6 +4,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchConfig, TorchTrainer
+
 from orchestrator.errors import CvlabError
 from orchestrator.names import RAY_SNAPSHOT_FILE
 from orchestrator.runs.job import Job, RunContext
@@ -25,9 +28,6 @@ def refuse_reused_folder(fs, storage: str, name: str) -> None:
 def build_trainer(job: Job, ctx: RunContext, *, name: str, storage: str, fs=None,
                   callbacks: Sequence[Any] = ()):
     """A `TorchTrainer` running `job.worker()` with `job.worker_config(ctx)` in folder `<storage>/<name>`."""
-    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
-
     spec = job.spec
     use_gpu = spec.scaling.use_gpu
     return TorchTrainer(

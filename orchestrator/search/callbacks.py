@@ -8,6 +8,10 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from ray.tune import Callback
+
+from orchestrator.search.trial import find_trial_run
+from orchestrator.tracking.runs import end_run, log_best_metric, log_metrics, logged_steps, make_client
 
 log = logging.getLogger(__name__)
 
@@ -38,10 +42,6 @@ def end_status(last_result: dict | None, budget: int, scheduler: str, step_metri
 
 def make_status_callback(book: TrialBookkeeping):
     """A Tune callback that ends each trial's nested MLflow run with a reason (and its best metric)."""
-    from ray.tune import Callback
-
-    from orchestrator.search.trial import find_trial_run
-    from orchestrator.tracking.runs import end_run, log_best_metric, log_metrics, logged_steps, make_client
 
     class _TrialRunStatus(Callback):
         def _run(self, trial):

@@ -7,13 +7,18 @@ and the plots (metric against each searched parameter, parallel coordinates) to 
 """
 from __future__ import annotations
 
+import difflib
 import json
 from pathlib import Path
 from typing import Any
 
-from orchestrator.errors import CvlabError
+from mlflow.tracking import MlflowClient
 
+from orchestrator.errors import CvlabError
 from orchestrator.names import END_REASON_TAG, KIND_TAG, PARENT_RUN_TAG, SEARCH_PATHS_TAG
+from orchestrator.search import report
+from orchestrator.tracking.runs import best_metric_key
+from orchestrator.tracking.server import resolve_tracking_uri, ui_link
 
 # Where model size / speed may be recorded (metric or param keys), first match wins.
 PARAMS_KEYS = ("model.params", "model/params_m", "params_m", "model.params_m", "model/params", "params")
@@ -61,8 +66,6 @@ def run_to_row(run, param_keys, metric: str) -> dict:
     """A report row. The metric is the run's best value (`best/<metric>`, logged when a run ends) where it
     has one, else its last, so that runs stopped early compare fairly with finished ones; `epoch` is how far
     the run got and `best_epoch` where its best value was reached."""
-    from orchestrator.tracking.runs import best_metric_key
-
     data = run.data.metrics
     metrics: dict[str, Any] = {}
     if best_metric_key(metric) in data:
@@ -109,8 +112,6 @@ def collect(client, experiment_name: str, metric: str, parent_run_id: str | None
     exp = client.get_experiment_by_name(experiment_name)
     if exp is None:
         names = [e.name for e in client.search_experiments()]
-        import difflib
-
         near = difflib.get_close_matches(experiment_name, names, n=1)
         hint = f" (did you mean {near[0]!r}?)" if near else ""
         raise CvlabError(
@@ -150,11 +151,6 @@ def compare(experiment_name: str, metric: str = "val/top1", mode: str | None = N
             parent_run_id: str | None = None) -> dict:
     """Rank an experiment's runs; write table + plots to `out_dir`. Returns rows, columns, paths and the
     experiment's (or the parent run's) MLflow UI link (None without a tracking server)."""
-    from mlflow.tracking import MlflowClient
-
-    from orchestrator.search import report
-    from orchestrator.tracking.server import ui_link
-
     uri = tracking_uri or _default_tracking_uri()
     mode = mode or default_mode(metric)
     client = MlflowClient(tracking_uri=uri)
@@ -180,6 +176,4 @@ def _safe(name: str) -> str:
 
 
 def _default_tracking_uri() -> str:
-    from orchestrator.tracking.server import resolve_tracking_uri
-
     return resolve_tracking_uri(None)

@@ -15,6 +15,11 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+import matplotlib
+import matplotlib.pyplot as plt
+from matplotlib import cm, colors
+from matplotlib.ticker import FixedFormatter, FixedLocator, NullLocator
+
 # Extra columns shown after the searched params and the ranking metric, when any row has them.
 DEFAULT_EXTRA_METRICS = ("best_epoch", "epoch", "params_m", "gflops", "images_per_s")
 # At most this many distinct numbers on an axis are treated as discrete values: one tick each, labelled.
@@ -114,18 +119,13 @@ def _axis_values(values: list[Any]) -> tuple[list[float | None], list[str] | Non
 
 
 def _plt():
-    import matplotlib
-
+    """pyplot on the Agg backend (no display needed)."""
     matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
-
     return plt
 
 
 def _discrete_ticks(ax, values: list[float], log: bool) -> None:
     """Label each value of a discrete numeric axis with the value itself (1, 2, 4, 8, not 10^0, 10^1)."""
-    from matplotlib.ticker import FixedFormatter, FixedLocator, NullLocator
-
     ticks = sorted(set(values))
     ax.xaxis.set_major_locator(FixedLocator(ticks))
     ax.xaxis.set_major_formatter(FixedFormatter([_fmt(int(v) if v == int(v) else v) for v in ticks]))
@@ -214,8 +214,6 @@ def plot_parallel_coordinates(rows: Sequence[dict], param_keys: Sequence[str], m
     if not rows:
         return None
     plt = _plt()
-    from matplotlib import cm, colors
-
     axes_keys = list(param_keys) + [metric]
     columns = []  # (normalised positions, tick positions, tick labels)
     for key in axes_keys:
@@ -240,8 +238,6 @@ def plot_parallel_coordinates(rows: Sequence[dict], param_keys: Sequence[str], m
     metric_vals = [_num(r["metrics"][metric]) for r in rows]
     cnorm = colors.Normalize(min(metric_vals), max(metric_vals) if max(metric_vals) > min(metric_vals)
                              else min(metric_vals) + 1e-9)
-    import matplotlib
-
     cmap = matplotlib.colormaps["viridis"]
     fig, ax = plt.subplots(figsize=(max(5.0, 1.9 * len(axes_keys)), 4.2))
     order = sorted(range(len(rows)), key=lambda i: metric_vals[i], reverse=(mode == "min"))

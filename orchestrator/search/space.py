@@ -12,16 +12,24 @@ A space maps dotted spec paths to one distribution each:
 
 Everything here is checked before a single trial starts (`check_search`): unknown paths (with the nearest
 valid one), malformed distributions, and every combination the space can produce against the model
-(`workloads.models.validate_model_config`) and the spec schema. Only `to_tune()` imports Ray.
+(`workloads.models.validate_model_config`) and the spec schema.
 """
 from __future__ import annotations
 
+import difflib
 import itertools
 import math
 from dataclasses import dataclass
 from typing import Any
 
+from ray import tune
+
+from orchestrator.config.loader import apply_overrides, flatten_spec
+from orchestrator.config.paths import DOTTED_KEY_FIELDS, nearest_path, valid_paths
 from orchestrator.errors import CvlabError
+from orchestrator.jobs import job_class, job_for
+from workloads.models import validate_model_config
+from workloads.models.config import FAMILY_DEFAULTS, parse_name
 
 # kind -> what its argument is
 KINDS: dict[str, str] = {
@@ -69,8 +77,6 @@ class Dimension:
         return [self.low, self.high]
 
     def to_tune(self):
-        from ray import tune
-
         if self.kind == "grid":
             return tune.grid_search(list(self.values))
         if self.kind == "choice":
@@ -124,8 +130,6 @@ def parse_dimension(path: str, dist: Any) -> Dimension:
         )
     (kind, arg), = dist.items()
     if kind not in KINDS:
-        import difflib
-
         near = difflib.get_close_matches(str(kind), list(KINDS), n=1)
         hint = f" (did you mean {near[0]!r}?)" if near else ""
         raise CvlabError(f"{where}: unknown distribution {kind!r}{hint}; kinds: {kinds}")
@@ -177,10 +181,8 @@ def parse_space(space: dict[str, Any]) -> SearchSpace:
 
 # ------------------------------------------------------------------------------------------- validation
 def _model_override_names(model_name: str) -> set[str]:
-    """Override keys the model family accepts (empty when the model table is not importable)."""
+    """Override keys the model family accepts (empty for a name the model table does not know)."""
     try:
-        from workloads.models.config import FAMILY_DEFAULTS, parse_name
-
         return set(FAMILY_DEFAULTS[parse_name(model_name)[0]])
     except Exception:  # noqa: BLE001 - suggestions only; validate_model_config still judges
         return set()
@@ -188,9 +190,6 @@ def _model_override_names(model_name: str) -> set[str]:
 
 def check_paths(spec, space: SearchSpace) -> None:
     """Every searched path must exist in the spec (or be a model override); else name the nearest one."""
-    from orchestrator.config.loader import flatten_spec
-    from orchestrator.config.paths import DOTTED_KEY_FIELDS, nearest_path, valid_paths
-
     # Searching the search itself, the workload kind or where results go makes no sense.
     for path in space.paths:
         if path.split(".")[0] in ("search", "workload", "tracking"):
@@ -218,8 +217,6 @@ def check_paths(spec, space: SearchSpace) -> None:
 def check_metric(search, reported: tuple[str, ...], workload: str) -> None:
     """`search.metric` must be one the workload reports (the job's `reported_metrics`)."""
     if search.metric not in reported:
-        import difflib
-
         near = difflib.get_close_matches(search.metric, reported, n=1)
         hint = f" (did you mean {near[0]!r}?)" if near else ""
         raise CvlabError(f"search.metric {search.metric!r} is not reported by the {workload} workload{hint}; "
@@ -263,10 +260,6 @@ def check_combinations(spec, space: SearchSpace) -> int:
     the workload's own (`Job.check_variant`: an OpenMMLab config is built, its model on the meta device).
     Raises CvlabError listing the bad combinations and why.
     """
-    from orchestrator.config.loader import apply_overrides
-    from orchestrator.jobs import job_class
-    from workloads.models import validate_model_config
-
     problems: list[str] = []
     model_dims = [d for d in space.dimensions if d.is_model]
     other_dims = [d for d in space.dimensions if not d.is_model]
@@ -312,8 +305,6 @@ def check_search(spec) -> SearchSpace:
             "this experiment has no `search:` section; add one (search.space, search.metric, ...) "
             "to run `cvlab tune`"
         )
-    from orchestrator.jobs import job_for
-
     job = job_for(spec)
     space = parse_space(spec.search.space)
     check_paths(spec, space)

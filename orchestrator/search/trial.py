@@ -7,7 +7,12 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
+import ray.tune
+from ray.tune.integration.ray_train import TuneReportCallback
+
+from orchestrator.config.loader import apply_overrides, spec_from_dict, to_plain
 from orchestrator.errors import CvlabError
+from orchestrator.jobs import job_for
 from orchestrator.names import (
     END_REASON_TAG,
     KIND_TAG,
@@ -17,6 +22,8 @@ from orchestrator.names import (
     TRIAL_ID_TAG,
     TRIAL_NAME_TAG,
 )
+from orchestrator.runs.lifecycle import TrialRun, run_job
+from orchestrator.tracking.runs import end_run, logged_steps, make_client
 
 log = logging.getLogger(__name__)
 
@@ -54,14 +61,6 @@ def short_value(value: Any) -> str:
 
 def trial_main(config: dict, ctx: TrialContext) -> None:
     """The trainable of `cvlab tune`: one full (data-parallel) Ray Train run of the experiment's workload."""
-    import ray.tune
-    from ray.tune.integration.ray_train import TuneReportCallback
-
-    from orchestrator.config.loader import apply_overrides, spec_from_dict, to_plain
-    from orchestrator.jobs import job_for
-    from orchestrator.runs.lifecycle import TrialRun, run_job
-    from orchestrator.tracking.runs import end_run, logged_steps, make_client
-
     tctx = ray.tune.get_context()
     trial_id, trial_name = tctx.get_trial_id(), tctx.get_trial_name()
     overrides = {p: to_plain(config[p]) for p in ctx.search_paths}

@@ -21,13 +21,23 @@ from __future__ import annotations
 import json
 import logging
 import os
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import ray
+import yaml
+from ray import tune
+from ray.tune import CLIReporter
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+from ray.tune.search.basic_variant import BasicVariantGenerator
+
+from orchestrator.config.loader import apply_overrides, flatten_spec, spec_to_dict
 from orchestrator.environment import temporary_environment
 from orchestrator.errors import CvlabError
+from orchestrator.jobs import job_for
 from orchestrator.names import (
     BEST_RUN_TAG,
     FAILED_TRIALS_TAG,
@@ -38,9 +48,21 @@ from orchestrator.names import (
     WORKLOAD_TAG,
 )
 from orchestrator.runs.lifecycle import open_experiment, preflight
-from orchestrator.runs.ray_setup import ray_session
-from orchestrator.search.trial import find_trial_run
-from orchestrator.tracking.runs import end_run
+from orchestrator.runs.ray_setup import check_fits, ray_session, worker_group_resources
+from orchestrator.runs.storage import resolve_storage, validate_storage_path
+from orchestrator.search import compare, report
+from orchestrator.search.callbacks import TrialBookkeeping, make_status_callback
+from orchestrator.search.space import check_search
+from orchestrator.search.trial import TrialContext, find_trial_run, trial_main
+from orchestrator.tracking.runs import (
+    best_metric_key,
+    create_run,
+    end_run,
+    log_metrics,
+    log_params,
+    make_client,
+)
+from orchestrator.tracking.server import ui_link
 from workloads.logs import ensure_configured
 
 log = logging.getLogger(__name__)
@@ -52,9 +74,6 @@ DEFAULT_TRIAL_CPU = 0.25
 # ----------------------------------------------------------------------------------------- the driver
 def _absolute_spec(spec):
     """Local paths made absolute: Tune runs each trial in its own working directory."""
-    from orchestrator.config.loader import apply_overrides
-    from orchestrator.runs.storage import validate_storage_path
-
     changes: dict[str, Any] = {"data.root": str(Path(spec.data.root).expanduser().absolute()),
                                "run.storage_path": validate_storage_path(spec.run.storage_path)}
     for section in ("detection", "segmentation"):
@@ -83,8 +102,6 @@ def plan_concurrency(spec, cluster: dict[str, float]) -> int:
     Tune only knows about the trial's own process, so without a limit it would start trials whose
     workers then wait for resources. Raises CvlabError when one trial can never fit.
     """
-    from orchestrator.runs.ray_setup import check_fits, worker_group_resources
-
     need = worker_group_resources(spec)
     for k, v in trial_resources(spec).items():
         key = k.upper() if k in ("cpu", "gpu") else k
@@ -105,9 +122,6 @@ def _find_search_to_resume(client, experiment_id: str, base: str):
 
 
 def _log_parent_params(client, run_id: str, spec, space, job) -> None:
-    from orchestrator.config.loader import flatten_spec
-    from orchestrator.tracking.runs import log_params
-
     flat = {k: v for k, v in flatten_spec(spec).items()
             if k not in space.paths and not k.startswith("search.")}
     s = spec.search
@@ -126,8 +140,6 @@ def _max_t(spec, job) -> int:
 
 
 def _make_scheduler(spec, job):
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
-
     s = spec.search
     if s.scheduler == "asha":
         # time_attr = the reports' progress counter (epoch): rungs in trained steps, also after a trial
@@ -138,8 +150,6 @@ def _make_scheduler(spec, job):
 
 
 def _progress_reporter(spec, space, job):
-    from ray.tune import CLIReporter
-
     s = spec.search
     params = {p: p.split(".", 1)[-1] for p in space.paths}
     metrics = {job.step_metric: job.step_metric, s.metric: s.metric}
@@ -229,12 +239,6 @@ def run_search(spec, *, resume: bool = False, num_cpus: int | None = None, verbo
 def _prepare_search(spec) -> _Search:
     """Check every combination, the tracking server and the GPU request; prepare the data once (and check each
     searched batch size against it); open the experiment and the storage. Nothing starts on a bad value."""
-    from orchestrator.config.loader import apply_overrides
-    from orchestrator.jobs import job_for
-    from orchestrator.runs.storage import resolve_storage
-    from orchestrator.search.space import check_search
-    from orchestrator.tracking.runs import make_client
-
     ensure_configured()
     space = check_search(spec)  # nothing starts unless every combination is valid
     spec = _absolute_spec(spec)
@@ -256,11 +260,6 @@ def _prepare_search(spec) -> _Search:
 
 def _open_parent(search: _Search, resume: bool) -> None:
     """The MLflow parent run and the Tune folder: the earlier search's when resuming, else new ones."""
-    from ray import tune
-
-    from orchestrator.config.loader import spec_to_dict
-    from orchestrator.tracking.runs import create_run
-
     spec, client = search.spec, search.client
     base = _search_base_name(spec)
     if resume:
@@ -320,14 +319,6 @@ def _fit_search(search: _Search, num_cpus: int | None, verbose: int) -> tuple[di
 
 def _build_tuner(search: _Search, verbose: int):
     """The Tuner of the search: restored from its folder when resuming, else new, over `trial_main`."""
-    import ray
-    from ray import tune
-
-    from orchestrator.config.loader import spec_to_dict
-    from orchestrator.search.callbacks import TrialBookkeeping, make_status_callback
-    from orchestrator.search.trial import TrialContext, trial_main
-    from orchestrator.tracking.server import ui_link
-
     spec, space, job = search.spec, search.space, search.job
     concurrency = plan_concurrency(spec, ray.cluster_resources())
     # Trials log where the search does (the URI resolved here, not again in each trial process).
@@ -397,8 +388,6 @@ def _end_search(search: _Search, statuses: dict[str, str], interrupted: bool) ->
 
 
 def _search_alg(spec, concurrency: int):
-    from ray.tune.search.basic_variant import BasicVariantGenerator
-
     # Seeded so that a search draws the same random samples each time it is started. The concurrency
     # limit lives here: TuneConfig.max_concurrent_trials is ignored with a SearchGenerator.
     return BasicVariantGenerator(random_state=spec.experiment.seed, max_concurrent=concurrency)
@@ -407,14 +396,6 @@ def _search_alg(spec, concurrency: int):
 def finalize_search(client, spec, space, experiment_name: str, experiment_id: str,
                     parent_run_id: str) -> dict[str, Any]:
     """Summary table, plots and the best trial's config, logged to the parent run."""
-    import tempfile
-
-    import yaml
-
-    from orchestrator.config.loader import apply_overrides, spec_to_dict
-    from orchestrator.search import compare, report
-    from orchestrator.tracking.runs import best_metric_key, log_metrics, log_params
-
     s = spec.search
     try:
         rows, _ = compare.collect(client, experiment_name, s.metric, parent_run_id=parent_run_id)

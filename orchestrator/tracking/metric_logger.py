@@ -8,7 +8,7 @@ from collections.abc import Iterable
 
 from orchestrator.environment import temporary_environment
 from orchestrator.errors import CvlabError
-from orchestrator.tracking.runs import log_metrics, logged_steps, make_client
+from orchestrator.tracking.runs import log_metrics, log_params, logged_steps, make_client
 
 log = logging.getLogger(__name__)
 
@@ -126,8 +126,6 @@ class MlflowMetricLogger:
 
     def log_params(self, params: dict) -> None:
         """Log params the run does not have yet; a server that is away (or a changed value) only warns."""
-        from orchestrator.tracking.runs import log_params
-
         try:
             with self._http_env():
                 log_params(self.client, self.run_id, params)

@@ -13,7 +13,19 @@ import os
 import tempfile
 from pathlib import Path
 
+import mlflow
+import numpy as np
+import torch
+from mlflow import MlflowClient
+from mlflow.entities import LoggedModelOutput, LoggedModelStatus
+from mlflow.exceptions import MlflowException
+from mlflow.models import ModelSignature
+from mlflow.tracking.context.registry import resolve_tags
+from mlflow.types import ColSpec, Schema, TensorSpec
+from mlflow.utils.mlflow_tags import MLFLOW_MODEL_VERSIONS
+
 import workloads.classification
+from orchestrator.inference.export import export_program
 
 PYFUNC_CODE = Path(workloads.classification.__file__).with_name("pyfunc_model.py")
 EXAMPLE_BATCH = 2  # > 1: torch.export keeps the batch dimension dynamic only for examples larger than 1
@@ -25,11 +37,6 @@ def log_classifier_model(tracking_uri: str, run_id: str, classifier, checkpoint_
     """Log `classifier` (`orchestrator.inference.classifier.Classifier`) into run `run_id` (registered when a
     name is given); returns the model URI (`models:/<model id>`). The run's status is left as it is (the
     caller ends it)."""
-    import mlflow
-    from mlflow import MlflowClient
-    from mlflow.entities import LoggedModelOutput, LoggedModelStatus
-    from mlflow.tracking.context.registry import resolve_tags
-
     client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
     run = client.get_run(run_id)
     logged = client.create_logged_model(run.info.experiment_id, name=MODEL_NAME, source_run_id=run_id,
@@ -54,14 +61,6 @@ def log_classifier_model(tracking_uri: str, run_id: str, classifier, checkpoint_
 
 def _save_pyfunc(path: str, classifier, checkpoint_path: str, tmp: str, mlflow_model) -> None:
     """Write the MLflow model folder: the code, the exported program, our checkpoint, signature and example."""
-    import mlflow
-    import numpy as np
-    import torch
-    from mlflow.models import ModelSignature
-    from mlflow.types import ColSpec, Schema, TensorSpec
-
-    from orchestrator.inference.export import export_program
-
     c, h, w = classifier.input_shape
     example = np.zeros((EXAMPLE_BATCH, c, h, w), dtype=np.float32)
     signature = ModelSignature(inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, c, h, w), "images")]),
@@ -84,9 +83,6 @@ def _register(client, name: str, logged, run_id: str) -> None:
     Its source is the logged model's artifact location, not `models:/<model id>`: MLflow's local (sqlite)
     registry would look that URI up through the process-wide tracking URI, not this client's.
     """
-    from mlflow.exceptions import MlflowException
-    from mlflow.utils.mlflow_tags import MLFLOW_MODEL_VERSIONS
-
     try:
         client.create_registered_model(name)
     except MlflowException as err:

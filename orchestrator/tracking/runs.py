@@ -3,8 +3,6 @@
 - the experiment is created once, on the driver, and its id is passed around (never
   `mlflow.set_experiment`, which leaks `MLFLOW_EXPERIMENT_ID` into Ray workers);
 - the driver creates the run and ends it FINISHED, FAILED or KILLED; workers only log to it by run id.
-
-MLflow is imported inside functions so that `cvlab --help` stays fast.
 """
 from __future__ import annotations
 
@@ -17,6 +15,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+from mlflow import MlflowClient
+from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param
+from mlflow.exceptions import MlflowException
+
 from orchestrator.names import END_REASON_TAG, ERROR_TAG, EXPERIMENT_KIND, EXPERIMENT_KIND_TAG, PARENT_RUN_TAG
 
 log = logging.getLogger(__name__)
@@ -25,8 +27,6 @@ _BATCH = 100  # MLflow's limit on params per log_batch call
 
 
 def make_client(tracking_uri: str):
-    from mlflow import MlflowClient
-
     return MlflowClient(tracking_uri=tracking_uri)
 
 
@@ -36,8 +36,6 @@ def ensure_experiment(client, name: str, artifact_location: str | None = None) -
     The experiment is tagged as a model-training one (`mlflow.experimentKind`). MLflow 3.17's UI does not
     choose its view by that tag; the links of `orchestrator.tracking.server.ui_link` open the model-training view.
     """
-    from mlflow.exceptions import MlflowException
-
     exp = client.get_experiment_by_name(name)
     if exp is not None:
         if exp.lifecycle_stage == "deleted":
@@ -85,8 +83,6 @@ def log_params(client, run_id: str, params: dict[str, Any]) -> dict[str, tuple[s
     MLflow refuses to change a logged param, so a resumed run with changed settings (e.g. more epochs)
     keeps the old value and the caller records the change elsewhere (a tag).
     """
-    from mlflow.entities import Param
-
     existing = client.get_run(run_id).data.params
     new, changed = [], {}
     for key, value in params.items():
@@ -108,8 +104,6 @@ def logged_steps(client, run_id: str, key: str) -> set[int]:
 
 
 def log_metrics(client, run_id: str, metrics: dict[str, float], step: int) -> None:
-    from mlflow.entities import Metric
-
     now = int(time.time() * 1000)
     batch = [Metric(k, float(v), now, step) for k, v in metrics.items()]
     client.log_batch(run_id, metrics=batch)
@@ -137,8 +131,6 @@ def log_best_metric(client, run_id: str, metric: str, mode: str = "max", step_me
 def log_dataset(client, run_id: str, *, name: str, source: str, digest: str, profile: dict[str, Any],
                 context: str = "training") -> None:
     """The run's data set as an MLflow dataset input (the UI's Dataset column): name, source, digest, sizes."""
-    from mlflow.entities import Dataset, DatasetInput, InputTag
-
     dataset = Dataset(name=name, digest=digest, source_type="local" if "://" not in source else
                       source.split("://", 1)[0], source=json.dumps({"uri": source}), profile=json.dumps(profile))
     client.log_inputs(run_id, datasets=[DatasetInput(dataset, tags=[InputTag("mlflow.data.context", context)])])

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import logging
 
+from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
 log = logging.getLogger(__name__)
 
 
@@ -25,8 +27,6 @@ class SystemMetricsRecorder:
         """Sample every `interval_s` seconds in a background thread; `node_id` names the node when there are
         several (metrics `system/<node_id>/...`). Continues the run's earlier steps after a restart."""
         try:
-            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
-
             self._monitor = SystemMetricsMonitor(self.run_id, sampling_interval=self.interval_s,
                                                  resume_logging=True, node_id=node_id,
                                                  tracking_uri=self.tracking_uri)

@@ -1,4 +1,4 @@
 """ImageNet-style image classification workload: data pipeline, training loop, synthetic data.
 
-Submodules import torch lazily where they can; importing this package is cheap.
+Importing this package is cheap (it imports no submodule); the submodules import what they use at the top.
 """

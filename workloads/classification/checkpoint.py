@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import os
 
+import torch
+
 from workloads.classification.reproducibility import rng_state, set_rng_state
 from workloads.distributed import unwrap
+from workloads.models import load_checkpoint, save_checkpoint
 
 MODEL_FILE = "model.pt"
 STATE_FILE = "train_state.pt"
@@ -20,10 +23,6 @@ def save_training_checkpoint(directory: str, model, optimizer, scheduler, scaler
     publish them: both files are written under temporary names, read back (ValueError if they do not
     reload), and only then renamed into place. A process killed on the way leaves no file under a real name.
     """
-    import torch
-
-    from workloads.models import save_checkpoint
-
     partial = {name: os.path.join(directory, name + PARTIAL_SUFFIX) for name in (MODEL_FILE, STATE_FILE)}
     save_checkpoint(partial[MODEL_FILE], unwrap(model), extra={"epoch": epoch, **(model_info or {})})
     torch.save(
@@ -56,10 +55,6 @@ def verify_training_checkpoint(directory: str) -> int:
 
 
 def _read(model_file: str, state_file: str, directory: str) -> tuple[dict, dict]:
-    import torch
-
-    from workloads.models import load_checkpoint
-
     try:
         saved_model, _ = load_checkpoint(model_file, map_location="cpu")
         state = torch.load(state_file, map_location="cpu", weights_only=True)

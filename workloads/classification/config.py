@@ -1,7 +1,7 @@
 """The typed, frozen config a classification worker receives (built by the driver from the experiment spec)."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from workloads.classification.recipe import AugmentConfig, InputConfig
@@ -26,51 +26,54 @@ class DataPlan:
 
 @dataclass(frozen=True)
 class OptimConfig:
-    name: str = "sgd"  # "sgd" | "adamw"
-    lr: float = 0.1
-    scale_lr: bool = True
-    base_batch_size: int = 256
-    momentum: float = 0.9
-    nesterov: bool = True
-    weight_decay: float = 1e-4
-    betas: tuple[float, float] = (0.9, 0.999)
-    label_smoothing: float = 0.1
-    epochs: int = 130
-    warmup_epochs: float = 0.0
-    warmup_iters: int = 0
-    min_lr: float = 0.0
-    grad_clip: float | None = None
-    skip_nonfinite_steps: int = 0
-    ema_decay: float | None = None
+    """`optim.*` (see the schema, `orchestrator.config.schema.OptimSection`)."""
+
+    name: str  # "sgd" | "adamw"
+    lr: float
+    scale_lr: bool
+    base_batch_size: int
+    momentum: float
+    nesterov: bool
+    weight_decay: float
+    betas: tuple[float, float]
+    label_smoothing: float
+    epochs: int
+    warmup_epochs: float
+    warmup_iters: int
+    min_lr: float
+    grad_clip: float | None
+    skip_nonfinite_steps: int
+    ema_decay: float | None
 
 
 @dataclass(frozen=True)
 class FaultDrills:
-    """Fault injection for reliability drills (`run.fault_*` in the spec); all off by default."""
+    """Fault injection for reliability drills (`run.fault_*` in the spec); None = off."""
 
-    kill_at: tuple[int, int, int] | None = None  # (epoch, step, rank): that worker SIGKILLs itself once
-    kill_marker: str | None = None  # file left behind so the restarted worker does not repeat the kill
-    nan_at: tuple[int, int] | None = None  # (epoch, step): the loss turns NaN on every worker
+    kill_at: tuple[int, int, int] | None  # (epoch, step, rank): that worker SIGKILLs itself once
+    kill_marker: str | None  # file left behind so the restarted worker does not repeat the kill
+    nan_at: tuple[int, int] | None  # (epoch, step): the loss turns NaN on every worker
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Everything one classification worker needs; plain data, pickled to every Ray Train worker."""
+    """Everything one classification worker needs; plain data, pickled to every Ray Train worker. Built by the
+    job (`orchestrator.jobs.classification`) from the validated spec, which holds every default."""
 
     model_name: str
     data: DataPlan
-    model_overrides: dict[str, Any] = field(default_factory=dict)
-    seed: int = 0
-    inputs: InputConfig = field(default_factory=InputConfig)  # image size, normalisation, grayscale
-    augment: AugmentConfig = field(default_factory=AugmentConfig)  # the paper recipe by default
-    batch_size: int = 32  # per worker
-    loader_workers: int = 4
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    autocast: str = "fp32"  # "fp32" | "bf16" | "fp16" (GPU only)
-    channels_last: bool = False
-    checkpoint_every: int = 1  # epochs
-    log_every: int = 10  # steps between progress lines
-    faults: FaultDrills = field(default_factory=FaultDrills)
+    model_overrides: dict[str, Any]  # num_classes included: the worker builds the model with exactly these
+    seed: int
+    inputs: InputConfig  # image size, normalisation, grayscale
+    augment: AugmentConfig
+    batch_size: int  # per worker
+    loader_workers: int
+    optim: OptimConfig
+    autocast: str  # "fp32" | "bf16" | "fp16" (GPU only)
+    channels_last: bool
+    checkpoint_every: int  # epochs
+    log_every: int  # steps between progress lines
+    faults: FaultDrills
     fallback_checkpoints: tuple[str, ...] = ()  # older checkpoints (newest first) if the latest is unreadable
     epoch_logger: Any = None  # has logged_epochs() and log_epoch(epoch, metrics); used by rank 0 only
     system_metrics: Any = None  # has start(node_id) and stop(); run by each node's local rank 0

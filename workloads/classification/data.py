@@ -18,12 +18,12 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+from PIL import Image
+from torchvision.datasets import ImageFolder
+from torchvision.datasets.folder import IMG_EXTENSIONS
+
 log = logging.getLogger(__name__)
 
-# Same extensions as torchvision.datasets.folder.IMG_EXTENSIONS (kept here to avoid importing torchvision).
-IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 # How far from the end of a JPEG file the end-of-image marker may sit (some encoders pad files).
 _JPEG_TAIL = 1024
 
@@ -37,6 +37,7 @@ class SplitScan:
     counts: dict[str, int]  # readable images per class folder
     bad: list[tuple[str, str]] = field(default_factory=list)  # (path relative to root, reason)
     missing_classes: list[str] = field(default_factory=list)  # expected class folders that are absent
+    images: list[tuple[str, str]] = field(default_factory=list)  # (class, path relative to root), readable, sorted
 
     @property
     def num_images(self) -> int:
@@ -53,8 +54,6 @@ def is_image_file(name: str) -> bool:
 
 def check_image(path: str) -> str | None:
     """Why the image at `path` is unreadable, or None when it looks fine. Cheap: no full decode."""
-    from PIL import Image
-
     try:
         size = os.path.getsize(path)
         if size == 0:
@@ -133,9 +132,11 @@ def scan_split(
 
     counts = {cls: 0 for cls in classes}
     bad: list[tuple[str, str]] = []
+    images: list[tuple[str, str]] = []
     for (cls, rel), reason in zip(files, reasons):
         if reason is None:
             counts[cls] += 1
+            images.append((cls, rel))
         else:
             bad.append((rel, reason))
     missing = [cls for cls in classes if not os.path.isdir(os.path.join(split_dir, cls))]
@@ -146,52 +147,48 @@ def scan_split(
         raise ValueError(f"class folder {folder} has no readable images{more}")
     if sum(counts.values()) == 0:
         raise ValueError(f"{split_dir} has no readable images")
-    return SplitScan(root=split_dir, classes=list(classes), counts=counts, bad=bad, missing_classes=missing)
+    return SplitScan(root=split_dir, classes=list(classes), counts=counts, bad=bad, missing_classes=missing,
+                     images=images)
 
 
-def _image_folder_class():
-    from torchvision.datasets import ImageFolder
+class TolerantImageFolder(ImageFolder):
+    """ImageFolder with a fixed class list, a skip list, and tolerant loading.
 
-    class TolerantImageFolder(ImageFolder):
-        """ImageFolder with a fixed class list, a skip list, and tolerant loading.
+    Items are `(image, target, failures)`: `failures` counts the files that failed to decode before
+    a readable one was found (0 almost always), so the training loop can count them.
+    """
 
-        Items are `(image, target, failures)`: `failures` counts the files that failed to decode before
-        a readable one was found (0 almost always), so the training loop can count them.
-        """
+    def __init__(self, root: str, classes: list[str], skip=(), transform=None, max_tries: int = 16):
+        self._fixed_classes = list(classes)
+        self._skip = {os.path.normpath(os.path.join(root, rel)) for rel in skip}
+        self._max_tries = max_tries
+        super().__init__(root, transform=transform, is_valid_file=self._valid, allow_empty=True)
 
-        def __init__(self, root: str, classes: list[str], skip=(), transform=None, max_tries: int = 16):
-            self._fixed_classes = list(classes)
-            self._skip = {os.path.normpath(os.path.join(root, rel)) for rel in skip}
-            self._max_tries = max_tries
-            super().__init__(root, transform=transform, is_valid_file=self._valid, allow_empty=True)
+    def _valid(self, path: str) -> bool:
+        return is_image_file(path) and os.path.normpath(path) not in self._skip
 
-        def _valid(self, path: str) -> bool:
-            return is_image_file(path) and os.path.normpath(path) not in self._skip
+    def find_classes(self, directory):
+        return self._fixed_classes, {c: i for i, c in enumerate(self._fixed_classes)}
 
-        def find_classes(self, directory):
-            return self._fixed_classes, {c: i for i, c in enumerate(self._fixed_classes)}
-
-        def __getitem__(self, index: int):
-            failures = 0
-            for attempt in range(self._max_tries):
-                path, target = self.samples[(index + attempt) % len(self.samples)]
-                try:
-                    image = self.loader(path)
-                except Exception as err:  # noqa: BLE001 - a corrupt file that slipped through verification
-                    failures += 1
-                    log.warning("skipping unreadable image %s: %s", path, err)
-                    continue
-                if self.transform is not None:
-                    image = self.transform(image)
-                return image, target, failures
-            raise RuntimeError(f"{self._max_tries} consecutive unreadable images from {self.samples[index][0]}")
-
-    return TolerantImageFolder
+    def __getitem__(self, index: int):
+        failures = 0
+        for attempt in range(self._max_tries):
+            path, target = self.samples[(index + attempt) % len(self.samples)]
+            try:
+                image = self.loader(path)
+            except Exception as err:  # noqa: BLE001 - a corrupt file that slipped through verification
+                failures += 1
+                log.warning("skipping unreadable image %s: %s", path, err)
+                continue
+            if self.transform is not None:
+                image = self.transform(image)
+            return image, target, failures
+        raise RuntimeError(f"{self._max_tries} consecutive unreadable images from {self.samples[index][0]}")
 
 
 def make_dataset(split_dir: str, classes: list[str], skip=(), transform=None):
     """A `TolerantImageFolder` over `split_dir` with the given class order, leaving out `skip` files."""
-    return _image_folder_class()(split_dir, classes, skip=skip, transform=transform)
+    return TolerantImageFolder(split_dir, classes, skip=skip, transform=transform)
 
 
 class ShardSampler:

@@ -12,6 +12,8 @@ continues exactly where the checkpointed one stopped.
 """
 from __future__ import annotations
 
+from timm.utils import ModelEmaV3
+
 from workloads.distributed import unwrap
 
 
@@ -21,8 +23,6 @@ def create_ema(model, decay: float | None):
         return None
     if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0.0 < decay < 1.0:
         raise ValueError(f"optim.ema_decay must be null or a number in (0, 1), got {decay!r}")
-    from timm.utils import ModelEmaV3
-
     return ModelEmaV3(unwrap(model), decay=float(decay))
 
 

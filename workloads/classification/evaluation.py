@@ -10,13 +10,18 @@ checkpoint folder holding them as `eval.json`.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
+import torch
+
 from workloads.classification.config import DataPlan
+from workloads.classification.data import ShardSampler, make_dataset
 from workloads.classification.recipe import InputConfig
+from workloads.classification.transforms import build_val_transform
 from workloads.distributed import all_reduce, unwrap
 from workloads.eval_report import report_evaluation
+from workloads.models import build_model
 from workloads.runtime import WorkerRuntime, start_worker
 
 log = logging.getLogger(__name__)
@@ -27,20 +32,18 @@ class EvalConfig:
     model_name: str
     state_dict: dict  # the weights, as tensors
     data: DataPlan
-    model_overrides: dict[str, Any] = field(default_factory=dict)
-    inputs: InputConfig = field(default_factory=InputConfig)
-    batch_size: int = 32
-    loader_workers: int = 4
-    label_smoothing: float = 0.0  # as in training, so that eval/loss equals the logged val/loss
-    autocast: str = "fp32"
-    channels_last: bool = False
+    model_overrides: dict[str, Any]  # num_classes included: the model is built with exactly these
+    inputs: InputConfig
+    batch_size: int
+    loader_workers: int
+    label_smoothing: float  # as in training, so that eval/loss equals the logged val/loss
+    autocast: str
+    channels_last: bool
     verbosity: int = 0
 
 
 def confusion_counts(logits, targets, num_classes: int):
     """(C, C) int64 counts: row = true class, column = predicted class."""
-    import torch
-
     pred = logits.argmax(1)
     return torch.bincount(targets * num_classes + pred, minlength=num_classes * num_classes).reshape(
         num_classes, num_classes)
@@ -50,8 +53,6 @@ def evaluate_shard(model, loader, num_classes: int, criterion, runtime: WorkerRu
     """Summed counts over this worker's shard, as float64 / int64 tensors to be all-reduced: `totals`
     (loss_sum, top1, top5, n, failures), `confusion` (see `confusion_counts`) and `top5_per_class`. Used by
     `cvlab eval` and by the training loop's epoch validation."""
-    import torch
-
     net = unwrap(model)  # no DDP collectives: shards may hold different numbers of batches
     net.eval()
     totals = torch.zeros(5, dtype=torch.float64, device=runtime.device)
@@ -108,15 +109,9 @@ def evaluate_all_shards(model, loader, classes, criterion, runtime: WorkerRuntim
 
 
 def eval_loop_per_worker(cfg: EvalConfig) -> None:
-    import torch
-
-    from workloads.classification.data import ShardSampler, make_dataset
-    from workloads.classification.transforms import build_val_transform
-    from workloads.models import build_model
-
     runtime = start_worker(cfg.verbosity, cfg.autocast, cfg.channels_last)
     classes = list(cfg.data.classes)
-    model = build_model(cfg.model_name, **{**cfg.model_overrides, "num_classes": len(classes)})
+    model = build_model(cfg.model_name, **cfg.model_overrides)
     model.load_state_dict(cfg.state_dict, strict=True)
     model = runtime.place(model)
 

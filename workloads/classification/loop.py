@@ -21,17 +21,26 @@ import logging
 import tempfile
 import time
 
+import ray.train
+import ray.train.torch
+import torch
+
 from workloads.classification.checkpoint import (
     apply_training_state,
     read_training_checkpoint,
     save_training_checkpoint,
 )
 from workloads.classification.config import TrainConfig
-from workloads.classification.ema import ema_state_dict, load_ema_state_dict, update_ema
+from workloads.classification.data import ShardSampler, make_dataset
+from workloads.classification.ema import create_ema, ema_state_dict, load_ema_state_dict, update_ema
 from workloads.classification.evaluation import evaluate_shard, summarize_totals
 from workloads.classification.hooks import KillDrill, NanDrill, NonFiniteLossPolicy, StepHook
+from workloads.classification.mixup import build_mixup, build_train_criterion
 from workloads.classification.reproducibility import seed_everything
+from workloads.classification.schedule import build_optimizer, build_scheduler, scaled_lr
+from workloads.classification.transforms import build_train_transform, build_val_transform
 from workloads.distributed import all_reduce, take_rank0_buffers, unwrap
+from workloads.models import build_model
 from workloads.runtime import start_worker
 
 log = logging.getLogger(__name__)
@@ -82,23 +91,13 @@ class EpochTrainer:
     """One worker's training state and its named steps (see the module docstring)."""
 
     def __init__(self, cfg: TrainConfig):
-        import ray.train.torch
-        import torch
-
-        from workloads.classification.data import ShardSampler, make_dataset
-        from workloads.classification.ema import create_ema
-        from workloads.classification.mixup import build_mixup, build_train_criterion
-        from workloads.classification.schedule import build_optimizer, build_scheduler, scaled_lr
-        from workloads.classification.transforms import build_train_transform, build_val_transform
-        from workloads.models import build_model
-
         self.cfg = cfg
         self.runtime = runtime = start_worker(cfg.verbosity, cfg.autocast, cfg.channels_last)
 
         # Model: same initial weights on every rank (DDP broadcasts them anyway).
         seed_everything(cfg.seed)
-        overrides = {**cfg.model_overrides, "num_classes": len(cfg.data.classes)}
-        self.model = ray.train.torch.prepare_model(runtime.place(build_model(cfg.model_name, **overrides)))
+        model = build_model(cfg.model_name, **cfg.model_overrides)
+        self.model = ray.train.torch.prepare_model(runtime.place(model))
         if cfg.autocast != "fp32" and runtime.amp_dtype is None:
             log.info("precision.autocast=%s is used on GPU only; training in fp32 on CPU", cfg.autocast)
         self.scaler = torch.amp.GradScaler("cuda", enabled=runtime.amp_dtype == torch.float16)
@@ -144,8 +143,6 @@ class EpochTrainer:
         self.steps_done = 0  # by this worker process: a restart from a checkpoint runs fewer
 
     def _any_worker(self, bad: bool) -> bool:
-        import torch
-
         flag = torch.tensor([1.0 if bad else 0.0], device=self.runtime.device)
         return all_reduce(flag, op="max").item() > 0
 
@@ -153,8 +150,6 @@ class EpochTrainer:
     def restore(self) -> None:
         """Continue from Ray Train's latest checkpoint; when it is unreadable, warn naming it and use the newest
         readable one among `fallback_checkpoints`. Nothing to do on a fresh run."""
-        import ray.train
-
         latest = ray.train.get_checkpoint()
         candidates = ([latest] if latest is not None else []) + [
             ray.train.Checkpoint(path) for path in self.cfg.fallback_checkpoints
@@ -188,8 +183,6 @@ class EpochTrainer:
 
     # ---- one epoch of training
     def train_one_epoch(self, epoch: int, run_start: float) -> dict[str, float]:
-        import torch
-
         cfg, device = self.cfg, self.runtime.device
         # Per-epoch seeds make a restarted epoch see the same augmentations and shuffling.
         seed_everything(cfg.seed + 1000 * epoch + self.runtime.rank)
@@ -240,8 +233,6 @@ class EpochTrainer:
         return loss_value, logits.detach().argmax(1).eq(labels).sum().item()
 
     def _update(self, loss) -> None:
-        import torch
-
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         if self.cfg.optim.grad_clip:
@@ -275,8 +266,6 @@ class EpochTrainer:
     # ---- checkpoint and report
     def checkpoint_and_report(self, epoch: int, metrics: dict[str, float]) -> bool:
         """Report the epoch to Ray Train (with rank 0's checkpoint when one is due); True when checkpointed."""
-        import ray.train
-
         cfg = self.cfg
         due = epoch % cfg.checkpoint_every == 0 or epoch == cfg.optim.epochs
         with tempfile.TemporaryDirectory(prefix="cvlab-ckpt-") as tmp:

@@ -15,14 +15,13 @@ from typing import Any
 import mlflow
 import numpy as np
 import pandas as pd
+import torch
+
+import workloads.ops  # noqa: F401  (registers cvlab::involution2d for the exported program)
 
 
 class ClassifierModel(mlflow.pyfunc.PythonModel):
     def load_context(self, context):
-        import torch
-
-        import workloads.ops  # noqa: F401  (registers cvlab::involution2d for the exported program)
-
         payload = torch.load(context.artifacts["checkpoint"], map_location="cpu", weights_only=True)
         self.classes = [str(c) for c in payload["extra"]["classes"]]
         self.module = torch.export.load(context.artifacts["program"]).module()
@@ -31,8 +30,6 @@ class ClassifierModel(mlflow.pyfunc.PythonModel):
     # logged signature, not the hint, checks the input); as the signature names its tensor, MLflow passes
     # {"images": array}, but a dict hint would make MLflow warn that it cannot use it.
     def predict(self, context, model_input: np.ndarray, params: dict[str, Any] | None = None) -> pd.DataFrame:
-        import torch
-
         if isinstance(model_input, dict):  # the signature names the tensor: MLflow passes {"images": array}
             model_input = model_input["images"]
         batch = torch.as_tensor(np.asarray(model_input, dtype=np.float32))

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import math
 
+import torch
+
 
 def scaled_lr(lr: float, global_batch: int, base_batch_size: int, scale: bool) -> float:
     """The peak learning rate: `lr * global_batch / base_batch_size` when `scale`, else `lr`."""
@@ -26,8 +28,6 @@ def warmup_cosine(step: int, total_steps: int, warmup_steps: int, min_ratio: flo
 
 def build_optimizer(model, optim, lr: float):
     """SGD (Nesterov) or AdamW over all parameters, from an `OptimConfig`."""
-    import torch
-
     params = [p for p in model.parameters() if p.requires_grad]
     if optim.name == "sgd":
         return torch.optim.SGD(
@@ -44,8 +44,6 @@ def build_optimizer(model, optim, lr: float):
 
 def build_scheduler(optimizer, optim, steps_per_epoch: int, peak_lr: float):
     """A per-iteration LambdaLR: warm-up (`warmup_iters`, else `warmup_epochs`) then cosine to `min_lr`."""
-    import torch
-
     total = max(1, optim.epochs * steps_per_epoch)
     warmup = optim.warmup_iters or round(optim.warmup_epochs * steps_per_epoch)
     warmup = min(warmup, total)

@@ -1,7 +1,7 @@
 """Training and validation transforms of the classification workload, from an `InputConfig` / `AugmentConfig`.
 
-    train_tf = build_train_transform(InputConfig(image_size=224), AugmentConfig(auto_augment="rand-m9-mstd0.5-inc1"))
-    val_tf = build_val_transform(InputConfig(image_size=224))
+    train_tf = build_train_transform(cfg.inputs, cfg.augment)   # the configs the job built from the spec
+    val_tf = build_val_transform(cfg.inputs)
 
 Training: [grayscale] -> random resized crop -> horizontal flip -> [TrivialAugment] -> timm's stages after the
 crop (auto-augment policy, colour jitter, to-tensor + normalise, random erasing), taken from
@@ -24,6 +24,9 @@ to-tensor + normalise), with the resize set to exactly `InputConfig.resolved_val
 """
 from __future__ import annotations
 
+from timm.data import auto_augment, create_transform
+from torchvision import transforms as T
+
 from .recipe import TRIVIAL_AUGMENT, AugmentConfig, InputConfig
 
 # timm's RandomErasing fill: per-pixel normal noise, as in timm's training script (create_transform's own
@@ -38,8 +41,6 @@ def _fill(inp: InputConfig) -> list[int]:
 
 def _posterize(img, bits_to_keep, **kwargs):
     """timm's posterize op, with Pillow < 13's result for 0 bits (a black image) instead of a ValueError."""
-    from timm.data import auto_augment
-
     if bits_to_keep < 1:
         return img.point(lambda _: 0)
     return auto_augment.posterize(img, bits_to_keep, **kwargs)
@@ -47,8 +48,6 @@ def _posterize(img, bits_to_keep, **kwargs):
 
 def _fix_posterize(policies) -> None:
     """Point the posterize ops of timm's RandAugment / AugMix (`.ops`) and AutoAugment (`.policy`) at `_posterize`."""
-    from timm.data import auto_augment
-
     for policy in policies:
         ops = list(getattr(policy, "ops", []))
         for sub_policy in getattr(policy, "policy", []):
@@ -59,17 +58,12 @@ def _fix_posterize(policies) -> None:
 
 
 def _prefix(inp: InputConfig) -> list:
-    from torchvision import transforms as T
-
     return [T.Grayscale(num_output_channels=1)] if inp.grayscale else []
 
 
-def build_train_transform(inp: InputConfig, augment: AugmentConfig | None = None):
-    """The training transform (PIL image -> normalised tensor). Defaults: the paper recipe, bit for bit."""
-    from timm.data import create_transform
-    from torchvision import transforms as T
-
-    aug = augment or AugmentConfig()
+def build_train_transform(inp: InputConfig, aug: AugmentConfig):
+    """The training transform (PIL image -> normalised tensor). The spec's defaults (the paper recipe) give the
+    earlier pipeline bit for bit."""
     mode = T.InterpolationMode(inp.interpolation)
     steps = _prefix(inp)
     steps.append(T.RandomResizedCrop(inp.image_size, scale=aug.scale, ratio=aug.ratio, interpolation=mode,
@@ -96,9 +90,6 @@ def build_train_transform(inp: InputConfig, augment: AugmentConfig | None = None
 
 def build_val_transform(inp: InputConfig):
     """The validation transform: resize the shorter side to `inp.resolved_val_resize`, centre crop, normalise."""
-    from timm.data import create_transform
-    from torchvision import transforms as T
-
     resize = inp.resolved_val_resize
     # timm resizes to floor(image_size / crop_pct); our rule is round(image_size / 0.875) (37 at 32 px, where
     # timm's default crop_pct gives 36). Aiming floor() at resize + 0.5 lands on `resize` despite rounding.

@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+from PIL import Image, ImageDraw
 
 SHAPES = ("circle", "square", "triangle", "diamond", "hexagon")
 DEFAULT_CLASSES = ("circle", "square", "triangle")
@@ -59,8 +60,6 @@ def _resolve_classes(classes) -> tuple[str, ...]:
 
 def _make_split(root: Path, split: str, n: int, size: int, classes: Sequence[str], rng: np.random.Generator,
                 first_image_id: int, first_ann_id: int) -> dict:
-    from PIL import Image, ImageDraw
-
     img_dir = root / f"{split}2017"
     img_dir.mkdir(parents=True, exist_ok=True)
     images, anns = [], []

@@ -17,6 +17,12 @@ from mmengine.logging import print_log
 from mmengine.model import BaseModule
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from workloads.models import build_model, load_published_rednet
+from workloads.models.checkpoint import FORMAT
+
+from .checkpoints import load_checkpoint_file
+from .norm import NORM_TYPES, convert_batchnorm
+
 DEPTHS = (26, 38, 50, 101, 152)
 PRETRAINED_FORMATS = ("auto", "cvlab", "mmcls")
 
@@ -38,9 +44,6 @@ class _WrappedBackbone(BaseModule):
         self.out_indices = tuple(out_indices)
         self.frozen_stages = frozen_stages
         self.norm_eval = norm_eval
-
-        from workloads.models import build_model
-
         self.body = build_model(arch, out_indices=self.out_indices, frozen_stages=frozen_stages,
                                 norm_eval=norm_eval, **dict(arch_overrides or {}))
         if norm_cfg is not None:
@@ -48,8 +51,6 @@ class _WrappedBackbone(BaseModule):
 
     def _apply_norm_cfg(self, norm_cfg: dict) -> None:
         """The wrapped network is built with BatchNorm2d; `norm_cfg` may ask for SyncBN and frozen affines."""
-        from .norm import NORM_TYPES, convert_batchnorm
-
         kind = norm_cfg.pop("type", "BN")
         requires_grad = norm_cfg.pop("requires_grad", True)
         if kind not in NORM_TYPES or norm_cfg:
@@ -81,15 +82,11 @@ class _WrappedBackbone(BaseModule):
     def load_pretrained(self, path: str, fmt: str = "auto") -> None:
         """Copy the feature weights of an ImageNet checkpoint (ours or a published mmcls one) into this
         backbone; every backbone tensor must come from the checkpoint."""
-        from .checkpoints import load_checkpoint_file
-
         if not Path(path).is_file():
             raise FileNotFoundError(f"backbone checkpoint {path!r} does not exist")
         payload = load_checkpoint_file(path)
         fmt = _detect_format(payload, path) if fmt == "auto" else fmt
         if fmt == "mmcls":
-            from workloads.models import load_published_rednet
-
             # Strict: names every missing / unexpected key; the classifier (head.*) is skipped.
             try:
                 load_published_rednet(self.body, payload, strict=True)
@@ -98,8 +95,6 @@ class _WrappedBackbone(BaseModule):
                                  f"{err}") from None
             print_log(f"{self.arch}: loaded the published mmcls checkpoint {path}", logger="current")
             return
-        from workloads.models.checkpoint import FORMAT
-
         if not isinstance(payload, dict) or payload.get("format") != FORMAT:
             raise ValueError(f"checkpoint {path} is not a cvlab model checkpoint (expected format {FORMAT!r}); "
                              "for a published RedNet checkpoint use format 'mmcls'")
@@ -129,8 +124,6 @@ def _parse_init_cfg(init_cfg) -> tuple[str | None, str]:
 
 
 def _detect_format(payload, path) -> str:
-    from workloads.models.checkpoint import FORMAT
-
     if isinstance(payload, dict) and payload.get("format") == FORMAT:
         return "cvlab"
     state = payload.get("state_dict", payload) if isinstance(payload, dict) else None

@@ -6,35 +6,31 @@ weights_only=False).
 """
 from __future__ import annotations
 
+import builtins
+import codecs
+import collections
 import contextlib
+
+import torch
+from mmengine.logging import HistoryBuffer
+
+from workloads.models.checkpoint import numpy_safe_globals
 
 
 def mmengine_safe_globals() -> list:
     """What an mmengine 0.10 checkpoint pickles besides tensors: the message hub's `HistoryBuffer`s (whose
     statistics methods pickle as `getattr(buffer, "min")`), numpy arrays / scalars / dtypes (also in the
     `meta` of mmcv 1.x checkpoints), and the `Counter` of a MultiStepLR's milestones."""
-    import builtins
-    import codecs
-    import collections
-
-    from mmengine.logging import HistoryBuffer
-
-    from workloads.models.checkpoint import numpy_safe_globals
-
     return [HistoryBuffer, builtins.getattr, collections.Counter, codecs.encode, *numpy_safe_globals()]
 
 
 @contextlib.contextmanager
 def allow_mmengine_checkpoints():
-    import torch
-
     with torch.serialization.safe_globals(mmengine_safe_globals()):
         yield
 
 
 def load_checkpoint_file(path, map_location="cpu"):
     """`torch.load(path, weights_only=True)` with the mmengine allow-list."""
-    import torch
-
     with allow_mmengine_checkpoints():
         return torch.load(str(path), map_location=map_location, weights_only=True)

@@ -1,7 +1,12 @@
 """Finding, listing and loading the mmengine config files a workload ships (`<package>/configs/`)."""
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
+
+import torch
+from mmengine.config import Config
+from mmengine.registry import DefaultScope
 
 
 def list_configs(config_dir: Path) -> list[str]:
@@ -25,8 +30,6 @@ def resolve_config_path(name: str, config_dir: Path, what: str = "config") -> Pa
 
 def load_config(name: str, config_dir: Path, what: str = "config"):
     """The mmengine `Config` of `name` (imports its `custom_imports`); ValueError naming the file."""
-    from mmengine.config import Config
-
     path = resolve_config_path(name, config_dir, what)
     try:
         return Config.fromfile(str(path))
@@ -76,11 +79,6 @@ def apply_run_settings(cfg, section, *, work_dir: str, seed: int, log_every: int
 def build_on_meta(model_cfg, scope: str):
     """Build a model config of scope 'mmdet' / 'mmseg' on the meta device (sizes and config errors only:
     no weights are allocated or initialised)."""
-    import importlib
-
-    import torch
-    from mmengine.registry import DefaultScope
-
     registry = importlib.import_module(f"{scope}.registry").MODELS
     # Nested types (heads, losses) resolve in this scope; the process's default scope is left as it was.
     with DefaultScope.overwrite_default_scope(scope), torch.device("meta"):

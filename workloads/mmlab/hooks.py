@@ -17,15 +17,20 @@ from __future__ import annotations
 import math
 import os
 import shutil
+import signal
 import tempfile
 import time
 from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
+import ray.train
 from mmengine.dist import get_rank
 from mmengine.hooks import Hook
 from mmengine.registry import HOOKS
+from mmengine.runner import IterBasedTrainLoop
+
+from workloads.distributed import take_rank0_buffers
 
 from .registration import register
 
@@ -49,8 +54,6 @@ def rename_metrics(metrics: Mapping | None, names: Mapping[str, str] | None = No
 
 def by_epoch(runner) -> bool:
     """Whether the runner's training loop counts epochs (False for an `IterBasedTrainLoop`)."""
-    from mmengine.runner import IterBasedTrainLoop
-
     return not isinstance(runner.train_loop, IterBasedTrainLoop)
 
 
@@ -76,8 +79,6 @@ class RayTrainReportHook(Hook):
         self._reported: Path | None = None
 
     def after_val_epoch(self, runner, metrics=None) -> None:
-        import ray.train
-
         counters = {"epoch": runner.epoch, "iter": runner.iter} if by_epoch(runner) else {"iter": runner.iter}
         report = {**counters, **rename_metrics(metrics, self.metric_names)}
         ckpt = latest_checkpoint(runner.work_dir) if get_rank() == 0 else None
@@ -105,8 +106,6 @@ class Rank0BuffersHook(Hook):
     priority = "VERY_HIGH"
 
     def before_val_epoch(self, runner) -> None:
-        from workloads.distributed import take_rank0_buffers
-
         take_rank0_buffers(getattr(runner.model, "module", runner.model))
 
 
@@ -195,8 +194,6 @@ class KillDrillHook(Hook):
         here = (runner.epoch + 1, batch_idx + 1) if by_epoch(runner) else (self.epoch, runner.iter + 1)
         if here != (self.epoch, self.step):
             return
-        import signal
-
         self.marker.parent.mkdir(parents=True, exist_ok=True)
         self.marker.write_text(f"killed worker {self.rank} (pid {os.getpid()}) at epoch {here[0]} step {here[1]}\n")
         runner.logger.warning(f"fault drill: killing worker {self.rank} (pid {os.getpid()}) at epoch {here[0]}, "

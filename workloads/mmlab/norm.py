@@ -15,6 +15,7 @@ distributed, so a config with SyncBN (every mmseg base) crashes on CPU workers i
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 from mmengine.model import MMDistributedDataParallel
 from mmengine.registry import MODEL_WRAPPERS
 from torch import nn
@@ -33,16 +34,12 @@ class _AllReduceSum(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor) -> torch.Tensor:
-        import torch.distributed as dist
-
         x = x.clone()
         dist.all_reduce(x)
         return x
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        import torch.distributed as dist
-
         grad = grad.clone()
         dist.all_reduce(grad)
         return grad
@@ -59,8 +56,6 @@ class CPUSyncBatchNorm(_BatchNorm):
             raise ValueError(f"CPUSyncBatchNorm expects (N, C, ...) input, got shape {tuple(x.shape)}")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        import torch.distributed as dist
-
         if not (self.training and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
             return super().forward(x)
         self._check_input_dim(x)

@@ -18,9 +18,18 @@ import shutil
 import tempfile
 from pathlib import Path
 
+import ray.train
+import torch
+from mmengine.config import Config
+from mmengine.runner import Runner
+
 from workloads.distributed import in_group
+from workloads.eval_report import report_evaluation
 from workloads.runtime import start_worker
 
+from .checkpoints import allow_mmengine_checkpoints
+from .hooks import KillDrillHook, MlflowRank0Hook, Rank0BuffersHook, RayTrainReportHook, rename_metrics
+from .norm import norm_for
 from .worker_config import MMWorkerConfig
 
 log = logging.getLogger(__name__)
@@ -28,8 +37,6 @@ log = logging.getLogger(__name__)
 
 def _restore_checkpoint(work_dir: Path) -> Path | None:
     """Copy the checkpoint Ray hands a restarted (or resumed) run into work_dir; return its path."""
-    import ray.train
-
     ckpt = ray.train.get_checkpoint()
     if ckpt is None:
         return None
@@ -53,14 +60,6 @@ def train_worker(config: MMWorkerConfig) -> None:
     """`train_loop_per_worker` of an OpenMMLab TorchTrainer."""
     if not isinstance(config, MMWorkerConfig):
         raise TypeError(f"train_worker expects an MMWorkerConfig, got {type(config).__name__}")
-    import torch
-    from mmengine.config import Config
-    from mmengine.runner import Runner
-
-    from .checkpoints import allow_mmengine_checkpoints
-    from .hooks import KillDrillHook, MlflowRank0Hook, Rank0BuffersHook, RayTrainReportHook
-    from .norm import norm_for
-
     runtime = start_worker(config.verbosity)  # mmengine runs the model itself: no autocast or layout here
     if config.threads:
         torch.set_num_threads(config.threads)
@@ -118,14 +117,6 @@ def train_worker(config: MMWorkerConfig) -> None:
 def _evaluate(cfg, config: MMWorkerConfig, work_dir: Path, rank: int) -> None:
     """`cvlab eval`: validate the given weights once. mmengine's evaluator gathers every rank's predictions on
     rank 0 and computes the metric over the whole split (COCO evaluation, IoU), then gives all ranks the result."""
-    import torch
-    from mmengine.runner import Runner
-
-    from workloads.eval_report import report_evaluation
-
-    from .checkpoints import allow_mmengine_checkpoints
-    from .hooks import rename_metrics
-
     weights = work_dir / "eval_weights.pth"
     torch.save({"state_dict": dict(config.eval_state_dict), "meta": {}}, weights)
     cfg.load_from, cfg.resume = str(weights), False

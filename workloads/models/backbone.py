@@ -12,6 +12,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from workloads.ops import Cvolution2d, Involution2d
+
 from .config import EXPANSION, FEATURE_STRIDES, STAGE_BLOCKS, STAGE_STRIDES, STEM_CHANNELS, WIDTHS, ArchConfig
 
 
@@ -50,8 +52,6 @@ def make_operator(cfg: ArchConfig, channels: int, kernel_size: int, stride: int)
     """The spatial operator of one layer: involution, C-volution or a plain k x k convolution."""
     if cfg.family == "resnet":
         return nn.Conv2d(channels, channels, kernel_size, stride, kernel_size // 2, bias=False)
-    from workloads.ops import Cvolution2d, Involution2d
-
     kw: dict[str, Any] = {"kernel_size": kernel_size, "stride": stride, "group_channels": cfg.group_channels,
                           "reduction_ratio": cfg.reduction_ratio}
     if cfg.family == "cednet":
@@ -199,6 +199,4 @@ class BottleneckNet(nn.Module):
 
     def operator_names(self) -> list[str]:
         """Module paths of the involution / C-volution layers (empty for the ResNet baseline)."""
-        from workloads.ops import Cvolution2d, Involution2d
-
         return [n for n, m in self.named_modules() if isinstance(m, (Involution2d, Cvolution2d))]

@@ -11,10 +11,13 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
 from workloads.distributed import unwrap
+
+from .registry import build_model
 
 FORMAT = "cvlab-model/1"
 
@@ -69,8 +72,6 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, extra: dict | Non
 
 def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> tuple[nn.Module, dict]:
     """Rebuild the model saved by `save_checkpoint` and load its weights. Returns (model, extra)."""
-    from .registry import build_model
-
     payload = torch.load(os.fspath(path), map_location=map_location, weights_only=True)
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise ValueError(f"{path}: not a cvolution-lab model checkpoint (expected format {FORMAT!r})")
@@ -107,8 +108,6 @@ def _published_to_ours(key: str, op_key_maps: dict[str, dict[str, str]]) -> str 
 def numpy_safe_globals() -> list:
     """The numpy types a checkpoint saved by mmcv 1.x / mmengine may keep in its `meta` (e.g. a best score in
     `hook_msgs`): scalars, arrays and dtypes. Allowed explicitly for weights_only loading, nothing more."""
-    import numpy as np
-
     multiarray = np._core.multiarray if hasattr(np, "_core") else np.core.multiarray
     allowed = [np.ndarray, np.dtype, multiarray.scalar, multiarray._reconstruct]
     dtypes = getattr(np, "dtypes", None)  # numpy >= 1.25 pickles dtypes through their classes

@@ -12,18 +12,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from workloads.ops import Cvolution2d, Involution2d
+
 
 def count_params(model: nn.Module, trainable_only: bool = False) -> int:
     """Number of parameters (all of them, or only those with requires_grad)."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
-
-
-def _op_classes():
-    try:
-        from workloads.ops import Cvolution2d, Involution2d
-    except ImportError:  # the models still work for the ResNet baseline
-        return (), ()
-    return (Involution2d,), (Cvolution2d,)
 
 
 def _conv_macs(m: nn.Conv2d, out: torch.Tensor) -> int:
@@ -35,7 +29,6 @@ def count_flops(model: nn.Module, input_size=(1, 3, 224, 224)) -> int:
     """Multiply-accumulates of one forward pass at `input_size` (batch included). 4.1e9 for ResNet-50."""
     if len(input_size) != 4 or any(int(s) < 1 for s in input_size):
         raise ValueError(f"input_size must be (batch, channels, height, width), got {tuple(input_size)}")
-    inv_cls, cvol_cls = _op_classes()
     total = 0
     fired: set[int] = set()
 
@@ -53,7 +46,7 @@ def count_flops(model: nn.Module, input_size=(1, 3, 224, 224)) -> int:
         nonlocal total
         k = m.kernel_size if isinstance(m.kernel_size, int) else m.kernel_size[0]
         total += out.numel() * k * k  # each output element: K*K taps of its own generated kernel
-        if cvol_cls and isinstance(m, cvol_cls):
+        if isinstance(m, Cvolution2d):
             total += inp[0].numel()  # gate multiply on the input
 
     handles = []
@@ -65,7 +58,7 @@ def count_flops(model: nn.Module, input_size=(1, 3, 224, 224)) -> int:
         elif isinstance(m, nn.Linear):
             handles.append(m.register_forward_hook(linear_hook))
             countable.add(id(m))
-        elif inv_cls and isinstance(m, inv_cls + cvol_cls):
+        elif isinstance(m, (Involution2d, Cvolution2d)):
             handles.append(m.register_forward_hook(op_hook))
 
     # Run on meta tensors standing in for the weights: nothing is allocated or computed, shapes are real.

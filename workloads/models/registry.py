@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from .backbone import BottleneckNet
 from .config import list_models, resolve_config
 
 __all__ = ["build_model", "list_models", "validate_model_config"]
@@ -24,8 +25,6 @@ def build_model(name: str, **overrides: Any):
     Build under `with torch.device("meta"):` to get sizes (`count_params`, `count_flops`) without allocating
     weights. The module carries `arch_name` and `arch_overrides`, enough to rebuild it (checkpoints use them).
     """
-    from .backbone import BottleneckNet
-
     cfg = resolve_config(name, overrides)
     model = BottleneckNet(cfg)
     model.arch_name = cfg.name

@@ -2,6 +2,9 @@
 
 Per group (one row each): left, the K x K kernel summed at every output position, upsampled over the image;
 right, the K x K kernels themselves drawn at a grid of positions on the image.
+
+Pillow and matplotlib are imported where they are used: `workloads.models` must import on a lent GPU machine,
+whose stack is torch and numpy only (benchmarks/gpu_check.py).
 """
 from __future__ import annotations
 
@@ -11,13 +14,13 @@ import numpy as np
 import torch
 from torch import nn
 
+from workloads.ops import Cvolution2d, Involution2d
+
 _MEAN = (0.485, 0.456, 0.406)
 _STD = (0.229, 0.224, 0.225)
 
 
 def _operators(model: nn.Module) -> dict[str, nn.Module]:
-    from workloads.ops import Cvolution2d, Involution2d
-
     return {n: m for n, m in model.named_modules() if isinstance(m, (Involution2d, Cvolution2d))}
 
 

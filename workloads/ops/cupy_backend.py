@@ -24,8 +24,12 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
+# CuPy is optional (the cuda12 / cuda13 extras): it is imported only inside the functions that launch kernels,
+# so this module imports without it and `cupy_status()` says why the backend is unusable (the 'auto' backend
+# then falls back to PyTorch).
 SOURCE_PATH = Path(__file__).with_name("involution.cu")
 CUDA_TYPES = {torch.float32: "float", torch.float64: "double", torch.float16: "cv_half",
               torch.bfloat16: "cv_bf16"}
@@ -294,7 +298,6 @@ def _function(device_index: int, name: str):
 def cuda_launch(launch: Launch, tensors) -> None:
     """Launch on the current torch stream of the tensors' device. `tensors`: the 7 pointer arguments (or None)."""
     import cupy
-    import numpy as np
 
     device = next(t.device for t in tensors if t is not None)
     device_index = device.index if device.index is not None else torch.cuda.current_device()

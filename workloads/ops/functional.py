@@ -16,7 +16,7 @@ import warnings
 
 import torch
 
-from . import torch_backend
+from . import cupy_backend, torch_backend
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 BACKENDS = ("auto", "torch", "cupy")
@@ -60,8 +60,6 @@ def resolve_backend(backend: str, device: torch.device) -> str:
         if backend == "cupy":
             raise ValueError(f"backend='cupy' needs CUDA tensors, got a tensor on device {str(device)!r}")
         return "torch"
-    from . import cupy_backend
-
     ok, reason = cupy_backend.cupy_status()
     if backend == "cupy":
         if not ok:
@@ -77,8 +75,6 @@ def _backend_module(backend: str, x: torch.Tensor, k: int, stride: int, dilation
     """The module (torch_backend or cupy_backend) that runs this call."""
     if resolve_backend(backend, x.device) == "torch":
         return torch_backend
-    from . import cupy_backend
-
     if not cupy_backend.supports(k, stride, dilation, x.dtype):
         msg = (f"the CUDA kernels cannot run K={k}, stride={stride}, dilation={dilation} in {x.dtype} (the input "
                f"tile does not fit in shared memory)")

@@ -16,6 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 from . import CLASSES, IGNORE_INDEX
 
@@ -55,8 +56,6 @@ def _examples(items: list[str]) -> str:
 
 def _label_problem(path: Path, image_size: tuple[int, int] | None, read_values: bool) -> tuple[str, str] | None:
     """(problem kind, detail) for one label file, or None when it is fine."""
-    from PIL import Image
-
     try:
         with Image.open(path) as im:
             if im.mode not in ("L", "P"):
@@ -77,8 +76,6 @@ def _label_problem(path: Path, image_size: tuple[int, int] | None, read_values: 
 
 def check_split(root, split: str, max_value_checks: int | None = None) -> tuple[dict, dict[str, list[str]]]:
     """({"images", "cities", "warnings"}, {problem: [details]}) for one split."""
-    from PIL import Image
-
     root = Path(root)
     problems: dict[str, list[str]] = {}
     warnings: list[str] = []

@@ -13,7 +13,9 @@ import copy
 from pathlib import Path
 
 from workloads.mmlab import configs
+from workloads.mmlab.norm import set_norm_type
 from workloads.mmlab.worker_config import SYNC_BN_MODES
+from workloads.models import count_flops
 
 from . import CLASSES, CONFIG_DIR, PALETTE, SCOPE
 
@@ -117,8 +119,6 @@ def build_config(seg, *, work_dir: str, seed: int = 0, log_every: int = 10, chec
     if seg.sync_bn not in SYNC_BN_MODES:
         raise ValueError(f"segmentation.sync_bn={seg.sync_bn!r}: expected one of {SYNC_BN_MODES}")
     if seg.sync_bn == "off":
-        from workloads.mmlab.norm import set_norm_type
-
         set_norm_type(cfg.model, "BN")
 
     hooks = cfg.default_hooks
@@ -152,8 +152,6 @@ def model_size(name: str, input_hw=(1024, 2048)) -> tuple[int, int]:
     """(parameters, inference multiply-accumulates at `input_hw`) of a config's segmentor, with the 19
     Cityscapes classes of its config. Parameters include the auxiliary head (training only); the MACs are
     those of `workloads.models.count_flops` on the inference path (auxiliary head left out)."""
-    from workloads.models import count_flops
-
     cfg = load_config(name)
     params = sum(p.numel() for p in build_model_on_meta(cfg).parameters())
     infer = copy.deepcopy(cfg)

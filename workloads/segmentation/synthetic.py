@@ -13,6 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+from PIL import Image, ImageDraw
 
 from . import CLASSES, IGNORE_INDEX, PALETTE
 from .cityscapes import IMG_SUFFIX, LABEL_SUFFIX, image_dir, label_dir
@@ -30,8 +31,6 @@ def _colour(rng, name: str, jitter: int = 24) -> tuple[int, int, int]:
 
 def _scene(rng, h: int, w: int):
     """One (RGB image, trainId label) pair as numpy arrays."""
-    from PIL import Image, ImageDraw
-
     img = Image.new("RGB", (w, h))
     lab = Image.new("L", (w, h), IGNORE_INDEX)
     di, dl = ImageDraw.Draw(img), ImageDraw.Draw(lab)
@@ -86,8 +85,6 @@ def _scene(rng, h: int, w: int):
 def make_cityscapes(root, num_train: int = 40, num_val: int = 10, size=(128, 256), seed: int = 0) -> dict:
     """Write the set under `root` (existing files of the same names are replaced); returns a summary
     {"root", "size": [h, w], "classes": [names used], "train": {"images"}, "val": {"images"}}."""
-    from PIL import Image
-
     h, w = (int(s) for s in size)
     if num_train < 1 or num_val < 1:
         raise ValueError(f"num_train={num_train}, num_val={num_val}: both must be >= 1")

@@ -12,6 +12,14 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+from mmengine.config import Config
+from mmengine.registry import DefaultScope
+from mmseg.apis import inference_model, init_model
+from PIL import Image
+
+import workloads.segmentation.plugin  # noqa: F401  (our components, for init_model)
+from workloads.mmlab.checkpoints import allow_mmengine_checkpoints
+from workloads.mmlab.norm import set_norm_type
 
 from . import PALETTE, SCOPE
 from .cityscapes import label_path, list_images
@@ -50,14 +58,6 @@ def val_samples(data_root, n: int = 4, split: str = "val") -> list[tuple[Path, P
 def load_segmentor(cfg, checkpoint=None, device: str = "cpu"):
     """An mmseg model in eval mode from a config (Config or path) and an mmengine checkpoint (loaded under
     the allow-list, with weights_only=True). On CPU every BN is a plain BN (SyncBN refuses CPU tensors)."""
-    from mmengine.config import Config
-    from mmengine.registry import DefaultScope
-    from mmseg.apis import init_model
-
-    import workloads.segmentation.plugin  # noqa: F401  (our components)
-    from workloads.mmlab.checkpoints import allow_mmengine_checkpoints
-    from workloads.mmlab.norm import set_norm_type
-
     cfg = Config.fromfile(str(cfg)) if isinstance(cfg, (str, Path)) else copy.deepcopy(cfg)
     if not str(device).startswith("cuda"):
         set_norm_type(cfg.model, "BN")
@@ -69,9 +69,6 @@ def load_segmentor(cfg, checkpoint=None, device: str = "cpu"):
 
 def predict(model, image_path) -> np.ndarray:
     """The (H, W) predicted class ids of one image file, at the image's size."""
-    from mmengine.registry import DefaultScope
-    from mmseg.apis import inference_model
-
     with DefaultScope.overwrite_default_scope(SCOPE):  # the test pipeline's transforms are mmseg's
         result = inference_model(model, str(image_path))
     return result.pred_sem_seg.data[0].cpu().numpy().astype(np.uint8)
@@ -79,8 +76,6 @@ def predict(model, image_path) -> np.ndarray:
 
 def write_overlays(model, samples: Sequence[tuple], out_dir, palette=None) -> list[Path]:
     """One PNG per (image, label) sample in `out_dir`, named after the image; returns the paths."""
-    from PIL import Image
-
     palette = palette or (getattr(model, "dataset_meta", None) or {}).get("palette") or PALETTE
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
