@@ -15,6 +15,10 @@ from unittest import mock
 import pytest
 
 from orchestrator.cli import main
+from orchestrator.config.loader import spec_from_dict
+from orchestrator.errors import CvlabError
+from orchestrator.jobs.classification import prepare_data
+from workloads.classification.config import DataPlan, ShardPlan
 from workloads.classification import shard_writer
 from workloads.classification.shard_manifest import MANIFEST_FILE, read_manifest
 from workloads.classification.shard_reader import ShardStream
@@ -226,7 +230,7 @@ def test_an_epoch_of_shards_is_split_between_ranks_without_overlap(shard_set, wo
         seen += samples
     assert len(set(seen)) == len(seen)
     assert total - len(seen) < world * (batch + 1)
-    assert all(label in range(3) for _, label in seen)
+    assert all(label in range(3) and failures == 0 for _, label, failures in seen)
     again = _read_all(_stream(shard_set, "train", rank=0, world=world, batch=batch, seed=1, shuffle_buffer=8))
     assert again == _read_all(_stream(shard_set, "train", rank=0, world=world, batch=batch, seed=1,
                                       shuffle_buffer=8))  # deterministic for seed and epoch
@@ -255,8 +259,66 @@ def test_a_cut_off_shard_is_named_and_training_steps_stay_full(shard_set, tmp_pa
     samples = list(stream)
     assert len(samples) == len(stream) == 30
     assert bad and all(shard == name for shard, _, _ in bad)
+    assert 0 < sum(failures for _, _, failures in samples) <= manifest.shards("train")[0]["samples"]
     val_bad: list = []
     val = ShardStream(str(copy), manifest.shards("train"), lambda im: im.size, rank=0, world=1, batch=None,
                       on_bad=lambda *what: val_bad.append(what))
     read = len(list(val))  # validation leaves the unreadable ones out (nothing stands in for them)
     assert 30 - manifest.shards("train")[0]["samples"] <= read < 30 and val_bad
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_training_and_eval_stream_shards_from_s3(source, tmp_path, s3_server, monkeypatch, capsys):
+    """The tiny set sharded into the S3 server, trained on 2 workers streaming their shares (checkpoints in the
+    bucket too), then `cvlab eval` of the last checkpoint over the streamed validation split gives exactly the
+    logged val/top1: every validation image counted once across the workers."""
+    import yaml
+    from mlflow import MlflowClient
+
+    bucket = s3_server.bucket
+    write_shards(str(source), f"s3://{bucket}/sets/q", shard_size_mb=SHARD_MB)
+    db = f"sqlite:///{tmp_path}/mlflow.db"
+    spec = {
+        "experiment": {"name": "from-shards", "seed": 0},
+        "model": {"name": "resnet26"},
+        "data": {"root": f"s3://{bucket}/sets/q", "image_size": 32, "batch_size": 4, "num_workers": 1},
+        "optim": {"epochs": 2, "lr": 0.05, "scale_lr": False, "warmup_epochs": 0.0},
+        "scaling": {"num_workers": 2},
+        "run": {"storage_path": f"s3://{bucket}/runs", "log_every": 100},
+        "tracking": {"tracking_uri": db, "log_model": False},
+    }
+    (tmp_path / "exp.yaml").write_text(yaml.safe_dump(spec))
+    monkeypatch.chdir(tmp_path)
+    assert main(["run", "exp.yaml"]) == 0
+    out = capsys.readouterr().out
+    assert f"shard set s3://{bucket}/sets/q: 30 training and 6 validation images" in out
+    client = MlflowClient(db)
+    (run,) = client.search_runs([client.get_experiment_by_name("from-shards").experiment_id])
+    assert run.info.status == "FINISHED"
+    assert run.data.params["data.train_images"] == "30" and run.data.params["data.val_images"] == "6"
+    assert f"{bucket}/runs/from-shards-" in run.data.tags["cvlab.checkpoint"]
+    assert not (tmp_path / "runs").exists()  # the Ray Train run lives in the bucket
+    top1 = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "val/top1")}
+    assert sorted(top1) == [1, 2]
+
+    assert main(["eval", "exp.yaml", "--checkpoint", f"runs:/{run.info.run_id}/checkpoints/last"]) == 0
+    evals = client.search_runs([run.info.experiment_id], "tags.`cvlab.job` = 'eval'")
+    assert evals[0].data.metrics["eval/images"] == 6
+    assert evals[0].data.metrics["eval/top1"] == top1[2]
+
+
+def test_data_root_is_read_as_a_shard_set_or_a_folder(source, shard_set):
+    """`data.format: auto` takes a folder with a manifest as a shard set and an ImageNet folder as a folder;
+    `shards` without a manifest and `folder` with a bucket URI are refused before anything starts."""
+    def plan(root, fmt="auto"):
+        return prepare_data(spec_from_dict({"data": {"root": str(root), "format": fmt, "image_size": 32}}))
+
+    shards = plan(shard_set)
+    assert isinstance(shards, ShardPlan) and (shards.train_images, shards.val_images, shards.skipped) == (30, 6, 1)
+    assert len(shards.classes) == 3 and sum(s["samples"] for s in shards.train_shards) == 30
+    assert isinstance(plan(source), DataPlan)
+    with pytest.raises(CvlabError, match="has no manifest.json: not a shard set"):
+        plan(source, "shards")
+    with pytest.raises(CvlabError, match="is a bucket URI: only a shard set can be read from a bucket"):
+        plan("s3://bucket/x", "folder")

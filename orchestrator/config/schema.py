@@ -170,7 +170,10 @@ class AugmentSection(_Section):
 
 
 class DataSection(_Section):
-    root: str = "data/tiny-imagenet"
+    root: str = "data/tiny-imagenet"  # an ImageNet-layout folder, or a shard set (a folder or s3://bucket/prefix)
+    # folder: train/<class>/* and val/<class>/*; shards: a `cvlab data shard` set; auto: shards when root has
+    # a manifest.json (or is a bucket URI), else a folder.
+    format: Literal["auto", "folder", "shards"] = "auto"
     # When set and `root` does not exist, the loader generates the embedded dataset there first.
     generate: bool = False
     num_classes_generated: Annotated[int, _NoBool, Field(ge=2)] = 10

@@ -33,11 +33,12 @@ from orchestrator.tracking.metric_logger import MlflowMetricLogger
 from orchestrator.tracking.models import log_classifier_model
 from orchestrator.tracking.system_metrics import SystemMetricsRecorder
 from workloads.classification.checkpoint import MODEL_FILE
-from workloads.classification.config import DataPlan, FaultDrills, OptimConfig, TrainConfig
-from workloads.classification.data import make_dataset, scan_split
+from workloads.classification.config import DataPlan, FaultDrills, OptimConfig, ShardPlan, TrainConfig
+from workloads.classification.data import scan_split, split_dataset
 from workloads.classification.evaluation import EvalConfig, eval_loop_per_worker
 from workloads.classification.loop import train_loop_per_worker
 from workloads.classification.recipe import AugmentConfig, InputConfig
+from workloads.classification.shard_manifest import MANIFEST_FILE, read_manifest
 from workloads.classification.synthetic import make_imagenet
 from workloads.classification.transforms import build_val_transform
 from workloads.models import (
@@ -54,12 +55,15 @@ log = logging.getLogger(__name__)
 
 def prepare_data(spec):
     """Generate the embedded dataset when asked and missing, then verify the images once (in Ray's driver
-    process, before any worker starts).
+    process, before any worker starts); or read the manifest of a shard set (`data.format`).
 
-    Returns a `workloads.classification.config.DataPlan`. Raises CvlabError for a missing folder, an empty
-    split or a class folder without readable images; unreadable files are listed in the plan (and a warning
-    names the first ones).
+    Returns a `workloads.classification.config.DataPlan` (or `ShardPlan`). Raises CvlabError for a missing
+    folder, an empty split or a class folder without readable images; unreadable files are listed in the plan
+    (and a warning names the first ones).
     """
+    shards = prepare_shards(spec)
+    if shards is not None:
+        return shards
     root = Path(spec.data.root).expanduser().absolute()
     if spec.data.generate and not (root / "train").is_dir():
         log.info("generating the embedded dataset in %s ...", root)
@@ -91,6 +95,34 @@ def prepare_data(spec):
                     train_images=train.num_images, val_images=val.num_images)
 
 
+def prepare_shards(spec) -> ShardPlan | None:
+    """The shard set `data.root` names (`data.format: shards`, or `auto` and a manifest there), else None."""
+    root, fmt = spec.data.root, spec.data.format
+    remote = "://" in root and not root.startswith("file://")
+    if fmt == "folder":
+        if remote:
+            raise CvlabError(f"data.root {root} is a bucket URI: only a shard set can be read from a bucket "
+                             "(data.format: shards or auto; write one with `cvlab data shard`)")
+        return None
+    location = root if remote else os.path.abspath(os.path.expanduser(root))
+    if fmt == "auto" and not remote and not os.path.exists(os.path.join(location, MANIFEST_FILE)):
+        return None
+    try:
+        shard_set = read_manifest(location)
+    except ValueError as err:
+        raise CvlabError(f"data.root: {err}") from None
+    except OSError as err:  # pyarrow's words for a missing bucket, refused credentials, an unreachable server
+        raise CvlabError(f"data.root {root}: cannot read the shard set: {err} (the endpoint and credentials come "
+                         "from AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY and AWS_REGION)") from None
+    skipped = sum(len(shard_set.splits[split].get("skipped", [])) for split in ("train", "val"))
+    log.info("shard set %s: %d training and %d validation images in %d + %d shards, %d classes", location,
+             shard_set.samples("train"), shard_set.samples("val"), len(shard_set.shards("train")),
+             len(shard_set.shards("val")), len(shard_set.classes))
+    return ShardPlan(location=location, classes=shard_set.classes, train_shards=tuple(shard_set.shards("train")),
+                     val_shards=tuple(shard_set.shards("val")), train_images=shard_set.samples("train"),
+                     val_images=shard_set.samples("val"), skipped=skipped)
+
+
 def check_batch(spec, data) -> None:
     """The training split must hold at least one global batch."""
     global_batch = spec.data.batch_size * spec.scaling.num_workers
@@ -112,7 +144,7 @@ def model_overrides(spec, data) -> dict[str, Any]:
     overrides = dict(spec.model.overrides)
     wanted = overrides.get("num_classes")
     if wanted is not None and wanted != len(data.classes):
-        raise CvlabError(f"model.num_classes is {wanted} but {data.train_dir} has {len(data.classes)} class folders")
+        raise CvlabError(f"model.num_classes is {wanted} but {data.where} has {len(data.classes)} class folders")
     if spec.data.grayscale:
         overrides["in_channels"] = 1
     return with_class_count(overrides, len(data.classes))
@@ -192,7 +224,8 @@ class ClassificationJob(Job):
     def dataset_input(self) -> dict[str, Any]:
         d = self.data
         digest = hashlib.sha256("\n".join([*d.classes, str(d.train_images), str(d.val_images)]).encode())
-        return {"name": Path(self.spec.data.root).name or "data", "source": str(Path(d.train_dir).parent),
+        source = d.location if isinstance(d, ShardPlan) else str(Path(d.train_dir).parent)
+        return {"name": Path(self.spec.data.root).name or "data", "source": source,
                 "digest": digest.hexdigest()[:16],
                 "profile": {"train_images": d.train_images, "val_images": d.val_images, "classes": len(d.classes),
                             "skipped_images": d.skipped}}
@@ -264,9 +297,8 @@ class ClassificationJob(Job):
     def _kernel_image(self):
         """The first validation image as the model sees it in validation: a (1, C, H, W) tensor from the
         validation transform (the spec's `data.val_resize`, crop, mean and std)."""
-        ds = make_dataset(self.data.val_dir, list(self.data.classes), self.data.val_skip,
-                          build_val_transform(input_config(self.spec.data)))
-        return ds[0][0][None]
+        ds = split_dataset(self.data, "val", build_val_transform(input_config(self.spec.data)), rank=0, world=1)
+        return next(iter(ds))[0][None]
 
     def summary_lines(self, summary: dict[str, Any]) -> list[str]:
         m = summary.get("metrics", {})
@@ -332,7 +364,7 @@ class ClassificationEvalJob(EvalJob):
         if trained_on is not None and list(trained_on) != classes:
             raise CvlabError(f"{self.source.given} was trained on {len(trained_on)} classes "
                              f"({', '.join(map(str, trained_on[:5]))}...), not the {len(classes)} class folders "
-                             f"of {self.data.val_dir}")
+                             f"of {self.data.val_dir if isinstance(self.data, DataPlan) else self.data.where}")
         self.overrides = with_class_count(overrides, len(classes))
         model = build_model(self.model_name, **self.overrides)
         try:

@@ -49,7 +49,7 @@ from orchestrator.names import (
 )
 from orchestrator.runs.lifecycle import open_experiment, preflight
 from orchestrator.runs.ray_setup import check_fits, ray_session, worker_group_resources
-from orchestrator.runs.storage import resolve_storage, validate_storage_path
+from orchestrator.runs.storage import is_remote_storage, resolve_storage, validate_storage_path
 from orchestrator.search import compare, report
 from orchestrator.search.callbacks import TrialBookkeeping, make_status_callback
 from orchestrator.search.space import check_search
@@ -74,8 +74,9 @@ DEFAULT_TRIAL_CPU = 0.25
 # ----------------------------------------------------------------------------------------- the driver
 def _absolute_spec(spec):
     """Local paths made absolute: Tune runs each trial in its own working directory."""
-    changes: dict[str, Any] = {"data.root": str(Path(spec.data.root).expanduser().absolute()),
-                               "run.storage_path": validate_storage_path(spec.run.storage_path)}
+    changes: dict[str, Any] = {"run.storage_path": validate_storage_path(spec.run.storage_path)}
+    if not is_remote_storage(spec.data.root):  # a shard set in a bucket stays a URI
+        changes["data.root"] = str(Path(spec.data.root).expanduser().absolute())
     for section in ("detection", "segmentation"):
         if getattr(spec, section, None) is not None:
             root = getattr(spec, section).data_root

@@ -23,6 +23,28 @@ class DataPlan:
     def skipped(self) -> int:
         return len(self.train_skip) + len(self.val_skip)
 
+    @property
+    def where(self) -> str:
+        return self.train_dir
+
+
+@dataclass(frozen=True)
+class ShardPlan:
+    """What the driver found in a shard set's manifest (`shard_manifest`): where it is, the classes, the shards
+    of each split; `skipped`: the images the set left out as unreadable when it was written."""
+
+    location: str  # a local folder or s3://bucket/prefix
+    classes: tuple[str, ...]
+    train_shards: tuple[dict, ...]
+    val_shards: tuple[dict, ...]
+    train_images: int
+    val_images: int
+    skipped: int = 0
+
+    @property
+    def where(self) -> str:
+        return self.location
+
 
 @dataclass(frozen=True)
 class OptimConfig:
@@ -61,7 +83,7 @@ class TrainConfig:
     job (`orchestrator.jobs.classification`) from the validated spec, which holds every default."""
 
     model_name: str
-    data: DataPlan
+    data: DataPlan | ShardPlan
     model_overrides: dict[str, Any]  # num_classes included: the worker builds the model with exactly these
     seed: int
     inputs: InputConfig  # image size, normalisation, grayscale

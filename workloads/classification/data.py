@@ -22,8 +22,13 @@ from PIL import Image
 from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
+from workloads.classification.config import ShardPlan
+from workloads.classification.shard_reader import ShardStream
+
 log = logging.getLogger(__name__)
 
+# Samples a training stream of a shard set mixes at once (on top of the per-epoch order of its shards).
+SHUFFLE_BUFFER = 2000
 # How far from the end of a JPEG file the end-of-image marker may sit (some encoders pad files).
 _JPEG_TAIL = 1024
 
@@ -202,3 +207,19 @@ class ShardSampler:
 
     def __len__(self) -> int:
         return len(self.indices)
+
+
+def split_dataset(plan, split: str, transform, *, rank: int, world: int, batch: int | None = None, seed: int = 0):
+    """One split of the data plan for a worker: of a shard set, this rank's own stream (`shard_reader`; `batch`
+    for training, None for validation); of a folder, the whole split (a sampler shares it out)."""
+    if isinstance(plan, ShardPlan):
+        shards = plan.train_shards if split == "train" else plan.val_shards
+        return ShardStream(plan.location, list(shards), transform, rank=rank, world=world, batch=batch, seed=seed,
+                           shuffle_buffer=SHUFFLE_BUFFER if batch else 0, on_bad=_warn_bad_sample)
+    folder, skip = (plan.train_dir, plan.train_skip) if split == "train" else (plan.val_dir, plan.val_skip)
+    return make_dataset(folder, list(plan.classes), skip, transform)
+
+
+def _warn_bad_sample(shard: str, what: str, reason: str) -> None:
+    log.warning("skipping unreadable sample %s of shard %s: %s", what, shard, reason)
+

@@ -15,8 +15,8 @@ from typing import Any
 
 import torch
 
-from workloads.classification.config import DataPlan
-from workloads.classification.data import ShardSampler, make_dataset
+from workloads.classification.config import DataPlan, ShardPlan
+from workloads.classification.data import ShardSampler, split_dataset
 from workloads.classification.recipe import InputConfig
 from workloads.classification.transforms import build_val_transform
 from workloads.distributed import all_reduce, unwrap
@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 class EvalConfig:
     model_name: str
     state_dict: dict  # the weights, as tensors
-    data: DataPlan
+    data: DataPlan | ShardPlan
     model_overrides: dict[str, Any]  # num_classes included: the model is built with exactly these
     inputs: InputConfig
     batch_size: int
@@ -115,12 +115,13 @@ def eval_loop_per_worker(cfg: EvalConfig) -> None:
     model.load_state_dict(cfg.state_dict, strict=True)
     model = runtime.place(model)
 
-    dataset = make_dataset(cfg.data.val_dir, classes, cfg.data.val_skip, build_val_transform(cfg.inputs))
-    loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.batch_size, num_workers=cfg.loader_workers,
-                                         sampler=ShardSampler(len(dataset), runtime.rank, runtime.world),
-                                         pin_memory=runtime.is_cuda)
-    log.info("evaluating %s on %d images (%d classes), %d worker(s)", cfg.model_name, len(dataset), len(classes),
-             runtime.world)
+    dataset = split_dataset(cfg.data, "val", build_val_transform(cfg.inputs), rank=runtime.rank, world=runtime.world)
+    streamed = isinstance(cfg.data, ShardPlan)  # a shard stream is this rank's share already
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=cfg.batch_size, num_workers=cfg.loader_workers, pin_memory=runtime.is_cuda,
+        sampler=None if streamed else ShardSampler(len(dataset), runtime.rank, runtime.world))
+    log.info("evaluating %s on %d images (%d classes), %d worker(s)", cfg.model_name,
+             cfg.data.val_images if streamed else len(dataset), len(classes), runtime.world)
     criterion = torch.nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
     result = evaluate_all_shards(model, loader, classes, criterion, runtime)
     report_evaluation(result, runtime.rank, bulky=("per_class", "confusion"))  # the large parts travel once

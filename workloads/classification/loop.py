@@ -30,8 +30,8 @@ from workloads.classification.checkpoint import (
     read_training_checkpoint,
     save_training_checkpoint,
 )
-from workloads.classification.config import TrainConfig
-from workloads.classification.data import ShardSampler, make_dataset
+from workloads.classification.config import ShardPlan, TrainConfig
+from workloads.classification.data import ShardSampler, split_dataset
 from workloads.classification.ema import create_ema, ema_state_dict, load_ema_state_dict, update_ema
 from workloads.classification.evaluation import evaluate_shard, summarize_totals
 from workloads.classification.hooks import KillDrill, NanDrill, NonFiniteLossPolicy, StepHook
@@ -102,20 +102,24 @@ class EpochTrainer:
             log.info("precision.autocast=%s is used on GPU only; training in fp32 on CPU", cfg.autocast)
         self.scaler = torch.amp.GradScaler("cuda", enabled=runtime.amp_dtype == torch.float16)
 
-        # Data: each worker reads its shard (DistributedSampler from prepare_data_loader).
+        # Data: each worker reads its share: of a folder through a DistributedSampler (prepare_data_loader), of a
+        # shard set as its own stream (which a new loader process per epoch reads with the epoch's order).
         data = cfg.data
-        self.train_set = make_dataset(data.train_dir, list(data.classes), data.train_skip,
-                                      build_train_transform(cfg.inputs, cfg.augment))
-        val_set = make_dataset(data.val_dir, list(data.classes), data.val_skip, build_val_transform(cfg.inputs))
+        streamed = isinstance(data, ShardPlan)
+        share = {"rank": runtime.rank, "world": runtime.world}
+        self.train_set = split_dataset(data, "train", build_train_transform(cfg.inputs, cfg.augment), **share,
+                                       batch=cfg.batch_size, seed=cfg.seed)
+        val_set = split_dataset(data, "val", build_val_transform(cfg.inputs), **share)
+        self.train_images = data.train_images if streamed else len(self.train_set)
         loader_kw = {"batch_size": cfg.batch_size, "num_workers": cfg.loader_workers,
-                     "pin_memory": runtime.is_cuda, "persistent_workers": cfg.loader_workers > 0}
-        train_loader = torch.utils.data.DataLoader(self.train_set, shuffle=True, drop_last=True, **loader_kw)
-        self.train_loader = ray.train.torch.prepare_data_loader(train_loader)
-        self.val_loader = torch.utils.data.DataLoader(
-            val_set, sampler=ShardSampler(len(val_set), runtime.rank, runtime.world), **loader_kw)
+                     "pin_memory": runtime.is_cuda, "persistent_workers": cfg.loader_workers > 0 and not streamed}
+        train_loader = torch.utils.data.DataLoader(self.train_set, shuffle=not streamed, drop_last=True, **loader_kw)
+        self.train_loader = ray.train.torch.prepare_data_loader(train_loader, add_dist_sampler=not streamed)
+        sampler = None if streamed else ShardSampler(len(val_set), runtime.rank, runtime.world)
+        self.val_loader = torch.utils.data.DataLoader(val_set, sampler=sampler, **loader_kw)
         self.steps_per_epoch = len(self.train_loader)
         if self.steps_per_epoch == 0:
-            raise ValueError(f"the training split ({len(self.train_set)} images) is smaller than one global batch "
+            raise ValueError(f"the training split ({self.train_images} images) is smaller than one global batch "
                              f"({runtime.world} workers x {cfg.batch_size}); lower data.batch_size")
 
         o = cfg.optim
@@ -189,6 +193,8 @@ class EpochTrainer:
         sampler = getattr(self.train_loader, "sampler", None)
         if hasattr(sampler, "set_epoch"):
             sampler.set_epoch(epoch)
+        if hasattr(self.train_set, "set_epoch"):  # a shard stream: the epoch's order of the shards
+            self.train_set.set_epoch(epoch)
         self.model.train()
         epoch_start = time.perf_counter()
         sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss_sum, correct, n, failures
@@ -296,7 +302,7 @@ class EpochTrainer:
             log.info("nothing to train: the checkpoint is at epoch %d and optim.epochs is %d", self.start_epoch - 1,
                      epochs)
         log.info("training %s on %d images (%d classes), %d worker(s), global batch %d, peak lr %.4g, %d steps/epoch, "
-                 "device %s", cfg.model_name, len(self.train_set), len(cfg.data.classes), self.runtime.world,
+                 "device %s", cfg.model_name, self.train_images, len(cfg.data.classes), self.runtime.world,
                  self.global_batch, self.peak_lr, self.steps_per_epoch, self.runtime.device)
         run_start = time.perf_counter()
         for epoch in range(self.start_epoch, epochs + 1):

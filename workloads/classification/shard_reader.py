@@ -12,8 +12,10 @@ Which samples a worker reads, in one epoch:
   is full; a training process shuffles what it reads through a buffer (seeded by seed, epoch, rank, process).
 A rank reads only the shards its run touches, streaming each tar from the first sample it needs.
 
-An image that does not decode (a truncated shard) is counted, named (`on_bad(shard, key, reason)`) and left out;
-in training the last good sample takes its place, so that every rank still makes the same number of steps.
+Items are `(image, label, failures)` like the folder path's (`data.TolerantImageFolder`): `failures` counts the
+images that could not be read just before this one. Such an image (a truncated shard) is also named
+(`on_bad(shard, what, reason)`) and left out; in training the next (or the last) good sample takes its place, so
+that every rank still makes the same number of steps.
 """
 from __future__ import annotations
 
@@ -110,7 +112,7 @@ class ShardStream(torch.utils.data.IterableDataset):
         start, end = rank_span(self.total, self.rank, self.world, self.batch)
         return end - start
 
-    def __iter__(self) -> Iterator[tuple[Any, int]]:
+    def __iter__(self) -> Iterator[tuple[Any, int, int]]:
         info = torch.utils.data.get_worker_info()
         part, parts = (info.id, info.num_workers) if info is not None else (0, 1)
         start, end = split_span(*rank_span(self.total, self.rank, self.world, self.batch), part, parts, self.batch)
@@ -120,24 +122,27 @@ class ShardStream(torch.utils.data.IterableDataset):
             samples = _shuffled(samples, self.shuffle_buffer, rng)
         return samples
 
-    def _decoded(self, start: int, end: int) -> Iterator[tuple[Any, int]]:
+    def _decoded(self, start: int, end: int) -> Iterator[tuple[Any, int, int]]:
         """The transformed samples of [start, end); in training each bad one is made up for by the next (or the
         last) good one, so the count never changes."""
         fs, root = open_location(self.location)
         order = epoch_order(self.shards, self.epoch, self.seed, shuffle=self.batch is not None)
-        owed, last = 0, None
+        failures, owed, last = 0, 0, None
         for shard, first, stop in pieces(order, start, end):
             for item in self._shard_items(fs, join(root, shard["name"]), shard["name"], first, stop):
                 if item is None:
+                    failures += 1
                     owed += self.batch is not None
                     continue
                 last = item
-                for _ in range(1 + owed):
-                    yield item
-                owed = 0
+                yield (*item, failures)
+                for _ in range(owed):
+                    yield (*item, 0)
+                failures = owed = 0
         if last is not None:
             for _ in range(owed):
-                yield last
+                yield (*last, failures)
+                failures = 0
 
     def _shard_items(self, fs, path: str, name: str, first: int, stop: int) -> Iterator[tuple[Any, int] | None]:
         """One item per sample of [first, stop) of a shard: (image, label), or None for one that cannot be read."""
