@@ -390,6 +390,79 @@ def test_published_rednet_reports_missing_and_unexpected_keys():
         load_published_rednet(model, published_rednet_state_dict(38))
 
 
+def test_published_key_mapping_rules():
+    """mmcls key -> our key: `head.fc.` -> `fc.`, `backbone.` stripped, operator suffixes through the operator's
+    own map (identity for a suffix it does not list), and None for keys outside backbone and head."""
+    from workloads.models.checkpoint import _published_to_ours
+
+    maps = {"stem.1": {"conv1.conv.weight": "reduce.weight"}, "layer12.3.conv2": {"conv2.conv.bias": "span.bias"}}
+    assert {key: _published_to_ours(key, maps) for key in [
+        "head.fc.weight", "head.other.weight", "data_preprocessor.mean", "xbackbone.stem.0.weight",
+        "backbone.stem.1.conv1.conv.weight", "backbone.stem.1.conv1.bn.weight",
+        "backbone.layer12.3.conv2.conv2.conv.bias", "backbone.layer1.0.conv2.conv2.conv.bias",
+        "backbone.layer12.3.conv2", "backbone.layer12.3.conv1.conv2.conv.bias",
+    ]} == {
+        "head.fc.weight": "fc.weight", "head.other.weight": None, "data_preprocessor.mean": None,
+        "xbackbone.stem.0.weight": None,
+        "backbone.stem.1.conv1.conv.weight": "stem.1.reduce.weight",
+        "backbone.stem.1.conv1.bn.weight": "stem.1.conv1.bn.weight",
+        "backbone.layer12.3.conv2.conv2.conv.bias": "layer12.3.conv2.span.bias",
+        "backbone.layer1.0.conv2.conv2.conv.bias": "layer1.0.conv2.conv2.conv.bias",  # no map for this layer
+        "backbone.layer12.3.conv2": "layer12.3.conv2",
+        "backbone.layer12.3.conv1.conv2.conv.bias": "layer12.3.conv1.conv2.conv.bias",
+    }
+
+
+def test_published_rednet_errors_are_exact_and_non_strict_loads_what_fits():
+    ckpt = published_rednet_state_dict(26)
+    model = build_model("rednet26", num_classes=10)
+    fc_before = model.fc.weight.clone()
+    with pytest.raises(ValueError) as err:
+        load_published_rednet(model, ckpt)
+    assert str(err.value) == ("published checkpoint does not fit rednet26: shape mismatches (2): fc.weight: "
+                              "checkpoint (1000, 2048) vs model (10, 2048); fc.bias: checkpoint (1000,) vs model (10,)")
+    assert load_published_rednet(model, ckpt, strict=False) == {"missing": [], "unexpected": []}
+    assert torch.equal(model.fc.weight, fc_before)  # the mismatched head is skipped, the rest loaded
+    assert torch.equal(model.layer1[0].conv1.weight, ckpt["state_dict"]["backbone.layer1.0.conv1.weight"])
+    sd = {k: v for k, v in ckpt["state_dict"].items() if not k.endswith("num_batches_tracked")}
+    del sd["backbone.stem.0.bn.bias"], sd["head.fc.bias"]
+    sd["data_preprocessor.mean"] = sd["data_preprocessor.std"] = torch.zeros(3)
+    with pytest.raises(ValueError) as err:
+        load_published_rednet(build_model("rednet26"), sd)  # BN counters are optional
+    assert str(err.value) == ("published checkpoint does not fit rednet26: missing keys (2): stem.0.bn.bias, "
+                              "fc.bias | unexpected keys (2): data_preprocessor.mean, data_preprocessor.std")
+    with pytest.raises(ValueError, match="^expected a state dict or a checkpoint path, got int$"):
+        load_published_rednet(model, 3)
+
+
+def test_checkpoint_extra_and_meta_weights_are_refused_by_name(tmp_path):
+    model = build_model("resnet26", num_classes=2)
+    for extra, message in [
+        ({"a": [1, (2, {"b": object()})]}, "checkpoint extra: extra['a'][1][1]['b'] is a object; only "
+         "dict/list/tuple/str/int/float/bool/None/tensor values can be loaded with weights_only=True"),
+        ({"a": {(1, 2): 3}}, "checkpoint extra: key (1, 2) in extra['a'] must be a str or int"),
+    ]:
+        with pytest.raises(ValueError) as err:
+            save_checkpoint(tmp_path / "bad.pt", model, extra=extra)
+        assert str(err.value) == message
+    ok = {"n": None, "b": True, 1: 2.5, "t": torch.ones(2), "l": [("x", 1)]}
+    _, extra = load_checkpoint(save_checkpoint(tmp_path / "ok.pt", model, extra=ok))
+    assert extra.keys() == ok.keys() and extra["l"] == [("x", 1)] and extra["n"] is None
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ok.pt"]  # no .tmp left behind
+    assert torch.load(save_checkpoint(tmp_path / "ok.pt", model), weights_only=True)["extra"] == {}
+    overrides, model.arch_overrides = model.arch_overrides, {"num_classes": 2, "act": nn.ReLU}
+    with pytest.raises(ValueError, match=r"^checkpoint extra: arch_overrides\['act'\] is a type; "):
+        save_checkpoint(tmp_path / "bad.pt", model)
+    model.arch_overrides = overrides
+    with pytest.raises(ValueError, match=r"^cannot save a model whose weights are on the meta device \(no data\)$"):
+        save_checkpoint(tmp_path / "meta.pt", model.to("meta"))
+    torch.save([1, 2], tmp_path / "list.pt")
+    with pytest.raises(ValueError) as err:
+        load_checkpoint(tmp_path / "list.pt")
+    assert str(err.value) == f"{tmp_path / 'list.pt'}: not a cvolution-lab model checkpoint (expected format " \
+                             "'cvlab-model/1')"
+
+
 # ------------------------------------------------------------------------------------------------------------
 def test_bad_names_and_overrides():
     with pytest.raises(ValueError, match="unknown model 'rednet27'.*rednet26.*resnet152"):

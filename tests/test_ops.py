@@ -307,6 +307,91 @@ def test_bad_functional_inputs():
         involution2d(x, kernel, gate=[1.0])
 
 
+def test_functional_argument_checks_name_the_argument_and_value():
+    """Each check of `involution2d`, its exact message, and the boundary values it still accepts."""
+    x, kernel = make_inputs(2, 8, 6, 5, 2, 3, 1, 1, 1, dtype=torch.float32)
+    cases = [
+        (TypeError, "x must be a torch.Tensor, got ndarray", dict(x=x.numpy())),
+        (TypeError, "kernel must be a torch.Tensor, got list", dict(kernel=[1.0])),
+        (ValueError, "x and kernel must be on the same device, got x on cpu, kernel on meta",
+         dict(kernel=kernel.to("meta"))),
+        (TypeError, "stride must be an int, got True (bool)", dict(stride=True)),
+        (TypeError, "dilation must be an int, got 1.0 (float)", dict(dilation=1.0)),
+        (ValueError, "dilation must be >= 1, got dilation=0", dict(dilation=0)),
+        (ValueError, "kernel size must be >= 1, got kernel.shape=(2, 2, 0, 0, 6, 5)",
+         dict(kernel=torch.randn(2, 2, 0, 0, 6, 5))),
+        (ValueError, "x channels C=8 must be divisible by the kernel groups G=0 (kernel.shape=(2, 0, 3, 3, 6, 5))",
+         dict(kernel=torch.randn(2, 0, 3, 3, 6, 5))),
+        (ValueError, "input 6x5 is too small for kernel size 7, dilation 1, padding 0",
+         dict(kernel=torch.randn(2, 2, 7, 7, 1, 1), padding=0)),
+        (ValueError, "input 6x2 is too small for kernel size 3, dilation 1, padding 0",
+         dict(x=x[..., :2], kernel=torch.randn(2, 2, 3, 3, 4, 1), padding=0)),
+        (TypeError, "kernel has unsupported dtype torch.int32; supported: torch.float16, torch.bfloat16, "
+         "torch.float32, torch.float64", dict(kernel=kernel.int())),
+        (ValueError, "backend='cupy' needs CUDA tensors, got x on device 'cpu'", dict(backend="cupy")),
+        (ValueError, "gate must be on the device of x (cpu), got meta", dict(gate=torch.ones(2, 8, device="meta"))),
+        (TypeError, "gate has unsupported dtype torch.int64; supported: torch.float16, torch.bfloat16, "
+         "torch.float32, torch.float64", dict(gate=torch.ones(2, 8, dtype=torch.int64))),
+    ]
+    for error, message, kwargs in cases:
+        args = {"x": x, "kernel": kernel, **kwargs}
+        with pytest.raises(error) as info:
+            involution2d(**args)
+        assert str(info.value) == message
+    # the boundaries themselves are accepted: K=1, padding=0, stride=dilation=1, a (B, C, 1, 1) gate, 1-pixel output
+    k1 = torch.randn(2, 2, 1, 1, 6, 5)
+    assert involution2d(x, k1, stride=1, padding=0, dilation=1, gate=torch.ones(2, 8, 1, 1)).shape == x.shape
+    assert involution2d(x[..., :3], torch.randn(2, 2, 3, 3, 4, 1), padding=0).shape == (2, 8, 4, 1)
+    assert involution2d(x[..., :3, :], torch.randn(2, 2, 3, 3, 1, 3), padding=0).shape == (2, 8, 1, 3)
+
+
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
+def test_jit_trace_of_the_decomposed_operator():
+    """Under torch.jit.trace (TorchScript export) the default padding is read from the traced kernel shape."""
+    x, kernel = make_inputs(1, 4, 5, 6, 2, 3, 1, 1, 1)
+    with ops_functional.decomposed():
+        traced = torch.jit.trace(lambda a, b: involution2d(a, b), (x, kernel))
+    torch.testing.assert_close(traced(x, kernel), reference_involution(x, kernel, 1, 1, 1))
+
+
+def test_gate_is_applied_in_the_accumulation_dtype():
+    """float64 inputs keep a float64 gate; every other dtype accumulates (and gates) in float32."""
+    gate = torch.rand(2, 8, 1, 1, dtype=torch.float16)
+    for dtype, acc in [(torch.float64, torch.float64), (torch.float32, torch.float32),
+                       (torch.float16, torch.float32), (torch.bfloat16, torch.float32)]:
+        checked = ops_functional._check_gate(gate, torch.zeros(2, 8, 3, 3, dtype=dtype))
+        assert checked.dtype == acc and checked.shape == (2, 8)
+
+
+def test_mixed_dtypes_cast_both_operands():
+    x, kernel = make_inputs(1, 4, 5, 5, 1, 3, 1, 1, 1)
+    for xd, kd in [(torch.float16, torch.float64), (torch.float64, torch.float16)]:
+        a, b = x.to(xd), kernel.to(kd)
+        out = involution2d(a, b)
+        assert out.dtype == torch.float64
+        torch.testing.assert_close(out, reference_involution(a.double(), b.double(), 1, 1, 1))
+
+
+def test_decomposed_equals_the_custom_op():
+    """`decomposed()` (for exporters) passes every argument through: stride, padding, dilation and gate."""
+    x, kernel = make_inputs(2, 8, 9, 8, 2, 3, 2, 3, 2)
+    gate = torch.rand(2, 8, dtype=torch.float64)
+    expected = involution2d(x, kernel, 2, 3, 2, gate=gate)
+    with ops_functional.decomposed():
+        torch.testing.assert_close(involution2d(x, kernel, 2, 3, 2, gate=gate), expected)
+    assert ops_functional._decomposed_depth == 0
+
+
+def test_mixed_dtypes_promote_on_cpu_even_with_cuda_autocast_on():
+    """Only CUDA tensors take the CUDA autocast dtype; CPU tensors still promote."""
+    x, kernel = make_inputs(1, 4, 5, 5, 1, 3, 1, 1, 1)
+    torch.set_autocast_enabled("cuda", True)
+    try:
+        assert involution2d(x.float(), kernel).dtype == torch.float64
+    finally:
+        torch.set_autocast_enabled("cuda", False)
+
+
 # ------------------------------------------------------------------------------------------------ backends
 
 
@@ -317,6 +402,34 @@ def test_auto_backend_never_warns_for_cpu_tensors():
         involution2d(x, kernel, backend="auto")
         Involution2d(16, 3, group_channels=8)(torch.randn(1, 16, 4, 4))
     assert ops_functional.resolve_backend("auto", torch.device("cpu")) == "torch"
+
+
+def test_resolve_backend_choice(monkeypatch):
+    """'torch' always wins; 'cupy' needs a CuPy device type; 'auto' takes CuPy where it works."""
+    from workloads.ops import cupy_backend
+
+    with pytest.raises(ValueError) as err:
+        ops_functional.resolve_backend("cupy", torch.device("meta"))
+    assert str(err.value) == "backend='cupy' needs CUDA tensors, got a tensor on device 'meta'"
+    monkeypatch.setattr(ops_functional, "CUPY_DEVICE_TYPES", ("cpu",))
+    monkeypatch.setattr(cupy_backend, "cupy_status", lambda: (True, ""))
+    cpu = torch.device("cpu")
+    assert [ops_functional.resolve_backend(b, cpu) for b in ("torch", "cupy", "auto")] == ["torch", "cupy", "cupy"]
+    # a shape the CUDA kernels cannot run: 'cupy' refuses it, 'auto' warns once and runs the torch backend
+    x = torch.zeros(1, 1, 1, 1)
+    monkeypatch.setattr(cupy_backend, "supports", lambda k, stride, dilation, dtype: (k, stride, dilation, dtype) != (9, 2, 3, torch.float32))
+    monkeypatch.setattr(ops_functional, "_auto_warned", False)
+    assert ops_functional._backend_module("cupy", x, 9, 2, 1) is cupy_backend
+    assert ops_functional._backend_module("torch", x, 9, 2, 3) is torch_backend
+    message = ("the CUDA kernels cannot run K=9, stride=2, dilation=3 in torch.float32 (the input tile does not fit "
+               "in shared memory)")
+    with pytest.raises(ValueError) as err:
+        ops_functional._backend_module("cupy", x, 9, 2, 3)
+    assert str(err.value) == message
+    with pytest.warns(RuntimeWarning) as record:
+        assert ops_functional._backend_module("auto", x, 9, 2, 3) is torch_backend
+    assert str(record[0].message) == ("involution2d backend='auto': using the pure-PyTorch path on CUDA because "
+                                      f"the CuPy backend is unusable ({message})")
 
 
 class _BrokenCupy:

@@ -232,6 +232,12 @@ def test_mixup_uses_the_configured_probabilities():
     assert 0.4 < mixed_fraction(0.5) < 0.6
 
 
+def test_mixup_mixes_whole_batches_and_smooths_nothing_by_default():
+    mix = build_mixup(augment(mixup=0.2, cutmix=1.0), num_classes=7)
+    assert (mix.mode, mix.label_smoothing, mix.num_classes) == ("batch", 0.0, 7)
+    assert build_train_criterion(augment()).label_smoothing == 0.0
+
+
 def test_label_smoothing_is_folded_into_mixed_targets():
     """Under mixup the targets carry `optim.label_smoothing` (off value s/K, as CrossEntropyLoss does); the
     soft-target loss then equals cross-entropy with that smoothing when nothing is mixed in."""

@@ -57,9 +57,10 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, extra: dict | Non
     extra = {} if extra is None else extra
     _check_safe(extra, "extra")
     _check_safe(model.arch_overrides, "arch_overrides")
-    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    if any(v.is_meta for v in state.values()):
+    state = model.state_dict()
+    if any(v.is_meta for v in state.values()):  # before copying: .cpu() of a meta tensor fails obscurely
         raise ValueError("cannot save a model whose weights are on the meta device (no data)")
+    state = {k: v.detach().cpu() for k, v in state.items()}
     payload = {"format": FORMAT, "arch_name": model.arch_name, "arch_overrides": dict(model.arch_overrides),
                "state_dict": state, "extra": extra}
     path = os.fspath(path)
