@@ -145,6 +145,7 @@ def _make_cityscapes(args: argparse.Namespace) -> int:
 
 
 def _shard(args: argparse.Namespace) -> int:
+    from workloads.classification.shard_manifest import S3_SETTINGS, is_bucket_uri
     from workloads.classification.shard_writer import write_shards
 
     print(f"writing the shards of {args.src} to {args.dest} ...", flush=True)
@@ -154,10 +155,7 @@ def _shard(args: argparse.Namespace) -> int:
     except ValueError as err:
         raise CvlabError(f"data shard: {err}") from None
     except OSError as err:  # pyarrow's words for a missing bucket, refused credentials, an unreachable server
-        hint = ""
-        if "://" in args.dest:
-            hint = (" (the endpoint and credentials come from AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, "
-                    "AWS_SECRET_ACCESS_KEY and AWS_REGION)")
+        hint = f" ({S3_SETTINGS})" if is_bucket_uri(args.dest) else ""
         raise CvlabError(f"data shard: cannot write {args.dest}: {err}{hint}") from None
     for split, info in manifest["splits"].items():
         skipped = f", {len(info['skipped'])} unreadable image(s) left out" if info["skipped"] else ""

@@ -38,7 +38,7 @@ from workloads.classification.data import scan_split, split_dataset
 from workloads.classification.evaluation import EvalConfig, eval_loop_per_worker
 from workloads.classification.loop import train_loop_per_worker
 from workloads.classification.recipe import AugmentConfig, InputConfig
-from workloads.classification.shard_manifest import MANIFEST_FILE, read_manifest
+from workloads.classification.shard_manifest import MANIFEST_FILE, S3_SETTINGS, is_bucket_uri, read_manifest
 from workloads.classification.synthetic import make_imagenet
 from workloads.classification.transforms import build_val_transform
 from workloads.models import (
@@ -98,7 +98,7 @@ def prepare_data(spec):
 def prepare_shards(spec) -> ShardPlan | None:
     """The shard set `data.root` names (`data.format: shards`, or `auto` and a manifest there), else None."""
     root, fmt = spec.data.root, spec.data.format
-    remote = "://" in root and not root.startswith("file://")
+    remote = is_bucket_uri(root)
     if fmt == "folder":
         if remote:
             raise CvlabError(f"data.root {root} is a bucket URI: only a shard set can be read from a bucket "
@@ -112,8 +112,7 @@ def prepare_shards(spec) -> ShardPlan | None:
     except ValueError as err:
         raise CvlabError(f"data.root: {err}") from None
     except OSError as err:  # pyarrow's words for a missing bucket, refused credentials, an unreachable server
-        raise CvlabError(f"data.root {root}: cannot read the shard set: {err} (the endpoint and credentials come "
-                         "from AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY and AWS_REGION)") from None
+        raise CvlabError(f"data.root {root}: cannot read the shard set: {err} ({S3_SETTINGS})") from None
     skipped = sum(len(shard_set.splits[split].get("skipped", [])) for split in ("train", "val"))
     log.info("shard set %s: %d training and %d validation images in %d + %d shards, %d classes", location,
              shard_set.samples("train"), shard_set.samples("val"), len(shard_set.shards("train")),

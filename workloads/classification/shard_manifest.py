@@ -29,9 +29,19 @@ def shard_name(split: str, index: int) -> str:
     return f"{split}/shard-{index:06d}.tar"
 
 
+# Where a bucket's endpoint and credentials come from, for messages about a location that cannot be reached.
+S3_SETTINGS = "the endpoint and credentials come from AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY " \
+              "and AWS_REGION"
+
+
+def is_bucket_uri(location: str) -> bool:
+    """True for `s3://...` and other bucket URIs; False for local paths and `file://`."""
+    return "://" in location and not location.startswith("file://")
+
+
 def open_location(location: str) -> tuple[pafs.FileSystem, str]:
     """(filesystem, path) for a local folder or a bucket URI; a local path is made absolute."""
-    if "://" in location and not location.startswith("file://"):
+    if is_bucket_uri(location):
         fs, path = pafs.FileSystem.from_uri(location)
         return fs, path.rstrip("/")
     local = location[len("file://"):] if location.startswith("file://") else location
