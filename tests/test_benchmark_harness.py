@@ -201,3 +201,50 @@ def test_model_speed_keeps_going_when_one_model_fails(monkeypatch):
     assert "out of memory (test)" in by_model["rednet26"]["error"]
     assert by_model["resnet26"]["infer_images_per_s"] > 0 and "train_images_per_s" not in by_model["resnet26"]
     assert "failed: RuntimeError: out of memory (test)" in model_speed.format_table(report)
+
+
+# ------------------------------------------------------------------------------------------------------
+# data.py (the shard readers; no Ray, no S3 server)
+# ------------------------------------------------------------------------------------------------------
+def test_data_benchmark_reads_every_image_once_per_pass_with_every_reader(tmp_path, monkeypatch, capsys):
+    """Tiny generated JPEGs, sharded by the project's writer, read by the folder path, ShardStream and (when
+    installed) the webdataset library: every reader delivers each of the 24 images once per pass, with the
+    same labels; then a shard set given as --source, of which only the first 12 samples are read."""
+    from benchmarks import data as data_bench
+
+    monkeypatch.setattr(data_bench, "SHAPES", ((64, 48), (48, 64)))
+    readers = ["folder", "shards"] + (["webdataset"] if data_bench._importable("webdataset") else [])
+    out = tmp_path / "data.json"
+    rc = data_bench.main(["--images", "24", "--batch", "8", "--size", "32", "--passes", "2", "--recipes", "paper",
+                          "--shard-size-mb", "0.01", "--workers", "1", "--readers", *readers, "--json", str(out)])
+    assert rc == 0
+    report = json.loads(out.read_text())
+    assert report["images"]["images"] == 24 and report["shards"] > 2  # several shards, each streamed in turn
+    rows = {r["reader"]: r for r in report["results"]}
+    assert list(rows) == readers
+    for r in rows.values():
+        assert r["images_per_pass"] == [24, 24]
+        assert r["per_class"] == {str(c): 3 for c in range(data_bench.CLASSES)}  # 24 images, 8 classes
+        assert 0 < r["cpu_ms_per_image"] < 1e3 and 0 < r["mean_cpu_ms_per_image"] < 1e3
+        assert r["images_per_s_per_worker"] == pytest.approx(1e3 / r["mean_cpu_ms_per_image"])
+        (run,) = r["loader"]
+        assert run["loader_workers"] == 1 and run["images"] == 2 * 24 - 8 and run["images_per_s"] > 0
+    printed = capsys.readouterr().out
+    assert "| paper | shards |" in printed
+    assert all(note.endswith("-s3: no S3 (--s3-local, --s3 URI or an s3:// source)") for note in report["left_out"])
+
+    # A shard set as the source: the first 12 training samples, read by every reader (the last shard cut short).
+    shard_set = tmp_path / "set"
+    from workloads.classification.shard_writer import write_shards
+
+    data_bench.make_images(tmp_path / "images", 20)
+    write_shards(str(tmp_path / "images"), str(shard_set), shard_size_mb=0.03, progress=lambda msg: None)
+    assert data_bench.first_samples([{"samples": 5}, {"samples": 5}, {"samples": 5}], 7) == \
+        ([{"samples": 5}, {"samples": 2}], True)
+    assert data_bench.main(["--source", str(shard_set), "--images", "12", "--batch", "4", "--size", "32",
+                            "--passes", "1", "--recipes", "paper", "--workers", "--readers", *readers,
+                            "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    counts = [r["per_class"] for r in report["results"]]
+    assert all(r["images_per_pass"] == [12] and r["loader"] == [] for r in report["results"])
+    assert all(c == counts[0] and sum(c.values()) == 12 for c in counts)

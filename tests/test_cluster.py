@@ -388,3 +388,18 @@ def test_two_worker_train_run_spans_two_nodes(tmp_path):
     finally:
         ray.shutdown()
         cluster.shutdown()
+
+
+def test_local_cluster_refuses_an_unreachable_artifact_bucket(tmp_path, monkeypatch, capsys):
+    """`--artifacts-destination s3://...` that cannot be reached: one message with the settings to check, before
+    any process starts (the MLflow server would start and answer every upload with HTTP 500)."""
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{local_cluster.free_port()}")  # nothing listens
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "k")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s")
+    monkeypatch.setenv("AWS_REGION", "us-east-1")
+    code = main(["cluster", "local", "up", "--state-dir", str(tmp_path), "--artifacts-destination",
+                 "s3://cvlab-artifacts/mlflow"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "--artifacts-destination s3://cvlab-artifacts/mlflow: cannot reach the bucket" in err
+    assert "AWS_ENDPOINT_URL" in err and not (tmp_path / "state.json").exists()

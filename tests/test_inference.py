@@ -69,6 +69,166 @@ def test_evaluation_sums_every_shard_exactly(tmp_path, free_port):
     assert sharded["eval/loss"] == pytest.approx(whole["eval/loss"], rel=1e-12)
 
 
+def test_evaluation_counts_match_a_direct_computation():
+    """`evaluate_all_shards` in one process against plain torch: loss (with label smoothing), top-1, top-5,
+    failures, per-class counts (None for a class without images) and the confusion matrix (row = true class);
+    the model is evaluated in eval mode (its dropout off) and nothing is counted for an empty loader."""
+    import torch
+
+    from workloads.classification.evaluation import evaluate_all_shards
+    from workloads.runtime import WorkerRuntime
+
+    gen = torch.Generator().manual_seed(0)
+    images, targets = torch.randn(13, 6, generator=gen), torch.randint(0, 7, (13,), generator=gen)
+    samples = [(images[i], targets[i], torch.tensor(int(i % 4 == 0))) for i in range(13)]  # 4 failures
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Dropout(0.5)).train()  # class "h": no image
+    criterion = torch.nn.CrossEntropyLoss(label_smoothing=0.1)
+    classes = list("abcdefgh")
+    loader = torch.utils.data.DataLoader(samples, batch_size=4)
+    result = evaluate_all_shards(model, loader, classes, criterion, WorkerRuntime())
+
+    with torch.no_grad():
+        logits = model.eval()(images)
+    top5 = logits.topk(5, dim=1).indices.eq(targets[:, None]).any(dim=1)
+    top1 = logits.argmax(1).eq(targets)
+    confusion = [[int(((targets == t) & (logits.argmax(1) == p)).sum()) for p in range(8)] for t in range(8)]
+    assert result["eval/loss"] == pytest.approx(criterion(logits, targets).item(), rel=1e-6)
+    assert (result["eval/top1"], result["eval/top5"]) == (int(top1.sum()) / 13, int(top5.sum()) / 13)
+    assert 0 < result["eval/top1"] < result["eval/top5"] < 1
+    assert (result["eval/images"], result["eval/failed_images"]) == (13, 4)
+    assert result["confusion"] == confusion
+    per_class = {}
+    for c, name in enumerate(classes):
+        n = int((targets == c).sum())
+        per_class[name] = {"images": n, "top1": int(top1[targets == c].sum()) / n if n else None,
+                           "top5": int(top5[targets == c].sum()) / n if n else None}
+    assert result["per_class"] == per_class and per_class["h"] == {"images": 0, "top1": None, "top5": None}
+
+    empty = evaluate_all_shards(model, [], classes[:2], criterion, WorkerRuntime())
+    assert empty == {"eval/loss": 0.0, "eval/top1": 0.0, "eval/top5": 0.0, "eval/images": 0, "eval/failed_images": 0,
+                     "per_class": {c: {"images": 0, "top1": None, "top5": None} for c in "ab"},
+                     "confusion": [[0, 0], [0, 0]]}
+
+
+def test_eval_worker_evaluates_the_config_it_is_given(tmp_path, monkeypatch, caplog):
+    """`eval_loop_per_worker` outside Ray (rank 0 of 1): the model of the config with exactly its weights, the
+    validation split through the config's loader settings, reported with the bulky parts marked."""
+    import logging
+
+    import torch
+
+    from workloads.classification import evaluation
+    from workloads.classification.config import DataPlan
+    from workloads.classification.data import ShardSampler, make_dataset
+    from workloads.classification.transforms import build_val_transform
+    from workloads.runtime import WorkerRuntime
+
+    made = make_imagenet(tmp_path / "data", classes=3, per_class=2, size=32, val_per_class=2)
+    plan = DataPlan(train_dir=str(tmp_path / "data" / "train"), val_dir=str(tmp_path / "data" / "val"),
+                    classes=tuple(made["class_names"]))
+    inputs = input_config(DataSection(image_size=32))
+    torch.manual_seed(0)
+    model = build_model("resnet26", num_classes=3, zero_init_residual=False).eval()
+    cfg = evaluation.EvalConfig(model_name="resnet26", state_dict=model.state_dict(), data=plan,
+                                model_overrides={"num_classes": 3, "zero_init_residual": False}, inputs=inputs,
+                                batch_size=4, loader_workers=0, label_smoothing=0.2, autocast="fp32",
+                                channels_last=False, verbosity=1)
+    calls = {}
+    monkeypatch.setattr(evaluation, "start_worker", lambda *args: calls.setdefault("start", args) and WorkerRuntime())
+    monkeypatch.setattr(evaluation, "report_evaluation",
+                        lambda result, rank, bulky=(): calls.setdefault("report", (result, rank, bulky)))
+    real_loader = torch.utils.data.DataLoader
+
+    def loader(dataset, **kwargs):
+        calls["loader"] = kwargs
+        return real_loader(dataset, **kwargs)
+
+    monkeypatch.setattr(torch.utils.data, "DataLoader", loader)
+    with caplog.at_level(logging.INFO, logger=evaluation.__name__):
+        evaluation.eval_loop_per_worker(cfg)
+    assert calls["start"] == (1, "fp32", False)
+    kwargs = calls["loader"]
+    sampler = kwargs.pop("sampler")
+    assert isinstance(sampler, ShardSampler) and sampler.indices == list(range(6))
+    assert kwargs == {"batch_size": 4, "num_workers": 0, "pin_memory": False}
+    assert caplog.messages == ["evaluating resnet26 on 6 images (3 classes), 1 worker(s)"]
+    result, rank, bulky = calls["report"]
+    assert rank == 0 and bulky == ("per_class", "confusion")
+    dataset = make_dataset(plan.val_dir, list(plan.classes), (), build_val_transform(inputs))
+    expected = evaluation.evaluate_all_shards(model, real_loader(dataset, batch_size=4), list(plan.classes),
+                                              torch.nn.CrossEntropyLoss(label_smoothing=0.2), WorkerRuntime())
+    assert result == expected and result["eval/images"] == 6
+
+    # A shard set: the stream is this rank's share already (no sampler); the same images, the same counts.
+    from workloads.classification.config import ShardPlan
+    from workloads.classification.shard_manifest import read_manifest
+    from workloads.classification.shard_writer import write_shards
+
+    write_shards(str(tmp_path / "data"), str(tmp_path / "shards"), shard_size_mb=0.001, progress=lambda _: None)
+    shards = read_manifest(str(tmp_path / "shards"))
+    streamed = ShardPlan(location=str(tmp_path / "shards"), classes=shards.classes, train_shards=(),
+                         val_shards=tuple(shards.shards("val")), train_images=0, val_images=shards.samples("val"))
+    assert len(streamed.val_shards) > 1 and streamed.classes == plan.classes
+    caplog.clear()
+    calls.clear()
+    with caplog.at_level(logging.INFO, logger=evaluation.__name__):
+        evaluation.eval_loop_per_worker(dataclasses.replace(cfg, data=streamed))
+    assert calls["loader"] == {"batch_size": 4, "num_workers": 0, "pin_memory": False, "sampler": None}
+    assert caplog.messages == ["evaluating resnet26 on 6 images (3 classes), 1 worker(s)"]
+    by_stream = calls["report"][0]
+    assert by_stream["eval/loss"] == pytest.approx(expected["eval/loss"], rel=1e-6)
+    assert {k: v for k, v in by_stream.items() if k != "eval/loss"} == \
+        {k: v for k, v in expected.items() if k != "eval/loss"}
+    # With two workers a stream is this rank's share (3 images); the log names the whole split.
+    monkeypatch.setattr(evaluation, "start_worker", lambda *args: WorkerRuntime(rank=0, world=2))
+    caplog.clear()
+    calls.clear()
+    with caplog.at_level(logging.INFO, logger=evaluation.__name__):
+        evaluation.eval_loop_per_worker(dataclasses.replace(cfg, data=streamed))
+    assert caplog.messages == ["evaluating resnet26 on 6 images (3 classes), 2 worker(s)"]
+    assert calls["report"][0]["eval/images"] == 3  # outside a process group nothing is summed over workers
+    with pytest.raises(RuntimeError, match='Unexpected key\\(s\\) in state_dict: "extra"'):  # strict loading
+        evaluation.eval_loop_per_worker(dataclasses.replace(cfg, state_dict={**cfg.state_dict, "extra": torch.ones(1)}))
+
+
+def test_evaluate_shard_counts_ranks_exactly_in_float64():
+    """`evaluate_shard` on logits given as images: the target of sample i ranked i+1 of 7, so top-1 and top-5
+    count exactly 1 and 5; the sums are float64 / int64 and the loss sum is each batch's loss times its size,
+    unrounded. `summarize_totals` divides by the image count (one image: by one; none: nothing to divide)."""
+    import torch
+
+    from workloads.classification.evaluation import evaluate_shard, summarize_totals
+    from workloads.classification.data import split_dataset
+    from workloads.runtime import WorkerRuntime
+
+    order = torch.arange(7, 0, -1, dtype=torch.float32) / 7  # descending scores
+    logits, targets = [], []
+    for i in range(7):
+        ranked = torch.roll(torch.arange(7), -i)  # class ranked[r] gets the r-th highest score
+        row = torch.empty(7)
+        row[ranked] = order
+        logits.append(row * 3.1)
+        targets.append(int(ranked[i]))  # the class with rank i+1
+    logits, targets = torch.stack(logits), torch.tensor(targets)
+    assert [int((logits[i] > logits[i, targets[i]]).sum()) for i in range(7)] == list(range(7))
+    samples = [(logits[i], targets[i], torch.tensor(0)) for i in range(7)]
+    loader = torch.utils.data.DataLoader(samples, batch_size=3)  # batches of 3, 3 and 1
+    criterion = torch.nn.CrossEntropyLoss()
+    totals, confusion, top5_per_class = evaluate_shard(torch.nn.Identity(), loader, 7, criterion, WorkerRuntime())
+    assert (totals.dtype, confusion.dtype, top5_per_class.dtype) == (torch.float64, torch.int64, torch.int64)
+    loss_sum = sum(criterion(logits[s:s + 3], targets[s:s + 3]).item() * len(targets[s:s + 3]) for s in (0, 3, 6))
+    assert totals.tolist() == [loss_sum, 1.0, 5.0, 7.0, 0.0]
+    assert int(top5_per_class.sum()) == 5 and int(confusion.sum()) == 7 and int(confusion.trace()) == 1
+
+    one = summarize_totals(torch.tensor([0.5, 1.0, 1.0, 1.0, 0.0], dtype=torch.float64))
+    assert one == {"loss": 0.5, "top1": 1.0, "top5": 1.0, "failures": 0.0}
+    assert summarize_totals(torch.zeros(5, dtype=torch.float64)) == {"loss": 0.0, "top1": 0.0, "top5": 0.0,
+                                                                     "failures": 0.0}
+    with pytest.raises(ValueError, match="split must be 'train' or 'val', got 'VAL'"):
+        split_dataset(None, "VAL", None, rank=0, world=1)
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, ray_cluster):
     from orchestrator.cli.run import run_experiment
@@ -353,3 +513,83 @@ def test_read_classifier_takes_cvlab_files_and_names_every_other_file(tmp_path):
         read_classifier(src(tmp_path / "cut.pt"))
     assert str(err.value).startswith(f"given:cut.pt: cannot read {tmp_path / 'cut.pt'} (RuntimeError: ")
     assert "\n" not in str(err.value)  # the first line of torch's message only
+    from orchestrator.inference import sources
+
+    for error, shown in [(RuntimeError("\n  \nsecond line\nthird"), "RuntimeError: second line"),
+                         (EOFError(), "EOFError: EOFError")]:  # no text: its type
+        def load(*args, error=error, **kwargs):
+            raise error
+
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(sources.torch, "load", load)
+            with pytest.raises(CvlabError) as err:
+                read_classifier(src(tmp_path / "good.pt"))
+        assert str(err.value) == f"given:good.pt: cannot read {tmp_path / 'good.pt'} ({shown})"
+
+
+def test_resolve_source_of_every_local_kind(tmp_path, monkeypatch):
+    """A file as is; a checkpoint folder's model.pt; an MLflow model folder's artifacts/model.pt; a cvlab run
+    folder's newest checkpoint and the MLflow run its record names; an mmengine folder's one .pth or its newest
+    epoch/iter; and the message of each thing that is no source."""
+    from orchestrator.errors import CvlabError
+    from orchestrator.inference.sources import resolve_source, short_run_label
+    from orchestrator.names import RUN_RECORD_FILE
+
+    def touch(*parts):
+        path = tmp_path.joinpath(*parts)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"weights")
+        return path
+
+    plain = touch("plain", "model.pt")
+    assert resolve_source(str(plain)) == Source(path=str(plain), format="cvlab", given=str(plain))
+    assert resolve_source(str(plain), fmt="mmcls").format == "mmcls"
+    assert resolve_source(str(tmp_path / "plain")).path == str(plain)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert resolve_source("~/plain/model.pt") == Source(path=str(plain), format="cvlab", given="~/plain/model.pt")
+    logged = touch("logged", "artifacts", "model.pt")
+    assert resolve_source(str(tmp_path / "logged")).path == str(logged)
+
+    run = tmp_path / "run"
+    touch("run", "checkpoint_000000", "model.pt")
+    touch("run", "checkpoint_000001", "model.pt")
+    newest = touch("run", "checkpoint_000002", "model.pt")
+    (run / "checkpoint_000003").mkdir()  # still being written: no model file yet
+    touch("deep", "a", "b", "model.pt")
+    (tmp_path / "deep" / RUN_RECORD_FILE).write_text(json.dumps({"mlflow_run_id": "too-far"}))
+    (run / RUN_RECORD_FILE).write_text(json.dumps({"mlflow_run_id": "abc"}))
+    assert resolve_source(str(run)) == Source(
+        path=str(newest), format="cvlab", given=str(run), run_id="abc",
+        notes=[f"{run} is a run folder: using its newest checkpoint checkpoint_000002"])
+    for inside in (run / "checkpoint_000001", run / "checkpoint_000001" / "model.pt"):  # the record 1-2 levels up
+        assert resolve_source(str(inside)).run_id == "abc"
+    assert resolve_source(str(tmp_path / "deep" / "a" / "b" / "model.pt")).run_id is None  # 3 levels: not looked at
+
+    one = touch("mm1", "best_top1.pth")
+    assert resolve_source(str(tmp_path / "mm1")) == Source(path=str(one), format="mmengine", given=str(tmp_path / "mm1"))
+    for name in ("epoch_2.pth", "epoch_10.pth", "iter_3.pth", "best_top1.pth", "epoch_x.pth"):
+        touch("mm", name)
+    assert resolve_source(str(tmp_path / "mm")) == Source(
+        path=str(tmp_path / "mm" / "epoch_10.pth"), format="mmengine", given=str(tmp_path / "mm"),
+        notes=[f"{tmp_path / 'mm'} holds 5 checkpoints: using the newest, epoch_10.pth"])
+    assert resolve_source(str(tmp_path / "mm" / "iter_3.pth"), fmt="cvlab").format == "cvlab"
+    touch("iters", "iter_500.pth")
+    newest_iter = touch("iters", "iter_1000.pth")
+    assert resolve_source(str(tmp_path / "iters")).path == str(newest_iter)  # by number, not by name
+
+    touch("two", "a.pth")
+    touch("two", "b.pth")
+    for src, kwargs, message in [
+        (str(plain), {"fmt": "onnx"}, "--format 'onnx': expected one of auto, cvlab, mmcls, mmengine"),
+        ("  ", {}, "no model source given: pass a checkpoint path, runs:/<run_id>/<path> or models:/<name>/<v>"),
+        (None, {}, "no model source given: pass a checkpoint path, runs:/<run_id>/<path> or models:/<name>/<v>"),
+        (str(tmp_path / "nope"), {}, f"model source {tmp_path / 'nope'}: no such file or folder"),
+        (str(tmp_path / "two"), {}, f"model source {tmp_path / 'two'}: {tmp_path / 'two'} holds no checkpoint "
+                                    "(model.pt, checkpoint_*/ folders or one .pth file)"),
+    ]:
+        with pytest.raises(CvlabError) as err:
+            resolve_source(src, **kwargs)
+        assert str(err.value) == message
+
+    assert short_run_label(Source(path="p", format="cvlab", given="g", run_id="abc")) == "abc"
+    assert short_run_label(Source(path="p", format="cvlab", given="a \n\t b" + "c" * 300)) == "a b" + "c" * 247

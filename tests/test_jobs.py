@@ -55,9 +55,25 @@ def test_entrypoint_is_quoted_and_carries_overrides():
 
 
 def test_runtime_env_excludes_outputs_and_forwards_tracking(project, monkeypatch):
+    """The job gets the project, the MLflow settings and the bucket settings of the submitting shell; a local
+    `cvlab run` hands the bucket settings to its Ray workers the same way, except inside a Ray job (whose own
+    runtime_env has them, and a second one would conflict)."""
+    from orchestrator.runs.ray_setup import RAY_JOB_CONFIG_ENV, driver_runtime_env
+    from workloads.object_storage import STORAGE_ENV
+
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://10.0.0.5:5000")
     monkeypatch.setenv("MLFLOW_TRACKING_TOKEN", "secret")
     monkeypatch.delenv("MLFLOW_TRACKING_USERNAME", raising=False)
+    for name in STORAGE_ENV:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://s3.lan:8333")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s3-secret")
+    monkeypatch.setenv("AWS_REGION", "")  # empty: not forwarded
+    monkeypatch.delenv(RAY_JOB_CONFIG_ENV, raising=False)
+    bucket = {"AWS_ENDPOINT_URL": "http://s3.lan:8333", "AWS_SECRET_ACCESS_KEY": "s3-secret"}
+    assert driver_runtime_env() == {"env_vars": bucket}
+    monkeypatch.setenv(RAY_JOB_CONFIG_ENV, "{}")
+    assert driver_runtime_env() == {}
     env = submission.build_runtime_env(project, pip_extras=["det"], env={"FOO": "1"}, excludes=["/scratch/"])
     assert env["working_dir"] == str(project)
     for pattern in (".venv", "/data/", "/runs/", "mlruns", "mlartifacts", "mlflow.db", ".git", "__pycache__"):
@@ -66,6 +82,7 @@ def test_runtime_env_excludes_outputs_and_forwards_tracking(project, monkeypatch
     assert env["env_vars"] == {
         "MLFLOW_TRACKING_URI": "http://10.0.0.5:5000",
         "MLFLOW_TRACKING_TOKEN": "secret",
+        **bucket,
         "FOO": "1",
     }
     assert any(p.startswith("mmdet") for p in env["pip"]) and any(p.startswith("mmcv") for p in env["pip"])

@@ -2,6 +2,7 @@
 MLflow server fixtures, so `make test-fast` (-m "not slow") never starts them."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 CONFTEST = (Path(__file__).parent / "conftest.py").read_text()
@@ -37,6 +38,9 @@ def test_fast_and_quiet():
 
 def test_a_test_not_marked_slow_that_starts_ray_or_a_server_fails(pytester, monkeypatch, tmp_path):
     monkeypatch.setenv("RAY_TMPDIR", str(tmp_path))
+    # The conftest imports the project (benchmarks.s3_local): the inner session runs elsewhere, so point at it.
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(Path(__file__).parents[1]),
+                                                                   os.environ.get("PYTHONPATH")])))
     pytester.makeconftest(CONFTEST.replace('pytest_plugins = ["pytester"]', ""))
     pytester.makepyfile(test_inner=INNER)
     pytester.makeini("[pytest]\nmarkers =\n    slow: slow\n    gpu: gpu\n")

@@ -283,6 +283,18 @@ def test_checkpoint_round_trip(tmp_path):
     torch.save({"state_dict": {}}, tmp_path / "other.pt")
     with pytest.raises(ValueError, match="not a cvolution-lab model checkpoint"):
         load_checkpoint(tmp_path / "other.pt")
+    for map_location in (None, torch.device("cpu"), {"cpu": "cpu"}, lambda storage, loc: storage):  # all kinds
+        again, _ = load_checkpoint(path, map_location=map_location)
+        assert all(torch.equal(again.state_dict()[k], v) for k, v in sd_a.items())
+    payload = torch.load(path, weights_only=True)
+    payload["extra"] = None
+    del payload["state_dict"]["fc.bias"]
+    torch.save(payload, tmp_path / "partial.pt")
+    with pytest.raises(RuntimeError, match=r'Missing key\(s\) in state_dict: "fc\.bias"'):  # strict loading
+        load_checkpoint(tmp_path / "partial.pt")
+    payload["state_dict"]["fc.bias"] = sd_a["fc.bias"]
+    torch.save(payload, tmp_path / "no_extra.pt")
+    assert load_checkpoint(tmp_path / "no_extra.pt")[1] == {}
     with pytest.raises(ValueError, match="build_model"):
         save_checkpoint(tmp_path / "x.pt", nn.Linear(2, 2))
 

@@ -314,6 +314,30 @@ def test_ema_differs_from_live_weights_and_survives_a_checkpoint(tmp_path):
         assert torch.equal(a, b), key
 
 
+@pytest.mark.parametrize("decay", [0.0, 1.0, 0, -0.5, 1.5, True, "0.9", float("nan")])
+def test_ema_decay_outside_the_open_interval_is_refused(decay):
+    with pytest.raises(ValueError) as err:
+        create_ema(torch.nn.Linear(2, 2), decay)
+    assert str(err.value) == f"optim.ema_decay must be null or a number in (0, 1), got {decay!r}"
+
+
+def test_ema_state_is_a_snapshot_and_loads_strictly():
+    """`ema_state_dict` copies (later steps leave a saved state alone); `load_ema_state_dict` wants every key."""
+    model = torch.nn.Linear(1, 1, bias=False)
+    ema = create_ema(model, 0.5)
+    update_ema(ema, model, 1)
+    state = ema_state_dict(ema)
+    before = state["weight"].clone()
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    update_ema(ema, model, 2)
+    assert torch.equal(state["weight"], before) and not torch.equal(ema.module.weight, before)
+    with pytest.raises(RuntimeError, match='Missing key\\(s\\) in state_dict: "weight"'):
+        load_ema_state_dict(ema, {})
+    with pytest.raises(RuntimeError, match='Unexpected key\\(s\\) in state_dict: "extra"'):
+        load_ema_state_dict(ema, {**state, "extra": torch.ones(1)})
+
+
 def test_ema_of_a_ddp_style_wrapper_averages_the_bare_network():
     net = _small_net()
     net.arch_name = "tiny"  # registry models carry arch_name: the EMA copy can be saved like the model

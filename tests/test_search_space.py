@@ -144,3 +144,54 @@ def test_shipped_search_experiments_are_valid():
     big = check_search(load_spec(root / "tune_cednet50_imagenet.yaml"))
     assert big.paths == ["model.reduction_ratio", "model.group_channels", "model.kernel_size"]
     assert big.grid_size() == 45
+    pareto = load_spec(root / "tune_pareto.yaml")
+    assert len(check_search(pareto).paths) == 3 and pareto.search.algorithm == "optuna"
+    assert [o.metric for o in pareto.search.all_objectives] == ["val/top1", "cost/train_images_per_s"]
+
+
+# ------------------------------------------------------------------ objectives, constraints, algorithm
+@pytest.mark.parametrize("search, message", [
+    ({"objectives": [{"metric": "val/top1"}, {"metric": "cost/speed"}]},
+     "search.objectives[1].metric 'cost/speed' is not logged by the classification workload"),
+    ({"objectives": [{"metric": "val/top1"}, {"metric": "val/top1", "mode": "min"}]},
+     "search.objectives name val/top1 more than once"),
+    ({"metric": "val/loss", "objectives": [{"metric": "val/top1"}, {"metric": "cost/gflops", "mode": "min"}]},
+     "search.metric/mode (val/loss, max) must be the first objective (val/top1, max)"),
+    ({"objectives": [{"metric": "val/top1", "mode": "sideways"}]}, "search.objectives.0.mode"),
+    ({"constraints": {"val/top1": {"max": 1}}},
+     "search.constraints: the cost 'val/top1' is not logged by the classification workload"),
+    ({"constraints": {"cost/params_mb": {"max": 1}}}, "(did you mean 'cost/params_m'?)"),
+    ({"constraints": {"cost/params_m": {}}}, "a constraint needs min, max or both"),
+    ({"constraints": {"cost/params_m": {"min": 5, "max": 1}}}, "min (5.0) is greater than max (1.0)"),
+    ({"algorithm": "bayes"}, "search.algorithm"),
+    ({"algorithm": "optuna"}, "search.algorithm: optuna cannot search a grid (optim.lr)"),
+    ({"sampler": "cmaes", "algorithm": "optuna"}, "search.sampler"),
+])
+def test_bad_objectives_constraints_and_algorithms(search, message):
+    with pytest.raises(CvlabError) as err:
+        check_search(_spec({"optim.lr": {"grid": [0.1]}}, **search))
+    assert message in str(err.value)
+
+
+def test_objectives_set_the_metric_and_cost_objectives_are_valid():
+    spec = _spec({"model.reduction_ratio": {"choice": [2, 4]}}, algorithm="optuna", objectives=[
+        {"metric": "val/top1", "mode": "max"}, {"metric": "cost/train_images_per_s", "mode": "max"}],
+        constraints={"cost/params_m": {"max": 10}})
+    check_search(spec)
+    assert (spec.search.metric, spec.search.mode) == ("val/top1", "max")
+    assert [o.metric for o in spec.search.all_objectives] == ["val/top1", "cost/train_images_per_s"]
+    single = _spec({"optim.lr": {"grid": [0.1]}}, metric="val/loss", mode="min").search.all_objectives
+    assert [(o.metric, o.mode) for o in single] == [("val/loss", "min")]
+
+
+def test_constraints_are_judged_on_every_bound():
+    from orchestrator.search.constraints import constraint_values, violations
+
+    bounds = {"cost/params_m": {"max": 10.0}, "cost/train_images_per_s": {"min": 50.0, "max": None}}
+    assert violations({"cost/params_m": 9.5, "cost/train_images_per_s": 60.0}, bounds) == []
+    assert violations({"cost/params_m": 12.25, "cost/train_images_per_s": 40.0}, bounds) == [
+        "cost/params_m 12.25 > max 10", "cost/train_images_per_s 40 < min 50"]
+    assert violations({}, {"cost/params_m": {"max": 1.0}}) == ["cost/params_m not measured (bound max 1)"]
+    # Optuna's convention, bounds sorted by metric: <= 0 holds, > 0 by how much it is broken
+    assert constraint_values({"cost/params_m": 12.0, "cost/train_images_per_s": 60.0}, bounds) == {
+        "cost/params_m max": 2.0, "cost/train_images_per_s min": -10.0}

@@ -7,6 +7,7 @@ import hashlib
 import json
 import shutil
 import tarfile
+import time
 from collections import Counter
 from pathlib import Path
 from types import SimpleNamespace
@@ -18,12 +19,22 @@ from orchestrator.cli import main
 from orchestrator.config.loader import spec_from_dict
 from orchestrator.errors import CvlabError
 from orchestrator.jobs.classification import prepare_data
+from orchestrator.names import FAULT_MARKER_FILE
+from orchestrator.runs.storage import resolve_storage
 from workloads.classification.config import DataPlan, ShardPlan
 from workloads.classification import shard_writer
 from workloads.classification.shard_manifest import MANIFEST_FILE, read_manifest
 from workloads.classification.shard_reader import ShardStream
 from workloads.classification.shard_writer import write_shards
 from workloads.classification.synthetic import make_imagenet
+from workloads.object_storage import (
+    Backoff,
+    RetryingHandler,
+    StorageUnreachable,
+    retrying,
+    retrying_filesystem,
+    unwrapped,
+)
 
 SHARD_MB = 0.01  # a few images per shard: several shards from a tiny set
 
@@ -161,7 +172,8 @@ def test_bad_input_is_refused_with_one_message(source, tmp_path, capsys):
 @pytest.mark.slow
 def test_shards_in_a_real_s3_server(source, tmp_path, s3_server, capsys, monkeypatch):
     """The same shards, byte for byte, written to `s3://` through the standard AWS_* variables; a missing bucket
-    and refused credentials each end with one message."""
+    (for the shards, for `cvlab cluster local up --artifacts-destination`) and refused credentials each end with
+    one message."""
     import pyarrow.fs as pafs
 
     local = tmp_path / "local"
@@ -185,12 +197,32 @@ def test_shards_in_a_real_s3_server(source, tmp_path, s3_server, capsys, monkeyp
                                     epoch=2) and from_s3
     assert fs.get_file_info(f"{root}/{shard_writer.PROGRESS_DIR}").type == pafs.FileType.NotFound
 
+    # The run storage (retrying) takes a copy of many files at once, as Tune's state sync makes one.
+    many = tmp_path / "many"
+    many.mkdir()
+    for i in range(24):
+        (many / f"f{i}.json").write_text(str(i))
+    storage, path = resolve_storage(f"s3://{s3_server.bucket}/state", retry_limit_s=30)
+    pafs.copy_files(str(many), path, destination_filesystem=storage)
+    assert len(storage.get_file_info(pafs.FileSelector(path))) == 24
+
     assert main(["data", "shard", str(source), "s3://no-such-bucket/x"]) == 2
     assert "cannot write s3://no-such-bucket/x" in capsys.readouterr().err
+    assert main(["cluster", "local", "up", "--state-dir", str(tmp_path / "cluster"), "--artifacts-destination",
+                 "s3://no-such-bucket/mlflow"]) == 2  # before anything starts
+    assert "s3://no-such-bucket/mlflow: the bucket does not exist" in capsys.readouterr().err
+    # A run's data or storage in a missing bucket, or refused credentials: refused before anything starts.
+    with pytest.raises(CvlabError, match="data.root: s3://no-such-bucket/set: the bucket does not exist"):
+        prepare_data(spec_from_dict({"data": {"root": "s3://no-such-bucket/set", "image_size": 32}}))
+    with pytest.raises(CvlabError, match="run.storage_path 's3://no-such-bucket/runs'.*check the bucket name"):
+        resolve_storage("s3://no-such-bucket/runs", retry_limit_s=300)
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong")
     assert main(["data", "shard", str(source), f"s3://{s3_server.bucket}/other"]) == 2
     err = capsys.readouterr().err
     assert f"cannot write s3://{s3_server.bucket}/other" in err and "AWS_SECRET_ACCESS_KEY" in err
+    with pytest.raises(CvlabError, match=f"data.root: {uri}/manifest.json cannot be read: .*ACCESS_DENIED.*"
+                                         "AWS_SECRET_ACCESS_KEY"):
+        prepare_data(spec_from_dict({"data": {"root": uri, "image_size": 32}}))
 
 
 def _stream(location, split, **kw):
@@ -267,45 +299,144 @@ def test_a_cut_off_shard_is_named_and_training_steps_stay_full(shard_set, tmp_pa
     assert 30 - manifest.shards("train")[0]["samples"] <= read < 30 and val_bad
 
 
+def _checkpoints_in(uri: str) -> list[str]:
+    """The whole Ray Train checkpoint folders under a bucket URI (the test's view, through the AWS_* variables):
+    folders holding both the model and the training state. A folder still being uploaded holds only one of them
+    for a moment, and a server stopped at that moment leaves it so: it is not a checkpoint anyone relies on."""
+    import pyarrow.fs as pafs
+
+    from workloads.classification.checkpoint import MODEL_FILE, STATE_FILE
+
+    fs, root = pafs.FileSystem.from_uri(uri)
+    infos = fs.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True))
+    files: dict[str, set[str]] = {}
+    for info in infos:
+        if "/checkpoint_" in info.path:
+            folder, name = info.path.rsplit("/", 1)
+            files.setdefault(folder, set()).add(name)
+    return sorted(folder for folder, names in files.items() if {MODEL_FILE, STATE_FILE} <= names)
+
+
+def _spec_from_s3(bucket: str, name: str, epochs: int, tracking_uri: str, **run) -> dict:
+    return {
+        "experiment": {"name": name, "seed": 0},
+        "model": {"name": "resnet26"},
+        "data": {"root": f"s3://{bucket}/sets/q", "image_size": 32, "batch_size": 4, "num_workers": 1},
+        "optim": {"epochs": epochs, "lr": 0.05, "scale_lr": False, "warmup_epochs": 0.0},
+        "scaling": {"num_workers": 2},
+        "run": {"storage_path": f"s3://{bucket}/runs", "log_every": 100, **run},
+        "tracking": {"tracking_uri": tracking_uri, "log_model": False},
+    }
+
+
 @pytest.mark.slow
-@pytest.mark.timeout(600)
-def test_training_and_eval_stream_shards_from_s3(source, tmp_path, s3_server, monkeypatch, capsys):
-    """The tiny set sharded into the S3 server, trained on 2 workers streaming their shares (checkpoints in the
-    bucket too), then `cvlab eval` of the last checkpoint over the streamed validation split gives exactly the
-    logged val/top1: every validation image counted once across the workers."""
+@pytest.mark.timeout(900)
+def test_training_and_eval_stream_shards_from_s3(source, tmp_path, s3_server, mlflow_server_on_s3, monkeypatch,
+                                                 capfd):
+    """The tiny set sharded into the S3 server and trained for 3 epochs on 2 workers streaming their shares,
+    checkpoints in the bucket and MLflow's artifacts in the bucket too (`mlflow server --artifacts-destination`).
+    The S3 server goes away for 20 s once epoch 1's checkpoint is in it: reads and the next checkpoint's upload
+    wait for it and the run loses nothing. A worker killed in epoch 3 restarts from the latest checkpoint, read
+    from the bucket. `cvlab eval` of the run's `runs:/` checkpoint (served from the bucket through MLflow) over
+    the streamed validation split gives exactly the logged val/top1: every validation image counted once."""
     import yaml
     from mlflow import MlflowClient
 
     bucket = s3_server.bucket
     write_shards(str(source), f"s3://{bucket}/sets/q", shard_size_mb=SHARD_MB)
-    db = f"sqlite:///{tmp_path}/mlflow.db"
-    spec = {
-        "experiment": {"name": "from-shards", "seed": 0},
-        "model": {"name": "resnet26"},
-        "data": {"root": f"s3://{bucket}/sets/q", "image_size": 32, "batch_size": 4, "num_workers": 1},
-        "optim": {"epochs": 2, "lr": 0.05, "scale_lr": False, "warmup_epochs": 0.0},
-        "scaling": {"num_workers": 2},
-        "run": {"storage_path": f"s3://{bucket}/runs", "log_every": 100},
-        "tracking": {"tracking_uri": db, "log_model": False},
-    }
+    spec = _spec_from_s3(bucket, "from-shards", 3, mlflow_server_on_s3.uri, max_failures=1,
+                         fault_kill_rank_at={"epoch": 3, "step": 1, "rank": 1})
     (tmp_path / "exp.yaml").write_text(yaml.safe_dump(spec))
     monkeypatch.chdir(tmp_path)
+    timeline: list[str] = []
+    stopped_at: list[float] = []
+
+    def first_checkpoint() -> bool:
+        if _checkpoints_in(f"s3://{bucket}/runs"):
+            stopped_at.append(time.monotonic())
+            return True
+        return False
+
+    s3_server.away_between(first_checkpoint, lambda: time.monotonic() > stopped_at[0] + 15, timeline)
     assert main(["run", "exp.yaml"]) == 0
-    out = capsys.readouterr().out
+    out, err = capfd.readouterr()
+    assert timeline == ["stopped", "started"]
     assert f"shard set s3://{bucket}/sets/q: 30 training and 6 validation images" in out
-    client = MlflowClient(db)
+    assert "retrying for up to 300 s" in err and "succeeded after" in err  # the outage was met and ridden out
+    client = MlflowClient(mlflow_server_on_s3.uri)
     (run,) = client.search_runs([client.get_experiment_by_name("from-shards").experiment_id])
     assert run.info.status == "FINISHED"
     assert run.data.params["data.train_images"] == "30" and run.data.params["data.val_images"] == "6"
     assert f"{bucket}/runs/from-shards-" in run.data.tags["cvlab.checkpoint"]
     assert not (tmp_path / "runs").exists()  # the Ray Train run lives in the bucket
-    top1 = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "val/top1")}
-    assert sorted(top1) == [1, 2]
+    top1 = [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, "val/top1")]
+    assert [step for step, _ in top1] == [1, 2, 3]  # every epoch logged once, through outage and restart
+    assert any(path.endswith(f"/{FAULT_MARKER_FILE}") for path in _objects(f"s3://{bucket}/runs")), \
+        "the fault drill did not fire"
+    # One restart, from a checkpoint read from the bucket: epoch 2's, or epoch 1's when the kill came before Ray
+    # Train's controller had registered epoch 2's (it polls the workers' reports); either way nothing is lost.
+    ((resumed_at, from_epoch),) = [(m.step, m.value) for m in
+                                   client.get_metric_history(run.info.run_id, "train/resumed_from_epoch")]
+    assert from_epoch in (1, 2) and resumed_at == from_epoch + 1
+    stored = _objects(f"s3://{bucket}/mlartifacts")
+    assert any(f"/{run.info.run_id}/artifacts/checkpoints/last/" in path for path in stored)
 
     assert main(["eval", "exp.yaml", "--checkpoint", f"runs:/{run.info.run_id}/checkpoints/last"]) == 0
     evals = client.search_runs([run.info.experiment_id], "tags.`cvlab.job` = 'eval'")
     assert evals[0].data.metrics["eval/images"] == 6
-    assert evals[0].data.metrics["eval/top1"] == top1[2]
+    assert evals[0].data.metrics["eval/top1"] == top1[-1][1]
+    # The folder the shards were written from gives the same figures: the two data paths show the same images.
+    assert main(["eval", "exp.yaml", "--checkpoint", f"runs:/{run.info.run_id}/checkpoints/last", "--set",
+                 f"data.root={source}"]) == 0
+    evals = client.search_runs([run.info.experiment_id], "tags.`cvlab.job` = 'eval'", order_by=["start_time DESC"])
+    assert len(evals) == 2 and evals[0].data.metrics["eval/images"] == 6
+    assert evals[0].data.metrics["eval/top1"] == top1[-1][1]
+
+
+def _objects(uri: str) -> list[str]:
+    import pyarrow.fs as pafs
+
+    fs, root = pafs.FileSystem.from_uri(uri)
+    return [i.path for i in fs.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True))]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_a_bucket_away_longer_than_the_limit_fails_the_run_keeping_its_checkpoint(source, tmp_path, s3_server,
+                                                                                  monkeypatch, capfd):
+    """The S3 server goes away after epoch 1's checkpoint and stays away longer than run.storage_retry_limit_s:
+    the run fails with one message saying so (no traceback) and is marked FAILED; epoch 1's checkpoint, read
+    back once the server returns, is whole."""
+    import yaml
+    from mlflow import MlflowClient
+
+    from workloads.checkpoint_transfer import opened
+    from workloads.classification.checkpoint import verify_training_checkpoint
+
+    bucket = s3_server.bucket
+    write_shards(str(source), f"s3://{bucket}/sets/q", shard_size_mb=SHARD_MB)
+    db = f"sqlite:///{tmp_path}/mlflow.db"
+    spec = _spec_from_s3(bucket, "bucket-gone", 2, db, storage_retry_limit_s=4)
+    (tmp_path / "exp.yaml").write_text(yaml.safe_dump(spec))
+    monkeypatch.chdir(tmp_path)
+    timeline: list[str] = []
+    s3_server.away_between(lambda: bool(_checkpoints_in(f"s3://{bucket}/runs")), lambda: False, timeline,
+                           timeout_s=300)
+    code = main(["run", "exp.yaml"])
+    out, err = capfd.readouterr()
+    assert code == 2 and timeline == ["stopped"]
+    assert "the storage was unreachable for" in err and "run.storage_retry_limit_s (4 s)" in err
+    assert "Traceback" not in err.split("cvlab: error:")[-1]
+    client = MlflowClient(db)
+    (run,) = client.search_runs([client.get_experiment_by_name("bucket-gone").experiment_id])
+    assert run.info.status == "FAILED"
+
+    s3_server.start()
+    import ray.train
+
+    (checkpoint,) = _checkpoints_in(f"s3://{bucket}/runs")
+    with opened(ray.train.Checkpoint(f"s3://{checkpoint}"), 30) as folder:
+        assert verify_training_checkpoint(folder) == 1
 
 
 def test_data_root_is_read_as_a_shard_set_or_a_folder(source, shard_set):
@@ -322,3 +453,169 @@ def test_data_root_is_read_as_a_shard_set_or_a_folder(source, shard_set):
         plan(source, "shards")
     with pytest.raises(CvlabError, match="is a bucket URI: only a shard set can be read from a bucket"):
         plan("s3://bucket/x", "folder")
+
+
+def test_storage_errors_are_retried_with_backoff_until_the_limit():
+    """An OSError is retried after 0.5, 1, 2, ... s (capped at 8) until the outage has lasted the limit, then
+    StorageUnreachable says for how long and names the limit; a missing file is an answer, not retried; a
+    success resets the clock."""
+    clock = [0.0]
+    waits: list[float] = []
+
+    def sleep(s):
+        waits.append(s)
+        clock[0] += s
+
+    backoff = Backoff(20, clock=lambda: clock[0], sleep=sleep)
+    for _ in range(5):
+        backoff.failed("reading x", OSError("connection refused"))
+    assert waits == [0.5, 1, 2, 4, 8]
+    backoff.failed("reading x", OSError("connection refused"))
+    assert waits[-1] == pytest.approx(20 - 15.5)  # never sleeps past the limit
+    with pytest.raises(StorageUnreachable) as caught:
+        backoff.failed("reading x", OSError("connection refused"))
+    assert str(caught.value) == ("reading x: the storage was unreachable for 20 s, longer than "
+                                 "run.storage_retry_limit_s (20 s); last error: OSError: connection refused")
+    backoff.succeeded("reading x")
+    backoff.failed("reading x", OSError("again"))
+    assert waits[-1] == 0.5 and backoff.since == clock[0] - 0.5  # a new outage, timed from its start
+
+    calls = []
+
+    def flaky():
+        calls.append(1)
+        if len(calls) < 3:
+            raise OSError("503 Slow Down")
+        return "done"
+
+    assert retrying("writing y", flaky, limit_s=30) == "done" and len(calls) == 3
+    with pytest.raises(FileNotFoundError):
+        retrying("reading z", lambda: open("/no/such/file"), limit_s=30)
+
+
+class _FlakyFS:
+    """A local filesystem whose first `fail` opened streams break with an OSError after `after` bytes, as a
+    connection to a bucket that goes away does."""
+
+    def __init__(self, fail: int, after: int = 15000):  # tarfile reads 10 KB at a time
+        import pyarrow.fs as pafs
+
+        self.local, self.fail, self.after, self.opened = pafs.LocalFileSystem(), fail, after, 0
+
+    def open_input_stream(self, path, buffer_size=None):
+        self.opened += 1
+        stream, flaky, after = self.local.open_input_stream(path, buffer_size=buffer_size), self.opened <= self.fail, self.after
+
+        class Breaking:
+            read_so_far = 0
+
+            def read(self, n=-1):
+                data = stream.read(n)
+                self.read_so_far += len(data)
+                if flaky and self.read_so_far > after:
+                    raise OSError("AWS Error NETWORK_CONNECTION: connection reset")
+                return data
+
+            def __enter__(self):
+                return self
+
+            def __exit__(self, *exc):
+                stream.close()
+
+        return Breaking()
+
+
+def test_a_shard_read_that_loses_the_storage_resumes_where_it_stopped(shard_set, monkeypatch):
+    """Two broken connections while reading: the shards are opened again from the sample where they stopped,
+    and the rank reads exactly what it reads without an outage (nothing skipped, nothing twice, no failures)."""
+    from workloads.classification import shard_reader
+
+    expected = _read_all(_stream(shard_set, "train", rank=0, world=1, batch=4, seed=1))
+    flaky = _FlakyFS(fail=2)
+    monkeypatch.setattr(shard_reader, "open_location", lambda location: (flaky, str(location)))
+    bad: list = []
+    stream = _stream(shard_set, "train", rank=0, world=1, batch=4, seed=1, on_bad=lambda *what: bad.append(what),
+                     retry_limit_s=30)
+    assert _read_all(stream) == expected and not bad
+    assert flaky.opened > len(read_manifest(str(shard_set)).shards("train"))  # reopened after each break
+
+    gone = _FlakyFS(fail=10**6, after=0)
+    monkeypatch.setattr(shard_reader, "open_location", lambda location: (gone, str(location)))
+    with pytest.raises(StorageUnreachable, match="reading shard train/shard-.*unreachable for 1 s"):
+        _read_all(_stream(shard_set, "train", rank=0, world=1, batch=4, seed=1, retry_limit_s=1))
+
+
+class _FlakyHandler(RetryingHandler):
+    """Local files whose first `fail` operations (those whose description starts with `only`; a write's upload
+    included) fail like an unreachable bucket."""
+
+    def __init__(self, root, fail: int, only: str = ""):
+        import pyarrow.fs as pafs
+
+        super().__init__(pafs.SubTreeFileSystem(str(root), pafs.LocalFileSystem()), limit_s=0)
+        self.fail, self.failed, self.only = fail, 0, only
+
+    def _retry(self, what, attempt):
+        if self.failed < self.fail and what.startswith(self.only):
+            self.failed += 1
+            raise OSError(f"{what}: AWS Error NETWORK_CONNECTION: Could not connect to server")
+        return attempt()
+
+
+def _retrying(flaky: _FlakyHandler, limit_s: float):
+    """What `retrying_filesystem` makes of an S3 filesystem, around a flaky local one."""
+    import pyarrow.fs as pafs
+
+    return pafs.PyFileSystem(RetryingHandler(pafs.PyFileSystem(flaky), limit_s))
+
+
+def test_the_run_storage_rides_out_an_outage_and_survives_pickling(tmp_path):
+    """The run storage is wrapped by a `RetryingHandler`, also in the copy Ray pickles to its processes: a file
+    written as Ray Train's controller writes its state is sent again whole until the bucket answers; past the
+    limit, StorageUnreachable. A checkpoint copy (pyarrow's copy_files, which drops errors raised on closing a
+    file) is checked file by file and made again while incomplete (`upload_checked`)."""
+    import pickle
+
+    import pyarrow.fs as pafs
+    import ray.train
+
+    from workloads.checkpoint_transfer import upload_checked
+
+    bucket = tmp_path / "bucket"
+    (bucket / "runs" / "checkpoint_000001").mkdir(parents=True)
+    storage = pickle.loads(pickle.dumps(_retrying(_FlakyHandler(bucket, fail=3), 30)))
+    with storage.open_output_stream("runs/checkpoint_manager_snapshot.json") as out:
+        out.write(b'{"epoch": 1}')
+    assert (bucket / "runs/checkpoint_manager_snapshot.json").read_bytes() == b'{"epoch": 1}'
+    gone = _retrying(_FlakyHandler(bucket, fail=10**6), limit_s=1)
+    with pytest.raises(StorageUnreachable, match="writing runs/x.json: the storage was unreachable for 1 s"):
+        with gone.open_output_stream("runs/x.json") as out:
+            out.write(b"{}")
+    assert not (bucket / "runs/x.json").exists()
+
+    source = tmp_path / "checkpoint"
+    source.mkdir()
+    files = {"model.pt": b"m" * 300_000, "train_state.pt": b"s" * 1000, "meta.json": b"{}"}
+    for name, data in files.items():
+        (source / name).write_bytes(data)
+    attempts = []
+
+    def persist():  # the first copy's uploads fail past the limit: copy_files reports nothing wrong
+        attempts.append(len(attempts))
+        away = 10**6 if len(attempts) == 1 else 0
+        fs = _retrying(_FlakyHandler(bucket, fail=away, only="writing"), limit_s=0.2)
+        pafs.copy_files(str(source), "runs/checkpoint_000001", destination_filesystem=fs)
+        return ray.train.Checkpoint("runs/checkpoint_000001", filesystem=fs)
+
+    stored = upload_checked(persist, str(source), "checkpoint_000001", limit_s=30)
+    assert len(attempts) == 2 and stored.path == "runs/checkpoint_000001"
+    assert {p.name: p.read_bytes() for p in (bucket / "runs/checkpoint_000001").iterdir()} == files
+
+    # An S3 store is wrapped, without background writes (they deadlock in copy_files: see retrying_filesystem);
+    # other stores are left as they are.
+    s3 = pafs.S3FileSystem(access_key="k", secret_key="s", endpoint_override="http://127.0.0.1:9", region="us-east-1")
+    wrapped = pickle.loads(pickle.dumps(retrying_filesystem(s3, 30)))
+    assert isinstance(wrapped.handler, RetryingHandler) and unwrapped(wrapped).__reduce__()[1][0] == {
+        **s3.__reduce__()[1][0], "background_writes": False}
+    local = pafs.LocalFileSystem()
+    assert retrying_filesystem(local, 30) is local

@@ -1,6 +1,7 @@
 """The experiment spec loader: `_base_` inheritance, `--set` overrides, error messages, helpers."""
 from __future__ import annotations
 
+import array
 import os
 import re
 import sys
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 
 from orchestrator.errors import CvlabError
 from orchestrator.config.schema import ExperimentSpec
@@ -23,6 +25,8 @@ from orchestrator.config.loader import (
     parse_set,
     spec_from_dict,
     spec_to_dict,
+    spec_yaml,
+    to_plain,
 )
 from orchestrator.config.paths import nearest_path, valid_paths
 
@@ -95,6 +99,9 @@ def test_several_bases_later_wins_and_delete(tmp_path, no_model_registry):
     write(tmp_path / "two.yaml", "optim: {lr: 2.0}\n")
     spec = load_spec(write(tmp_path / "c.yaml", "_base_: [one.yaml, two.yaml]\n"))
     assert spec.optim.lr == 2.0 and spec.optim.epochs == 1 and spec.run.max_failures == 1
+    assert spec.sources == [str(tmp_path / n) for n in ("one.yaml", "two.yaml", "c.yaml")]
+    write(tmp_path / "searched.yaml", "search: {num_samples: 2}\n")
+    assert load_spec(write(tmp_path / "e.yaml", "_base_: searched.yaml\nsearch: null\n")).search is None
     spec = load_spec(write(tmp_path / "d.yaml", "_base_: one.yaml\noptim: {_delete_: true, lr: 3.0}\n"))
     assert spec.optim.lr == 3.0 and spec.optim.epochs == ExperimentSpec().optim.epochs
 
@@ -107,8 +114,9 @@ def test_base_cycle_is_detected(tmp_path, no_model_registry):
 
 
 def test_missing_files(tmp_path, no_model_registry):
-    with pytest.raises(CvlabError, match=r"nope\.yaml: file not found"):
+    with pytest.raises(CvlabError) as err:
         load_spec(tmp_path / "nope.yaml")
+    assert str(err.value) == f"{tmp_path / 'nope.yaml'}: file not found"
     child = write(tmp_path / "c.yaml", "_base_: gone.yaml\n")
     with pytest.raises(CvlabError, match=r"gone\.yaml: file not found \(from .*c\.yaml\)"):
         load_spec(child)
@@ -165,6 +173,77 @@ def test_wrong_type_names_file_path_expected_and_got(tmp_path, no_model_registry
         load_spec(write(tmp_path / "n.yaml", "run: {name: 5}\n"))
 
 
+def _bomb(scalars: int) -> str:
+    """A flow mapping whose 198 aliases expand it to 19906 + `scalars` values: 20000, the limit, at 94."""
+    return (f"{{a: &a [{','.join(['0'] * 99)}], b: [{','.join(['*a'] * 198)}], "
+            f"c: [{','.join(['0'] * scalars)}]}}")
+
+
+@pytest.mark.parametrize("text, overrides, expected", [
+    ("optim:\n  <<: {lr: 1, lr: 2}\n", [], ":2: duplicate key 'lr' (first at line 2)"),  # inside a merge
+    ("optim:\n  <<: {lr: 1}\n  epochs: 1\n  epochs: 2\n", [], ":4: duplicate key 'epochs' (first at line 3)"),
+    ("search:\n  space:\n    optim.lr: {grid: [{a: 1, a: 2}]}\n", [], ":3: duplicate key 'a' (first at line 3)"),
+    ("experiment:\n  tags:\n    on: x\n", [], ":3: key 'on' is not a string (YAML reads it as bool); quote it"),
+    ("experiment:\n  tags:\n    [a, b]: x\n", [], ":3: key 'a sequence' is not a string (YAML reads it as seq); "
+     "quote it"),
+    ("optim: {_delete_: 1}\n", [], ": optim._delete_ must be true or false, got 1 (int)"),
+    ("_base_: [3]\n", [], ": _base_ must be a file path or a list of file paths, got [3] (list)"),
+    ("_base_: ['  ']\n", [], ": _base_ must be a file path or a list of file paths, got ['  '] (list)"),
+    ("- a\n- b\n", [], ": the top level must be a mapping of sections (experiment:, model:, ...), got ['a', 'b'] "
+     "(list)"),
+    ("search: {space: {a: " + "[" * 1000 + "]" * 1000 + "}}\n", [], ": invalid YAML: nested too deeply"),
+    ("search: &s {space: {a: *s}}\n", [], ": invalid YAML: the node anchored at line 1 contains an alias to itself"),
+    ("search: {space: &s [1, *s]}\n", [], ": invalid YAML: the node anchored at line 1 contains an alias to itself"),
+    (_bomb(95) + "\n", [], ": refused: its anchors and aliases (198 uses) expand to 20001 values, more than the "
+     "20000 an experiment file may hold"),
+    # an override keeps the file's line of every other key
+    ("optim:\n  lr: 0.1\n  epochs: x\n", ["optim.lr=0.2"], ":3: optim.epochs: expected int, got 'x' (str) (Input "
+     "should be a valid integer, unable to parse string as an integer)"),
+    # a rule about a path no file or override set is blamed on the file
+    ("experiment: {name: x}\n", ["workload=detection"], ": detection.config: workload: detection needs a "
+     "`detection:` section (at least detection.config)"),
+])
+def test_file_problems_are_named_exactly(tmp_path, no_model_registry, text, overrides, expected):
+    """Each problem of a file, with the file's name, the line where the loader can tell it and the value."""
+    path = write(tmp_path / "f.yaml", text)
+    with pytest.raises(CvlabError) as err:
+        load_spec(path, overrides)
+    assert str(err.value) == f"{path}{expected}"
+
+
+def test_merge_keys_empty_files_and_string_overrides(tmp_path, no_model_registry):
+    merged = load_spec(write(tmp_path / "m.yaml", "experiment: {name: m}\noptim: {<<: {lr: 0.5, epochs: 3}, "
+                                                  "epochs: 4}\n"))
+    assert (merged.optim.lr, merged.optim.epochs) == (0.5, 4)
+    empty = load_spec(write(tmp_path / "empty.yaml", ""), "optim.lr=0.25")  # one override as a plain string
+    assert spec_to_dict(empty) == spec_to_dict(ExperimentSpec(optim={"lr": 0.25}))
+    assert empty.sources == [str(tmp_path / "empty.yaml"), "--set optim.lr=0.25"]
+    spec, sources = load_spec_with_sources(tmp_path / "m.yaml", ["optim.lr=0.3"])
+    assert spec.optim.lr == 0.3 and sources == [str(tmp_path / "m.yaml"), "--set optim.lr=0.3"]
+
+
+def test_dicts_are_checked_like_files(tmp_path, monkeypatch, no_model_registry):
+    """`spec_from_dict`: a `_base_` relative to the cwd (blamed for its own lines), keys and `_delete_` checked."""
+    monkeypatch.chdir(tmp_path)
+    write(tmp_path / "base.yaml", "optim: {lr: 0.5}\n")
+    spec = spec_from_dict({"_base_": "base.yaml", "optim": {"epochs": 3}})
+    assert (spec.optim.lr, spec.optim.epochs) == (0.5, 3)
+    assert spec.sources == [str(tmp_path / "base.yaml"), "<dict>"]
+    write(tmp_path / "bad.yaml", "optim:\n  epochs: x\n")
+    for d, message in [
+        ({"_base_": "bad.yaml"}, f"{tmp_path / 'bad.yaml'}:2: optim.epochs: expected int, got 'x' (str) (Input "
+                                 "should be a valid integer, unable to parse string as an integer)"),
+        ({"_base_": "gone.yaml"}, f"{tmp_path / 'gone.yaml'}: file not found (from <dict>)"),
+        ({"experiment": {"tags": {1: "x"}}}, "<dict>: experiment.tags: key 1 is not a string; quote it"),
+        ({"optim": {"_delete_": "yes"}}, "<dict>: optim._delete_ must be true or false, got 'yes' (str)"),
+        (["not", "a", "dict"], "<dict>: an experiment spec must be a mapping of sections, got ['not', 'a', 'dict'] "
+                               "(list)"),
+    ]:
+        with pytest.raises(CvlabError) as err:
+            spec_from_dict(d)
+        assert str(err.value) == message
+
+
 def test_bad_set_overrides(tmp_path, no_model_registry):
     path = write(tmp_path / "ok.yaml", "optim: {lr: 0.1}\n")
     cases = {
@@ -180,6 +259,20 @@ def test_bad_set_overrides(tmp_path, no_model_registry):
     for item, pattern in cases.items():
         with pytest.raises(CvlabError, match=pattern):
             load_spec(path, [item])
+
+
+@pytest.mark.parametrize("item, message", [
+    ("optim.lrate=3", "unknown path optim.lrate; did you mean optim.lr?"),
+    ("optim.lrr.epochs=3", "unknown path optim.lrr; did you mean optim.lr?"),  # a sibling, not optim.epochs
+    ("optimm.lr=3", "unknown path optimm; did you mean optim?"),  # the section, not the whole path
+    ("zzz.lr=3", "unknown path zzz; did you mean optim.lr?"),  # nothing like `zzz`: the whole path decides
+    ("zzzz.qqqq=3", "unknown path zzzz"),
+    ("optim.lr.x=3", "optim.lr is float and has no key 'x'"),
+])
+def test_bad_set_paths_are_named_exactly(tmp_path, no_model_registry, item, message):
+    with pytest.raises(CvlabError) as err:
+        load_spec(write(tmp_path / "ok.yaml", "optim: {lr: 0.1}\n"), [item])
+    assert str(err.value) == f"--set {item}: {message}"
 
 
 def test_set_values_are_yaml(tmp_path, no_model_registry):
@@ -222,6 +315,36 @@ def test_model_errors_from_registry(tmp_path, fake_registry):
     assert load_spec(tmp_path / "m3.yaml", ["model.reduction_ratio=8"]).model.overrides == {"reduction_ratio": 8}
 
 
+@pytest.mark.parametrize("error, overrides, message", [
+    (KeyError("bad key 'foo'"), {"foo": 1}, "model.foo: bad key 'foo'"),  # a KeyError's text, unquoted
+    (ValueError("a_ratio=2 is wrong"), {"ratio": 1, "a_ratio": 2},  # the longest key the message names
+     "model.a_ratio: a_ratio=2 is wrong (did you mean model.reduction_ratio?)"),
+    (ValueError("the layers do not fit"), {"reduction_ratio": 3}, "model.name: the layers do not fit"),
+    (ValueError("the layers do not fit"), {"reduction_ratio": 3, "zzzzqqqq": 1}, "model.zzzzqqqq: the layers do not fit"),
+    (ValueError("the layers do not fit"), {"reduction_ratoi": 3},
+     "model.reduction_ratoi: the layers do not fit (did you mean model.reduction_ratio?)"),
+    (TypeError("kernel_sise: did you mean kernel_size?"), {"kernel_sise": 3},
+     "model.kernel_sise: kernel_sise: did you mean kernel_size?"),  # the registry's own hint is not doubled
+])
+def test_registry_verdicts_are_placed_exactly(monkeypatch, error, overrides, message):
+    """Where the registry's message lands (which `model.` path) and what hint it gets, for every kind of error."""
+    mod = types.ModuleType("workloads.models")
+
+    def validate_model_config(name, **kwargs):
+        raise error
+
+    mod.validate_model_config = validate_model_config
+    mod.list_models = lambda: ["cednet26", "cednet50"]
+    monkeypatch.setitem(sys.modules, "workloads.models", mod)
+    with pytest.raises(CvlabError) as err:
+        spec_from_dict({"model": {"name": "cednet26", **overrides}})
+    assert str(err.value) == f"<dict>: {message}"
+    with pytest.raises(CvlabError) as err:
+        spec_from_dict({"model": {"name": "nope"}})
+    assert str(err.value) == "<dict>: model.name: unknown model 'nope' (known: cednet26, cednet50)"
+    assert spec_from_dict({"model": {"name": "nope"}}, validate_model=False).model.name == "nope"
+
+
 def test_model_errors_from_the_real_registry(tmp_path):
     with pytest.raises(CvlabError, match=r"r\.yaml:1: model\.name: .*rednet5"):
         load_spec(write(tmp_path / "r.yaml", "model: {name: rednet5}\n"))
@@ -234,8 +357,14 @@ def test_model_errors_from_the_real_registry(tmp_path):
 
 def test_round_trip_flatten_and_paths(no_model_registry):
     spec = spec_from_dict({"model": {"name": "cednet26", "out_indices": [1, 2]},
-                           "experiment": {"tags": {"a": "x" * 800}}, "optim": {"lr": 0.5}})
+                           "experiment": {"tags": {"a": "x" * 800, "b": "y" * MAX_PARAM_CHARS}}, "optim": {"lr": 0.5}})
     assert spec_from_dict(spec_to_dict(spec)) == spec
+    assert spec_to_dict(spec)["optim"]["betas"] == [0.9, 0.999]  # JSON values: lists, not tuples
+    assert flatten_spec(spec)["experiment.tags.b"] == "y" * MAX_PARAM_CHARS  # the limit is inclusive
+    text = spec_yaml(spec)  # the resolved.yaml artifact: block style, sections in the schema's order
+    assert text.startswith("experiment:\n  name: default\n") and "\noptim:\n  name: sgd\n" in text
+    assert "\n  betas:\n  - 0.9\n  - 0.999\n" in text  # lists of scalars too
+    assert list(yaml.safe_load(text)) == list(spec_to_dict(spec)) and yaml.safe_load(text) == spec_to_dict(spec)
     flat = flatten_spec(spec)
     assert flat["optim.lr"] == "0.5" and flat["model.out_indices"] == "[1, 2]"
     assert flat["optim.nesterov"] == "true" and flat["run.name"] == "null"
@@ -260,8 +389,22 @@ def test_apply_overrides(tmp_path, fake_registry):
     assert new.optim.lr == 0.5
     assert base.model.overrides == {} and base.optim.lr == 0.1  # the original is untouched
     assert new.sources[0].endswith("b.yaml") and "override model.reduction_ratio" in new.sources
-    with pytest.raises(CvlabError, match=r"unknown path optim\.weight_decy; did you mean optim\.weight_decay\?"):
-        apply_overrides(base, {"optim.weight_decy": 0.1})
+    unchecked = spec_from_dict({"model": {"name": "cednet99"}}, validate_model=False)
+    for mapping, message in [
+        ({"optim.weight_decy": 0.1}, "override optim.weight_decy: unknown path optim.weight_decy; did you mean "
+                                     "optim.weight_decay?"),
+        ({1: 2}, "override 1: a path must be a dotted string, got 1 (int)"),
+        ([1], "overrides must be a mapping of dotted paths to values, got [1] (list)"),
+    ]:
+        with pytest.raises(CvlabError) as err:
+            apply_overrides(base, mapping)
+        assert str(err.value) == message
+    with pytest.raises(CvlabError) as err:  # a problem no override caused is blamed on the overrides as a whole
+        apply_overrides(unchecked, {"optim.lr": 0.2})
+    assert str(err.value) == "<overrides>: model.name: unknown model 'cednet99'; did you mean cednet50? (known: " \
+                             "cednet26, cednet50, rednet50)"
+    odd = array.array("i", [1])  # has `tolist` but is no numpy value: kept as given
+    assert to_plain(odd) is odd and to_plain({"a": (np.int64(1), [np.float32(0.5)])}) == {"a": [1, [0.5]]}
     with pytest.raises(CvlabError, match=r"override optim\.epochs: optim\.epochs: expected int, got 'x'"):
         apply_overrides(base, {"optim.epochs": "x"})
     with pytest.raises(CvlabError, match=r"model\.reduction_ratio: reduction_ratio=3"):
@@ -417,21 +560,21 @@ def test_no_numeric_field_takes_a_boolean():
             section.__pydantic_validator__.validate_assignment(section.model_construct(), name, value)
 
 
-def test_unreadable_files_are_named_with_where_they_were_included_from(tmp_path):
+def test_unreadable_files_are_named_with_where_they_were_included_from(tmp_path, monkeypatch):
     """Each way a file can be unreadable gives its own message naming the file and, for a base, the file that
     included it; the size limit is inclusive (a file of exactly MAX_FILE_BYTES loads)."""
     from orchestrator.config.loader import MAX_FILE_BYTES
 
     child = tmp_path / "child.yaml"
 
-    def refused(base_text: bytes | None, expected: str, base_name="base.yaml"):
+    def refused(base_text: bytes | None, expected: str, base_name="base.yaml", at=""):
         base = tmp_path / base_name
         if base_text is not None:
             base.write_bytes(base_text)
         child.write_text(f"_base_: {base_name}\nmodel: {{name: cednet26}}\n")
         with pytest.raises(CvlabError) as err:
             load_spec(child)
-        at = rf"{re.escape(str(base))}(:\d+:\d+)?"  # syntax errors name line and column
+        at = re.escape(f"{base}{at}")  # syntax errors name line and column
         assert re.fullmatch(rf"{at}: {expected} \(from {re.escape(str(child))}\)", str(err.value)), str(err.value)
 
     refused(None, "file not found", "missing.yaml")
@@ -439,7 +582,9 @@ def test_unreadable_files_are_named_with_where_they_were_included_from(tmp_path)
     refused(None, "is a directory, expected a YAML file", "dir.yaml")
     refused(b"optim: {lr: 0.1}\n\xff\xfe\n", "not a UTF-8 text file")
     refused(b"optim: {lr: 0.1}\x07\n", r"invalid YAML: character '\\x07' at offset 16 is not allowed")
-    refused(b"optim: {lr: [0.1}\n", r"invalid YAML: expected ',' or '\]', but got '}'", "broken.yaml")
+    refused(b"optim: {lr: [0.1}\n", r"invalid YAML: expected ',' or '\]', but got '}'", "broken.yaml", at=":1:17")
+    os.mkfifo(tmp_path / "fifo.yaml")  # reading it could block forever
+    refused(None, "not a regular file", "fifo.yaml")
     refused(b"a" * (MAX_FILE_BYTES + 1), rf"{MAX_FILE_BYTES + 1} bytes is too large for an experiment file "
                                          rf"\(at most {MAX_FILE_BYTES} bytes\)")
     exact = b"model: {name: cednet26}\n"
@@ -447,8 +592,16 @@ def test_unreadable_files_are_named_with_where_they_were_included_from(tmp_path)
     assert load_spec(tmp_path / "exact.yaml").model.name == "cednet26"
     (tmp_path / "unreadable.yaml").write_text("model: {name: cednet26}\n")
     (tmp_path / "unreadable.yaml").chmod(0)
-    if os.geteuid() != 0:  # root reads anything
-        refused(None, r"cannot read \(Permission denied\)", "unreadable.yaml")
+    if os.geteuid() == 0:  # root reads anything: the same refusal, simulated
+        real_read_text = Path.read_text
+
+        def read_text(self, *args, **kwargs):
+            if self.name == "unreadable.yaml":
+                raise PermissionError(13, "Permission denied", str(self))
+            return real_read_text(self, *args, **kwargs)
+
+        monkeypatch.setattr(Path, "read_text", read_text)
+    refused(None, r"cannot read \(Permission denied\)", "unreadable.yaml")
 
 
 VALID_OVERRIDES = ("channel_groups, drop_path_rate, frozen_stages, group_channels, in_channels, kernel_size, "
@@ -481,6 +634,16 @@ def test_bad_models_are_named_exactly(tmp_path, model, message):
     ("optim.lr=[1,", "bad --set 'optim.lr=[1,': the value is not valid YAML (expected the node content, but "
      "found '<stream end>')"),
     ("model.name=" + "a" * 10_001, "bad --set model.name=...: the value is 10001 characters long (at most 10000)"),
+    (3, "bad --set 3: expected a string KEY=VALUE"),
+    ("optim.lr=\x07", "bad --set 'optim.lr=\\x07': the value is not valid YAML (unacceptable character #x0007: "
+     "special characters are not allowed)"),
+    ("search.space={1: 2}", "--set search.space={1: 2}: the top level: key 1 is not a string; quote it"),
+    ("search.space={a: {b: [{1: 2}]}}", "--set search.space={a: {b: [{1: 2}]}}: a.b: key 1 is not a string; quote it"),
+    ("search.space=&a [*a]", "--set search.space: invalid YAML: the node anchored at line 1 contains an alias to "
+     "itself"),
+    ("search.space=" + "[" * 1000 + "]" * 1000, "bad --set search.space=...: the value is nested too deeply"),
+    ("search.space=" + _bomb(95), "--set search.space: refused: its anchors and aliases (198 uses) expand to 20001 "
+     "values, more than the 20000 an experiment file may hold"),
 ])
 def test_bad_set_items_are_named_exactly(item, message):
     from orchestrator.config.loader import parse_set
@@ -490,3 +653,5 @@ def test_bad_set_items_are_named_exactly(item, message):
     assert str(err.value) == message
     assert parse_set("model.name=" + "a" * 10_000) == ("model.name", "a" * 10_000)  # the limit is inclusive
     assert parse_set(" optim.lr =") == ("optim.lr", None) and parse_set("a=b=c") == ("a", "b=c")
+    key, value = parse_set("search.space=" + _bomb(94))  # exactly 20000 values: the limit is inclusive
+    assert (key, len(value["b"]), len(value["c"])) == ("search.space", 198, 94)

@@ -92,7 +92,45 @@ def test_sources_resolve_through_the_given_uri_not_the_environment(store, user_e
     monkeypatch.setenv("MLFLOW_TRACKING_URI", other)
     source = resolve_source(store["models_uri"], tracking_uri=store["uri"])
     assert Path(source.path).is_file() and source.run_id == store["run_id"]
+    fetched = resolve_source(f"runs:/{store['run_id']}/checkpoints/best", tracking_uri=store["uri"],
+                             download_dir=str(tmp_path / "dl"))
+    assert Path(fetched.path).read_bytes() == Path(store["checkpoint"]).read_bytes()
     assert os.environ["MLFLOW_TRACKING_URI"] == other
+
+
+@pytest.mark.parametrize("text, shown", [("first line\nsecond line", "first line"), ("", "")])
+def test_a_failed_fetch_shows_the_first_line_of_mlflow_s_message(store, monkeypatch, text, shown):
+    from orchestrator.errors import CvlabError
+    from orchestrator.inference import sources
+
+    def refuse(**kwargs):
+        raise RuntimeError(text)
+
+    monkeypatch.setattr(sources.mlflow.artifacts, "download_artifacts", refuse)
+    with pytest.raises(CvlabError) as err:
+        sources.resolve_source("runs:/abc/model", tracking_uri=store["uri"])
+    assert str(err.value) == f"cannot fetch runs:/abc/model from MLflow at {store['uri']}: {shown}"
+
+
+def test_fetched_sources_say_where_they_went_and_bad_ones_are_named(store, user_env, tmp_path):
+    """Without an explicit URI the user's (MLFLOW_TRACKING_URI) is used; the download is noted; a malformed
+    `models:/` URI and a missing run are refused with the URI and the store named."""
+    from orchestrator.errors import CvlabError
+    from orchestrator.inference.sources import resolve_source
+
+    src = f"runs:/{store['run_id']}/checkpoints/best"
+    source = resolve_source(src, download_dir=str(tmp_path / "dl"))
+    assert source.path == str(tmp_path / "dl" / "best" / "model.pt") and source.run_id == store["run_id"]
+    assert source.notes == [f"downloaded {src} to {tmp_path / 'dl' / 'best'}"] and source.given == src
+    for bad in ("models:/uri-model", "models:/uri-model/latest", "models://1"):
+        with pytest.raises(CvlabError) as err:
+            resolve_source(bad, tracking_uri=store["uri"])
+        assert str(err.value) == f"model source {bad}: expected models:/<name>/<version> (a version number)"
+    run_id = "0123456789abcdef0123456789abcdef"
+    with pytest.raises(CvlabError) as err:  # MLflow's message, its first line
+        resolve_source(f"runs:/{run_id}/checkpoints/best", tracking_uri=store["uri"], download_dir=str(tmp_path))
+    assert str(err.value) == (f"cannot fetch runs:/{run_id}/checkpoints/best from MLflow at {store['uri']}: Run with "
+                              f"id={run_id} not found")
 
 
 def test_loading_a_fetched_classifier_leaves_the_environment_alone(store, user_env):

@@ -10,6 +10,7 @@ served by a real `mlflow server`, in headless Chromium through the UI links cvla
 from __future__ import annotations
 
 import contextlib
+import csv
 import io
 import json
 import os
@@ -172,6 +173,124 @@ def test_resume_without_an_earlier_search(tmp_path, capsys):
 
     with pytest.raises(CvlabError, match="nothing to resume: experiment 'tune-test' has no search"):
         run_search(spec_from_dict(_spec_dict(tmp_path)), resume=True)
+
+
+def _cost_spec(**search):
+    from orchestrator.config.loader import spec_from_dict
+
+    return spec_from_dict({"model": {"name": "cednet26"}, "search": {
+        "space": {"model.reduction_ratio": {"choice": [1, 4, 16]}}, "algorithm": "optuna", "num_samples": 6,
+        "objectives": [{"metric": "val/top1"}, {"metric": "cost/train_images_per_s"}],
+        "constraints": {"cost/params_m": {"max": 7.2}}, **search}})
+
+
+def test_optuna_is_told_infeasible_trials_and_earlier_results():
+    import math
+
+    from orchestrator.search.constraints import INFEASIBLE_KEY
+    from orchestrator.search.searchers import make_searcher
+    from orchestrator.search.space import check_search
+
+    spec = _cost_spec()
+    earlier = [{"params": {"model.reduction_ratio": 16}, "values": [0.5, 30.0], "costs": {"cost/params_m": 7.0},
+                "infeasible": ""},
+               {"params": {"model.reduction_ratio": 1}, "values": None, "costs": {"cost/params_m": 7.8},
+                "infeasible": "cost/params_m 7.8 > max 7.2"}]
+    limiter = make_searcher(spec, check_search(spec), 2, earlier)
+    searcher = limiter.searcher
+    assert searcher.metric == ["val/top1", "cost/train_images_per_s"] and searcher.mode == ["max", "max"]
+    first, second = limiter.suggest("t1"), limiter.suggest("t2")
+    assert set(first) == set(second) == {"model.reduction_ratio"}
+    limiter.on_trial_complete("t1", {INFEASIBLE_KEY: 1.0, "cost/params_m": 9.0, "val/top1": math.nan,
+                                     "cost/train_images_per_s": 12.0})
+    limiter.on_trial_complete("t2", {"val/top1": 0.4, "cost/train_images_per_s": 20.0, "cost/params_m": 7.1})
+    trials = searcher._ot_study.trials
+    assert [(t.state.name, t.values) for t in trials] == [("COMPLETE", [0.5, 30.0]), ("PRUNED", None),
+                                                        ("PRUNED", None), ("COMPLETE", [0.4, 20.0])]
+    assert [t.user_attrs.get("cvlab.infeasible", False) for t in trials] == [False, True, True, False]
+    assert [round(t.constraints["cost/params_m max"], 3) for t in trials] == [-0.2, 0.6, 1.8, -0.1]
+
+
+def test_warm_start_reads_an_earlier_searchs_trials(tmp_path):
+    from mlflow import MlflowClient
+
+    from orchestrator.search import warm_start
+    from orchestrator.search.space import check_search
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'm.db'}")
+    exp = client.create_experiment("earlier", artifact_location=(tmp_path / "a").as_uri())
+    parent = client.create_run(exp, tags={"cvlab.kind": "search"}).info.run_id
+
+    def trial(ratio, status, metrics, epochs=3, **tags):
+        run = client.create_run(exp, tags={"mlflow.parentRunId": parent, **tags}).info.run_id
+        client.log_param(run, "model.reduction_ratio", ratio)
+        client.log_param(run, "optim.epochs", epochs)
+        for k, v in metrics.items():
+            client.log_metric(run, k, v, step=1)
+        client.set_terminated(run, status)
+        return run
+
+    done = trial(16, "FINISHED", {"best/val_top1": 0.6, "val/top1": 0.5, "cost/train_images_per_s": 30.0,
+                                  "cost/params_m": 7.0}, **{"cvlab.end_reason": "completed"})
+    ruled_out = trial(1, "FINISHED", {"cost/params_m": 7.8, "cost/train_images_per_s": 10.0},
+                      **{"cvlab.infeasible": "cost/params_m 7.8 > max 7.2", "cvlab.end_reason": "infeasible"})
+    stopped = trial(4, "KILLED", {"val/top1": 0.3, "cost/train_images_per_s": 25.0},
+                    **{"cvlab.end_reason": "early-stopped by ASHA after epoch 1 of 3"})
+    trial(8, "FINISHED", {"val/top1": 0.9}, **{"cvlab.end_reason": "completed"})  # 8: not in the new space
+    shorter = trial(16, "FINISHED", {"val/top1": 0.2}, epochs=1, **{"cvlab.end_reason": "completed"})
+    trial(16, "FINISHED", {"val/top1": 0.8}, epochs=5, **{"cvlab.extended_from": done})  # --extend: left out
+    spec = _cost_spec()
+    for source in (parent, "earlier"):
+        trials = warm_start.earlier_trials(client, source, check_search(spec), spec.search.all_objectives,
+                                           budget=("optim.epochs", 3))
+        by_run = {t["run_id"]: t for t in trials}
+        assert set(by_run) == {done, ruled_out, stopped, shorter}
+        assert not by_run[shorter]["complete"]  # another budget: told, trained again
+        assert by_run[done]["values"] == [0.6, 30.0] and by_run[done]["params"] == {"model.reduction_ratio": 16}
+        assert by_run[ruled_out]["values"] is None and by_run[ruled_out]["infeasible"]
+        assert not by_run[stopped]["complete"]  # tells the searcher, is not reused
+        reused = warm_start.reusable(trials)
+        assert {v["run_id"] for v in reused.values()} == {done, ruled_out}
+    with pytest.raises(CvlabError, match="neither a search's parent run id nor an MLflow experiment"):
+        warm_start.earlier_trials(client, "no-such-search", check_search(spec), spec.search.all_objectives)
+
+
+def test_a_configuration_drawn_again_reuses_the_search_s_own_measurement(tmp_path):
+    from mlflow import MlflowClient
+
+    from orchestrator.search.trial import TrialContext, measured_sibling
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'm.db'}")
+    exp = client.create_experiment("again", artifact_location=(tmp_path / "a").as_uri())
+    parent = client.create_run(exp, tags={"cvlab.kind": "search"}).info.run_id
+    ctx = TrialContext(spec={}, search_paths=["model.reduction_ratio"], tracking_uri="", experiment_id=exp,
+                       parent_run_id=parent, train_storage="")
+
+    def trial(ratio, status, reason):
+        run = client.create_run(exp, tags={"mlflow.parentRunId": parent, "cvlab.end_reason": reason}).info.run_id
+        client.log_param(run, "searched.model.reduction_ratio", ratio)
+        client.log_metric(run, "val/top1", 0.5, step=2)
+        client.set_terminated(run, status)
+        return run
+
+    trial("4", "KILLED", "early-stopped by ASHA after epoch 1 of 2")
+    done = trial("4", "FINISHED", "completed")
+    trial("8", "RUNNING", "")
+    assert measured_sibling(client, ctx, {"searched.model.reduction_ratio": "4"}) == {
+        "run_id": done, "metrics": {"val/top1": 0.5}, "infeasible": ""}
+    assert measured_sibling(client, ctx, {"searched.model.reduction_ratio": "8"}) is None  # still training
+    assert measured_sibling(client, ctx, {"searched.model.reduction_ratio": "16"}) is None
+
+
+def test_bad_search_sections_stop_tune_check_with_exit_2(tmp_path, capsys):
+    d = _spec_dict(tmp_path, objectives=[{"metric": "val/top1"}, {"metric": "cost/latency"}])
+    assert main(["tune", str(_write(tmp_path, d)), "--check"]) == 2
+    assert "search.objectives[1].metric 'cost/latency' is not logged" in capsys.readouterr().err
+    d = _spec_dict(tmp_path, algorithm="optuna")  # the grid of _spec_dict
+    assert main(["tune", str(_write(tmp_path, d))]) == 2
+    err = capsys.readouterr().err
+    assert "optuna cannot search a grid (model.reduction_ratio)" in err and "Traceback" not in err
+    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "runs").exists()
 
 
 # ---------------------------------------------------------------------------------------- end to end
@@ -378,6 +497,185 @@ def test_diverging_trial_fails_and_the_search_goes_on(diverged_search):
     assert parent.data.tags["cvlab.best_run_id"] == good.info.run_id
     assert {Path(a.path).name for a in client.list_artifacts(parent.info.run_id, "summary")} >= {
         "search_summary.csv", "search_summary.md"}
+
+
+# ------------------------------------------------------------------------- accuracy against measured cost
+PARAMS_BOUND = 7.2  # million parameters: CedNet-26 (3 classes) with reduction ratio 1 has 7.8, with 16 about 7.0
+
+
+@pytest.fixture(scope="module")
+def pareto_search(tmp_path_factory):
+    """A 3-trial Optuna search through `cvlab tune`: accuracy against measured training throughput, with a
+    parameter bound that reduction ratio 1 breaks (the seeded sampler's third draw is such a configuration).
+    Shared by the Pareto, warm-start and extend tests, in this order (they add to the same store)."""
+    tmp = tmp_path_factory.mktemp("pareto")
+    d = _spec_dict(tmp, scheduler="fifo", algorithm="optuna", num_samples=3,
+                   space={"model.reduction_ratio": {"choice": [1, 16]}, "model.kernel_size": {"choice": [3, 7]}},
+                   objectives=[{"metric": "val/top1", "mode": "max"},
+                               {"metric": "cost/train_images_per_s", "mode": "max"}],
+                   constraints={"cost/params_m": {"max": PARAMS_BOUND}})
+    del d["search"]["grace_period"], d["search"]["reduction_factor"]
+    d["optim"]["epochs"] = 1
+    spec_path = _write(tmp, d)
+    out = io.StringIO()
+    start = time.perf_counter()
+    with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(out):
+        mp.chdir(tmp)
+        rc = main(["tune", str(spec_path), "--num-cpus", SEARCH_CPUS])
+    sys.stdout.write(out.getvalue())
+    return {"tmp": tmp, "rc": rc, "out": out.getvalue(), "uri": f"sqlite:///{tmp / 'mlflow.db'}", "spec": spec_path,
+            "seconds": time.perf_counter() - start}
+
+
+def _dominated(a: list[float], b: list[float]) -> bool:
+    """`a` dominated by `b`, both objectives maximised (written out here, independently of cvlab's)."""
+    return b[0] >= a[0] and b[1] >= a[1] and (b[0] > a[0] or b[1] > a[1])
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_multi_objective_search_front_and_an_infeasible_trial_that_never_trained(pareto_search):
+    """The front the parent run shows (pareto.csv, the cvlab.pareto tags, `cvlab compare --pareto`) is the one
+    recomputed here from the trials' logged metrics; the configuration over the parameter bound has a nested
+    run with its measured cost and the broken bound, no training step, no Train folder, and Optuna was told."""
+    import pickle
+
+    from mlflow import MlflowClient
+
+    assert pareto_search["rc"] == 0, pareto_search["out"][-3000:]
+    client = MlflowClient(pareto_search["uri"])
+    exp = client.get_experiment_by_name("tune-test").experiment_id
+    (parent,) = client.search_runs([exp], "tags.`cvlab.kind` = 'search'")
+    kids = _children(client, parent.info.run_id)
+    assert len(kids) == 3
+    infeasible = [r for r in kids if "cvlab.infeasible" in r.data.tags]
+    # (a configuration the sampler drew again reuses the first measurement: one point on the front, not two)
+    trained = [r for r in kids if not {"cvlab.infeasible", "cvlab.reused_run"} & set(r.data.tags)]
+    assert infeasible and trained
+    for r in infeasible:
+        assert r.data.params["model.reduction_ratio"] == "1"
+        assert r.data.metrics["cost/params_m"] > PARAMS_BOUND
+        assert r.data.tags["cvlab.infeasible"] == f"cost/params_m {r.data.metrics['cost/params_m']:.4g} > max 7.2"
+        assert not any(k.startswith(("train/", "val/")) or k == "epoch" for k in r.data.metrics)  # never trained
+        assert not (Path(parent.data.tags["cvlab.tune_path"]) / "train" / r.data.tags["cvlab.trial_id"]).exists()
+        assert r.data.tags["cvlab.pareto"] == "false"
+    for r in trained:
+        assert r.data.metrics["cost/params_m"] <= PARAMS_BOUND and _steps(client, r.info.run_id) == [1]
+        assert r.data.metrics["cost/train_images_per_s"] > 0 and r.data.metrics["cost/probe_s"] > 0
+
+    # the front, recomputed from what each trial logged
+    points = {r.info.run_id: [r.data.metrics["best/val_top1"], r.data.metrics["cost/train_images_per_s"]]
+              for r in trained}
+    front = {rid for rid, p in points.items() if not any(_dominated(p, q) for q in points.values())}
+    assert {r.info.run_id for r in kids if r.data.tags["cvlab.pareto"] == "true"} == front
+    local = Path(client.download_artifacts(parent.info.run_id, "pareto.csv", str(pareto_search["tmp"])))
+    with local.open() as f:
+        table = list(csv.DictReader(f))
+    assert list(table[0]) == ["front", "run", "status", "model.reduction_ratio", "model.kernel_size", "val/top1",
+                              "cost/train_images_per_s", "infeasible"]
+    runs = {r.info.run_name: r.info.run_id for r in kids}
+    assert {runs[row["run"]] for row in table if row["front"] == "yes"} == front
+    assert table[-1]["front"] == "infeasible"  # front members first, infeasible trials last
+    assert {a.path for a in client.list_artifacts(parent.info.run_id)} >= {"pareto.csv", "pareto.md", "pareto.png"}
+
+    # Optuna was told: the infeasible trial is PRUNED in its study, with a broken constraint
+    tune_path = Path(parent.data.tags["cvlab.tune_path"])
+    (state_file,) = tune_path.glob("searcher-state-*.pkl")
+    study = pickle.loads(state_file.read_bytes())["_ot_study"]
+    told = [t for t in study.trials if t.user_attrs.get("cvlab.infeasible")]
+    assert len(told) == len(infeasible) and all(t.state.name == "PRUNED" for t in told)
+    assert len(study.trials) == len(kids)
+    assert all(t.constraints["cost/params_m max"] > 0 for t in told)
+    assert sorted(t.state.name for t in study.trials if t not in told) == ["COMPLETE"] * (len(kids) - len(told))
+
+    # cvlab compare --pareto prints the same front
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert main(["compare", "tune-test", "--pareto", "--tracking-uri", pareto_search["uri"], "--out",
+                     str(pareto_search["tmp"] / "cmp")]) == 0
+    text = out.getvalue()
+    assert f"over val/top1 (max), cost/train_images_per_s (max): {len(front)} of 3 run(s)" in text
+    assert (pareto_search["tmp"] / "cmp" / "pareto.png").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_extend_continues_the_best_trial_from_its_checkpoint(pareto_search):
+    """`cvlab tune --extend --epochs 2 --top 1` continues the best trial from its epoch-1 checkpoint as a new
+    nested run linked to it: epoch numbering goes on at 2, and it trains one epoch's steps, not two."""
+    from mlflow import MlflowClient
+
+    out = io.StringIO()
+    with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(out):
+        mp.chdir(pareto_search["tmp"])
+        rc = main(["tune", str(pareto_search["spec"]), "--extend", "--epochs", "2", "--top", "1", "--num-cpus",
+                   SEARCH_CPUS])
+    assert rc == 0, out.getvalue()[-3000:]
+    client = MlflowClient(pareto_search["uri"])
+    exp = client.get_experiment_by_name("tune-test").experiment_id
+    (parent,) = client.search_runs([exp], "tags.`cvlab.kind` = 'search'")
+    kids = _children(client, parent.info.run_id)
+    (extension,) = [r for r in kids if "cvlab.extended_from" in r.data.tags]
+    original = client.get_run(extension.data.tags["cvlab.extended_from"])
+    trained = [r for r in kids if "cvlab.trial_id" in r.data.tags and "cvlab.infeasible" not in r.data.tags]
+    assert original.data.metrics["best/val_top1"] == max(r.data.metrics["best/val_top1"] for r in trained)
+    assert extension.info.status == "FINISHED"
+    assert {k: v for k, v in extension.data.params.items() if k.startswith("searched.")} == {
+        k: v for k, v in original.data.params.items() if k.startswith("searched.")}
+    assert _steps(client, extension.info.run_id) == [2]  # the epoch count goes on
+    assert extension.data.metrics["train/resumed_from_epoch"] == 1
+    per_epoch = original.data.metrics["train/steps_this_attempt"]
+    assert extension.data.metrics["train/steps_this_attempt"] == per_epoch  # one epoch, not two from scratch
+    assert extension.data.metrics["cost/params_m"] == original.data.metrics["cost/params_m"]  # carried over
+    assert "extended 1 trial(s)" in out.getvalue()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_warm_start_reuses_configurations_already_measured(pareto_search):
+    """A grid search over the same values, warm-started from the Optuna search: every configuration that search
+    measured (trained, or ruled out by its cost) is reused (nested run tagged cvlab.reused_run with the earlier
+    results, no Train folder); only the others are measured."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(pareto_search["uri"])
+    exp = client.get_experiment_by_name("tune-test").experiment_id
+    (earlier_parent,) = client.search_runs([exp], "tags.`cvlab.kind` = 'search'")
+    earlier: dict[tuple, set] = {}  # configuration -> the runs that measured it
+    for r in _children(client, earlier_parent.info.run_id):
+        if "cvlab.extended_from" not in r.data.tags:
+            config = (r.data.params["model.reduction_ratio"], r.data.params["model.kernel_size"])
+            earlier.setdefault(config, set()).add(r.info.run_id)
+    d = yaml.safe_load(pareto_search["spec"].read_text())
+    d["search"].update(algorithm="random", num_samples=1, warm_start=earlier_parent.info.run_id,
+                       space={"model.reduction_ratio": {"grid": [1, 16]}, "model.kernel_size": {"grid": [3, 7]}})
+    d["run"]["name"] = "warm"
+    spec_path = pareto_search["tmp"] / "warm.yaml"
+    spec_path.write_text(yaml.safe_dump(d, sort_keys=False))
+    out = io.StringIO()
+    with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(out):
+        mp.chdir(pareto_search["tmp"])
+        rc = main(["tune", str(spec_path), "--num-cpus", SEARCH_CPUS])
+    assert rc == 0, out.getvalue()[-3000:]
+    (parent,) = client.search_runs([exp], "tags.`cvlab.search_name` = 'warm'")
+    kids = _children(client, parent.info.run_id)
+    assert len(kids) == 4
+    train = Path(parent.data.tags["cvlab.tune_path"]) / "train"
+    reused = 0
+    for r in kids:
+        config = (r.data.params["model.reduction_ratio"], r.data.params["model.kernel_size"])
+        if config in earlier:
+            reused += 1
+            assert r.data.tags["cvlab.reused_run"] in earlier[config]
+            assert r.data.tags["cvlab.end_reason"].startswith("reused")
+            assert not (train / r.data.tags["cvlab.trial_id"]).exists()  # not trained again
+            source = client.get_run(r.data.tags["cvlab.reused_run"])
+            for key in ("cost/params_m", "cost/train_images_per_s", "best/val_top1"):
+                assert r.data.metrics.get(key) == source.data.metrics.get(key)
+        else:
+            assert "cvlab.reused_run" not in r.data.tags and "cost/probe_s" in r.data.metrics  # measured here
+    assert reused == len(earlier) >= 2
+    assert {a.path for a in client.list_artifacts(parent.info.run_id)} >= {"pareto.csv", "pareto.png"}
 
 
 # ------------------------------------------------------------------------- the MLflow UI, in a browser

@@ -4,9 +4,30 @@ from __future__ import annotations
 import math
 
 
+def _pareto(args) -> int:
+    from orchestrator.search import pareto, report
+    from orchestrator.search.compare import parse_objectives, pareto_front
+
+    result = pareto_front(args.experiment, tracking_uri=args.tracking_uri, parent_run_id=args.parent,
+                          objectives=parse_objectives(args.objective), out_dir=args.out)
+    rows, objectives = result["rows"], result["objectives"]
+    goals = ", ".join(f"{o.metric} ({o.mode})" for o in objectives)
+    front = pareto.front_summary(rows, result["param_keys"], objectives)
+    print(f"Pareto front of {args.experiment!r} over {goals}: {len(front)} of {len(rows)} run(s)"
+          + (f" (search {result['parent_run_id']})" if result["parent_run_id"] else "")
+          + f" [{result['tracking_uri']}]")
+    print(report.text_table(rows, pareto.pareto_columns(result["param_keys"], objectives)), end="")
+    for kind, path in result["files"].items():
+        print(f"  {kind}: {path}")
+    return 0
+
+
 def _cmd(args) -> int:
     from orchestrator.search import report
     from orchestrator.search.compare import compare
+
+    if args.pareto or args.objective:
+        return _pareto(args)
 
     result = compare(args.experiment, metric=args.metric, mode=args.mode, tracking_uri=args.tracking_uri,
                      out_dir=args.out, parent_run_id=args.parent)
@@ -40,4 +61,9 @@ def add_cli(subparsers) -> None:
     p.add_argument("--out", default=None, help="folder for the table and plots (default: compare/<name>)")
     p.add_argument("--parent", default=None, metavar="RUN_ID",
                    help="only the nested runs of this parent run (one search)")
+    p.add_argument("--pareto", action="store_true",
+                   help="print the Pareto front of a search (its newest, or --parent) over its objectives, front "
+                        "first, and write pareto.csv/.md/.png to --out")
+    p.add_argument("--objective", action="append", default=[], metavar="METRIC[:max|min]",
+                   help="with --pareto: the objectives instead of the search's own (repeatable)")
     p.set_defaults(func=_cmd)

@@ -145,8 +145,8 @@ def _make_cityscapes(args: argparse.Namespace) -> int:
 
 
 def _shard(args: argparse.Namespace) -> int:
-    from workloads.classification.shard_manifest import S3_SETTINGS, is_bucket_uri
     from workloads.classification.shard_writer import write_shards
+    from workloads.object_storage import S3_SETTINGS, is_bucket_uri
 
     print(f"writing the shards of {args.src} to {args.dest} ...", flush=True)
     try:

@@ -230,6 +230,8 @@ def up(
         raise CvlabError(f"--auth must be 'disabled' or 'token', got {auth!r}")
     if workers < 0:
         raise CvlabError(f"--workers must be >= 0, got {workers}")
+    if artifacts_destination and mlflow_port is not None:
+        _check_artifacts_destination(artifacts_destination)
     state = state_dir_path(state_dir)
     _check_free(state, host, ray_port, dashboard_port, mlflow_port)
     logs = state / "logs"
@@ -273,6 +275,26 @@ def up(
         raise
     save()
     return info
+
+
+def _check_artifacts_destination(destination: str) -> None:
+    """An MLflow server starts whatever its artifact destination; a bucket it cannot reach would show only later,
+    as HTTP 500 answers to every upload. CvlabError when the bucket is absent or unreachable."""
+    # pyarrow is imported here: `cvlab --help` loads this module (cli/cluster.py).
+    import pyarrow.fs as pafs
+
+    from workloads.object_storage import S3_SETTINGS, is_bucket_uri, open_location
+
+    if not is_bucket_uri(destination):
+        return
+    try:
+        fs, path = open_location(destination)
+        bucket = fs.get_file_info(path.split("/", 1)[0])
+    except (OSError, ValueError) as err:
+        raise CvlabError(f"--artifacts-destination {destination}: cannot reach the bucket: {err} ({S3_SETTINGS})") \
+            from None
+    if bucket.type == pafs.FileType.NotFound:
+        raise CvlabError(f"--artifacts-destination {destination}: the bucket does not exist ({S3_SETTINGS})")
 
 
 def _check_free(state: Path, host: str, ray_port: int, dashboard_port: int, mlflow_port: int | None) -> None:

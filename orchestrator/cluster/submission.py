@@ -24,7 +24,7 @@ from orchestrator.errors import CvlabError
 
 log = logging.getLogger(__name__)
 # `cli/submit.py` imports this module at its top, so every `cvlab --help` loads it: ray, the config loader
-# (pydantic), pyarrow (runs.storage), asyncio and tomllib are imported inside the functions that use them.
+# (pydantic), pyarrow (runs.storage, workloads.object_storage), asyncio and tomllib are imported inside the functions that use them.
 
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 
@@ -223,12 +223,14 @@ def build_runtime_env(
     env: dict[str, str] | None = None,
     excludes: list[str] = (),
 ) -> dict:
-    """The job's runtime_env: the project as working_dir, optional pip packages, and env vars."""
+    """The job's runtime_env: the project as working_dir, optional pip packages, and env vars (MLflow's and the
+    bucket settings, `object_storage.STORAGE_ENV`, when set here)."""
+    from workloads.object_storage import STORAGE_ENV
     env_vars: dict[str, str] = {}
     uri = _tracking_uri(spec)
     if uri:
         env_vars["MLFLOW_TRACKING_URI"] = uri
-    for name in FORWARDED_ENV:
+    for name in (*FORWARDED_ENV, *STORAGE_ENV):
         if os.environ.get(name):
             env_vars[name] = os.environ[name]
     env_vars.update(env or {})

@@ -155,6 +155,8 @@ def parse_set(item: str) -> tuple[str, Any]:
     except yaml.YAMLError as err:
         problem = getattr(err, "problem", None) or str(err).splitlines()[0]
         raise CvlabError(f"bad --set {item!r}: the value is not valid YAML ({problem})") from None
+    except RecursionError:
+        raise CvlabError(f"bad --set {key}=...: the value is nested too deeply") from None
     if isinstance(value, (dict, list)):
         _check_keys_are_strings(value, f"--set {item}")
     return key, value
@@ -231,15 +233,18 @@ def _read_yaml(path: Path, included_from: str | None) -> tuple[dict, dict[Path_,
 
 def _check_expansion(node: yaml.Node, source: str) -> None:
     """Refuse documents whose aliases expand beyond MAX_EXPANDED_NODES values (counted without expanding)."""
-    sizes: dict[int, int] = {}
+    sizes: dict[int, int | None] = {}  # None while a node is being counted
     aliases = 0
 
     def size(n: yaml.Node) -> int:
         nonlocal aliases
         if id(n) in sizes:
+            if sizes[id(n)] is None:  # reached again from inside itself: every later step would recurse forever
+                raise CvlabError(f"{source}: invalid YAML: the node anchored at line {n.start_mark.line + 1} "
+                                 f"contains an alias to itself")
             aliases += 1
             return sizes[id(n)]
-        sizes[id(n)] = 1  # a node that contains itself counts once
+        sizes[id(n)] = None
         if isinstance(n, yaml.MappingNode):
             total = 1 + sum(size(k) + size(v) for k, v in n.value)
         elif isinstance(n, yaml.SequenceNode):

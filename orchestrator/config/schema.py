@@ -273,9 +273,14 @@ class RunSection(_Section):
     checkpoint_every: PosInt = 1  # epochs
     checkpoints_kept: PosInt = 2
     max_failures: Annotated[int, _NoBool, Field(ge=-1)] = 0  # -1: retry without limit
+    # How long data reads and checkpoint uploads/downloads retry an unreachable bucket before the run fails.
+    storage_retry_limit_s: Annotated[float, _NoBool, Field(gt=0, allow_inf_nan=False)] = 300.0
     log_every: PosInt = 10  # steps between progress lines
+    # Measure the run's cost (cost/* metrics: params, GFLOPs, training throughput, latency, peak memory) with a
+    # short probe on a worker's device before training (`workloads.cost_probe`).
+    measure_cost: bool = False
     # Fault-injection drills (reliability testing only). A marker file in the Ray Train run folder keeps
-    # the restarted worker from repeating the kill; combine with max_failures >= 1. Local storage only.
+    # the restarted worker from repeating the kill; combine with max_failures >= 1.
     fault_kill_rank_at: FaultKill | None = None
     fault_nan_loss_at: FaultNan | None = None
 
@@ -288,12 +293,40 @@ class TrackingSection(_Section):
     log_model: bool = True
 
 
+class SearchObjective(_Section):
+    """One objective of a search: a metric the trials log, maximised or minimised."""
+
+    metric: str = Field(min_length=1)
+    mode: Literal["max", "min"] = "max"
+
+
+class CostBound(_Section):
+    """A constraint on a measured cost (`cost/...`): a configuration outside [min, max] is never trained."""
+
+    min: Float | None = None
+    max: Float | None = None
+
+    @model_validator(mode="after")
+    def _a_bound(self):
+        if self.min is None and self.max is None:
+            raise ValueError("a constraint needs min, max or both, e.g. {max: 10}")
+        if self.min is not None and self.max is not None and self.min > self.max:
+            raise ValueError(f"min ({self.min}) is greater than max ({self.max})")
+        return self
+
+
 class SearchSection(_Section):
-    """Ray Tune search (used by `cvlab tune`)."""
+    """Ray Tune search (used by `cvlab tune`). `metric`/`mode` are the first objective (ASHA's and the best
+    trial's); `objectives` lists all of them for a multi-objective search (the Pareto front)."""
 
     space: dict[str, dict[str, Any]] = Field(default_factory=dict)
     metric: str = "val/top1"
     mode: Literal["max", "min"] = "max"
+    objectives: list[SearchObjective] = Field(default_factory=list)
+    algorithm: Literal["random", "optuna"] = "random"  # random: Tune's grid/random sampling
+    sampler: Literal["tpe", "nsga2"] = "tpe"  # optuna's sampler (both handle one or several objectives)
+    constraints: dict[str, CostBound] = Field(default_factory=dict)  # cost metric -> bound, checked before training
+    warm_start: str | None = Field(None, min_length=1)  # an earlier search: parent run id or experiment name
     num_samples: PosInt = 1
     scheduler: Literal["fifo", "asha"] = "fifo"
     max_t: PosInt | None = None
@@ -301,6 +334,33 @@ class SearchSection(_Section):
     reduction_factor: Annotated[float, _NoBool, Field(gt=1, allow_inf_nan=False)] = 2.0
     max_concurrent_trials: PosInt | None = None
     resources_per_trial: Resources = Field(default_factory=dict)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _metric_from_the_first_objective(cls, data: Any) -> Any:
+        objectives = data.get("objectives") if isinstance(data, dict) else None
+        if isinstance(objectives, list) and objectives and isinstance(objectives[0], dict):
+            data = {**data}
+            data.setdefault("metric", objectives[0].get("metric"))
+            data.setdefault("mode", objectives[0].get("mode", "max"))
+        return data
+
+    @model_validator(mode="after")
+    def _objectives_agree(self):
+        metrics = [o.metric for o in self.objectives]
+        twice = sorted({m for m in metrics if metrics.count(m) > 1})
+        if twice:
+            raise ValueError(f"search.objectives name {', '.join(twice)} more than once")
+        if self.objectives and (self.objectives[0].metric, self.objectives[0].mode) != (self.metric, self.mode):
+            first = self.objectives[0]
+            raise ValueError(f"search.metric/mode ({self.metric}, {self.mode}) must be the first objective "
+                             f"({first.metric}, {first.mode}): leave them out, or list that objective first")
+        return self
+
+    @property
+    def all_objectives(self) -> list[SearchObjective]:
+        """`objectives`, or the one objective `metric`/`mode`."""
+        return list(self.objectives) or [SearchObjective(metric=self.metric, mode=self.mode)]
 
 
 class DetectionSection(_Section):

@@ -52,7 +52,6 @@ def resolve_source(src: str, *, fmt: str = "auto", tracking_uri: str | None = No
         raise CvlabError(f"--format {fmt!r}: expected one of {', '.join(FORMATS)}")
     if not isinstance(src, str) or not src.strip():
         raise CvlabError("no model source given: pass a checkpoint path, runs:/<run_id>/<path> or models:/<name>/<v>")
-    run_id = None
     notes: list[str] = []
     if src.startswith(("runs:/", "models:/")):
         local, run_id = _download(src, tracking_uri, download_dir)

@@ -25,7 +25,7 @@ from orchestrator.inference.classifier import Classifier
 from orchestrator.inference.reports import confusion_png, per_class_table
 from orchestrator.inference.sources import read_classifier
 from orchestrator.jobs.evaluation import EvalJob
-from orchestrator.names import BEST_CHECKPOINT_ARTIFACT, FAULT_MARKER_FILE, LAST_CHECKPOINT_ARTIFACT
+from orchestrator.names import BEST_CHECKPOINT_ARTIFACT, LAST_CHECKPOINT_ARTIFACT
 from orchestrator.runs.job import Job, RunContext
 from orchestrator.runs.records import list_local_checkpoints
 from orchestrator.runs.trainer import best_and_last
@@ -38,9 +38,11 @@ from workloads.classification.data import scan_split, split_dataset
 from workloads.classification.evaluation import EvalConfig, eval_loop_per_worker
 from workloads.classification.loop import train_loop_per_worker
 from workloads.classification.recipe import AugmentConfig, InputConfig
-from workloads.classification.shard_manifest import MANIFEST_FILE, S3_SETTINGS, is_bucket_uri, read_manifest
+from workloads.classification.shard_manifest import MANIFEST_FILE, read_manifest
 from workloads.classification.synthetic import make_imagenet
 from workloads.classification.transforms import build_val_transform
+from workloads.cost_probe import COST_METRICS, CostProbeConfig, probe_classifier
+from workloads.object_storage import S3_SETTINGS, is_bucket_uri
 from workloads.models import (
     build_model,
     count_flops,
@@ -119,7 +121,8 @@ def prepare_shards(spec) -> ShardPlan | None:
              len(shard_set.shards("val")), len(shard_set.classes))
     return ShardPlan(location=location, classes=shard_set.classes, train_shards=tuple(shard_set.shards("train")),
                      val_shards=tuple(shard_set.shards("val")), train_images=shard_set.samples("train"),
-                     val_images=shard_set.samples("val"), skipped=skipped)
+                     val_images=shard_set.samples("val"), skipped=skipped,
+                     retry_limit_s=spec.run.storage_retry_limit_s)
 
 
 def check_batch(spec, data) -> None:
@@ -186,11 +189,16 @@ class ClassificationJob(Job):
                         "epoch_time_s")
     data_paths = ("data.root", "data.generate", "data.num_classes_generated", "data.per_class_generated",
                   "data.generated_size")
+    cost_metrics = COST_METRICS
 
     def __init__(self, spec, data=None):
         super().__init__(spec)
         self.data = data  # a DataPlan; given by a Tune search, which scans the data once for all trials
         self.stats: dict[str, Any] = {}
+        self.start_from: str | None = None  # a checkpoint this fresh run continues (`start_from_checkpoint`)
+
+    def start_from_checkpoint(self, path: str) -> None:
+        self.start_from = path  # the worker restores it as it restores a fallback checkpoint
 
     def ensure_data(self):
         """The data plan: scanned (and generated when asked) on first use, unless a search handed it over."""
@@ -229,6 +237,15 @@ class ClassificationJob(Job):
                 "profile": {"train_images": d.train_images, "val_images": d.val_images, "classes": len(d.classes),
                             "skipped_images": d.skipped}}
 
+    def cost_probe(self):
+        spec = self.spec
+        return probe_classifier, CostProbeConfig(
+            model_name=spec.model.name, model_overrides=model_overrides(spec, self.ensure_data()),
+            batch_size=spec.data.batch_size, image_size=spec.data.image_size,
+            in_channels=1 if spec.data.grayscale else 3, optim=optim_config(spec.optim),
+            autocast=spec.precision.autocast, channels_last=spec.precision.channels_last,
+            use_gpu=spec.scaling.use_gpu)
+
     def worker(self):
         return train_loop_per_worker
 
@@ -237,8 +254,8 @@ class ClassificationJob(Job):
         local = ctx.local_run_dir
         kill, nan = run.fault_kill_rank_at, run.fault_nan_loss_at
         faults = FaultDrills(
-            kill_at=(kill.epoch, kill.step, kill.rank) if kill and local else None,
-            kill_marker=os.path.join(local, FAULT_MARKER_FILE) if local else None,
+            kill_at=(kill.epoch, kill.step, kill.rank) if kill else None,
+            kill_marker=ctx.fault_marker,
             nan_at=(nan.epoch, nan.step) if nan else None,
         )
         return TrainConfig(
@@ -256,10 +273,12 @@ class ClassificationJob(Job):
             checkpoint_every=run.checkpoint_every,
             log_every=run.log_every,
             faults=faults,
-            fallback_checkpoints=tuple(list_local_checkpoints(local)) if local and ctx.resumed else (),
+            fallback_checkpoints=(self.start_from,) if self.start_from and not ctx.resumed
+            else tuple(list_local_checkpoints(local)) if local and ctx.resumed else (),
             epoch_logger=MlflowMetricLogger(ctx.tracking_uri, ctx.run_id, key=self.best_metric),
             system_metrics=SystemMetricsRecorder(ctx.tracking_uri, ctx.run_id),
             verbosity=ctx.verbosity,
+            storage_retry_limit_s=run.storage_retry_limit_s,
         )
 
     def finalize(self, result, ctx: RunContext) -> dict[str, Any]:

@@ -16,7 +16,7 @@ from typing import Any
 
 from orchestrator.errors import CvlabError
 from orchestrator.jobs.evaluation import EvalJob
-from orchestrator.names import BEST_CHECKPOINT_ARTIFACT, FAULT_MARKER_FILE, LAST_CHECKPOINT_ARTIFACT
+from orchestrator.names import BEST_CHECKPOINT_ARTIFACT, LAST_CHECKPOINT_ARTIFACT
 from orchestrator.runs.job import Job, RunContext
 from orchestrator.runs.trainer import best_and_last
 from orchestrator.tracking.metric_logger import MlflowMetricLogger
@@ -128,7 +128,6 @@ class OpenMMLabJob(Job):
 
     def worker_config(self, ctx: RunContext):
         spec = self.spec
-        local = ctx.local_run_dir
         kill = spec.run.fault_kill_rank_at
         return MMWorkerConfig(
             **self.runner_settings(ctx),
@@ -136,8 +135,9 @@ class OpenMMLabJob(Job):
                                            skip=(self.step_metric,)),
             system_metrics=SystemMetricsRecorder(ctx.tracking_uri, ctx.run_id),
             log_every=spec.run.log_every,
-            kill_at=(kill.epoch, kill.step, kill.rank) if kill and local else None,
-            kill_marker=os.path.join(local, FAULT_MARKER_FILE) if local else None,
+            kill_at=(kill.epoch, kill.step, kill.rank) if kill else None,
+            kill_marker=ctx.fault_marker,
+            storage_retry_limit_s=spec.run.storage_retry_limit_s,
         )
 
     def finalize(self, result, ctx: RunContext) -> dict[str, Any]:

@@ -9,6 +9,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from orchestrator.names import FAULT_MARKER_FILE
+from orchestrator.runs.storage import storage_join, storage_uri
+
 
 @dataclass(frozen=True)
 class RunContext:
@@ -22,6 +25,11 @@ class RunContext:
     fs: Any  # pyarrow filesystem, None for local storage
     resumed: bool  # continuing an earlier run from its checkpoints
     verbosity: int
+
+    @property
+    def fault_marker(self) -> str:
+        """Where the `run.fault_kill_rank_at` drill leaves its marker: a local path or a bucket URI."""
+        return storage_uri(self.fs, storage_join(self.run_dir, FAULT_MARKER_FILE))
 
     @property
     def local_run_dir(self) -> str | None:
@@ -41,6 +49,7 @@ class Job:
     reported_metrics: tuple[str, ...] = ()  # what every report carries (searchable with `cvlab tune`)
     budget_path = "optim.epochs"  # the spec path that says how far a full run goes, in `step_metric`s
     data_paths: tuple[str, ...] = ()  # spec paths that change the prepared data (a search re-prepares it)
+    cost_metrics: tuple[str, ...] = ()  # what its cost probe measures (`cost_probe`); empty: it has none
 
     def __init__(self, spec):
         self.spec = spec
@@ -55,6 +64,16 @@ class Job:
     def check_variant(self) -> None:
         """Override: a quick check of this spec beyond the schema, without data (`cvlab tune` runs it for every
         value of a searched path)."""
+
+    def start_from_checkpoint(self, path: str) -> None:
+        """Override: make this fresh run start from the training checkpoint at `path` (a checkpoint folder of an
+        earlier run of the same workload and model), continuing its epoch count (`cvlab tune --extend`)."""
+        raise ValueError(f"the {self.workload} workload cannot start from another run's checkpoint")
+
+    def cost_probe(self) -> tuple[Callable[[Any], dict[str, float]], Any] | None:
+        """Override: (function, argument) that measures this run's cost (`cost_metrics`) on a worker's device,
+        after `prepare()`; `orchestrator.runs.cost` runs it there. None: the workload has no probe."""
+        return None
 
     # ---- before anything is created (raise CvlabError for bad data or models)
     def prepare(self) -> None:

@@ -37,6 +37,7 @@ from orchestrator.names import (
     RESUME_TAG_PREFIX,
     WORKLOAD_TAG,
 )
+from orchestrator.runs.cost import check_cost_probe, measure_cost
 from orchestrator.runs.failures import as_cvlab_error
 from orchestrator.runs.job import Job, RunContext
 from orchestrator.runs.ray_setup import check_gpu_request, check_run_fits, ray_session
@@ -50,6 +51,7 @@ from orchestrator.tracking.runs import (
     git_commit,
     log_best_metric,
     log_dataset,
+    log_metrics,
     log_params,
     make_client,
 )
@@ -102,6 +104,7 @@ class StandaloneRun:
     resume: bool = False
     owns_ray = True
     callbacks: Sequence[Any] = ()
+    cost = None  # measured here when `run.measure_cost` is set
 
     def storage_path(self, spec) -> str:
         return spec.run.storage_path
@@ -156,6 +159,7 @@ class TrialRun:
     run_id: str | None = None  # continue this MLflow run (a trial restarted by Tune or a resumed search)
     callbacks: Sequence[Any] = ()  # e.g. TuneReportCallback
     searched: dict[str, str] = field(default_factory=dict)  # params logged besides the spec's
+    cost: dict[str, float] | None = None  # cost/* the trial measured before deciding to train; logged as is
     owns_ray = False
 
     def storage_path(self, spec) -> str:
@@ -190,18 +194,25 @@ def run_job(job: Job, *, resume: bool = False, trial: TrialRun | None = None) ->
 
     # 1-2: nothing is created before these pass.
     tracking_uri = preflight(spec)
-    fs, storage = resolve_storage(placement.storage_path(spec))
+    fs, storage = resolve_storage(placement.storage_path(spec), retry_limit_s=spec.run.storage_retry_limit_s)
     folder = placement.find_folder(job, fs, storage, job.run_name())
     job.prepare()
+    if spec.run.measure_cost:
+        check_cost_probe(job)
 
     # 3: Ray, once.
     with ray_session(owned=placement.owns_ray) as started_ray:
         if started_ray:
             check_run_fits(spec)
+        cost = placement.cost
+        if cost is None and spec.run.measure_cost:
+            cost = measure_cost(job)  # before training, on a worker's device (`orchestrator.runs.cost`)
         # 4: the Ray Train folder and the MLflow run.
         if folder.run_id is None:
             refuse_reused_folder(fs, storage, folder.name)
         ctx, experiment_name = _open_run(job, placement, tracking_uri, fs, storage, folder)
+        if cost:
+            log_metrics(ctx.client, ctx.run_id, cost, step=0)
         return _train_and_end(job, placement, ctx, experiment_name, folder.name, storage)
 
 

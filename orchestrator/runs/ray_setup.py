@@ -11,11 +11,14 @@ import ray
 import torch
 
 from orchestrator.errors import CvlabError
+from workloads.object_storage import storage_env
 from workloads.logs import verbosity
 
 log = logging.getLogger(__name__)
 # Worker processes importing torch on a busy machine can take longer than Ray Train's 60 s default.
 WORKER_START_TIMEOUT_S = "600"
+# Set by Ray in the driver process of a submitted job (ray._private.runtime_env.constants).
+RAY_JOB_CONFIG_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
 
 
 def check_gpu_request(spec) -> None:
@@ -41,11 +44,24 @@ def ensure_ray(num_cpus: int | None = None) -> bool:
         return False
     os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", WORKER_START_TIMEOUT_S)
     quiet = logging.INFO if verbosity() > 0 else logging.WARNING
+    runtime_env = driver_runtime_env()
+    kwargs = {"runtime_env": runtime_env} if runtime_env else {}
     if os.environ.get("RAY_ADDRESS") or num_cpus is None:
-        ray.init(log_to_driver=True, logging_level=quiet)
+        ray.init(log_to_driver=True, logging_level=quiet, **kwargs)
     else:
-        ray.init(num_cpus=num_cpus, log_to_driver=True, logging_level=quiet)
+        ray.init(num_cpus=num_cpus, log_to_driver=True, logging_level=quiet, **kwargs)
     return True
+
+
+def driver_runtime_env() -> dict:
+    """The bucket settings of this process (`object_storage.STORAGE_ENV`) for every Ray worker of the run: the
+    workers of an already running cluster do not inherit this process's environment. Empty inside a Ray job,
+    whose own runtime_env (`cvlab submit` forwards the same variables) already reaches its workers and would
+    conflict with a second one."""
+    if os.environ.get(RAY_JOB_CONFIG_ENV):
+        return {}
+    env = storage_env()
+    return {"env_vars": env} if env else {}
 
 
 @contextmanager

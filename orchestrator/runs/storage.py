@@ -20,6 +20,7 @@ from urllib.parse import urlsplit
 import pyarrow.fs as pafs
 
 from orchestrator.errors import CvlabError
+from workloads.object_storage import retrying_filesystem, unwrapped
 
 # Schemes pyarrow opens natively. `gcs` is pyarrow's alias for `gs`.
 REMOTE_SCHEMES = ("s3", "gs", "gcs")
@@ -59,7 +60,7 @@ def validate_storage_path(path: str) -> str:
     return path.rstrip("/")
 
 
-def resolve_storage(path: str, *, create: bool = True):
+def resolve_storage(path: str, *, create: bool = True, retry_limit_s: float | None = None):
     """Return `(filesystem, path)` for a run storage location.
 
     - local path or file:// URI: `(None, absolute_path)`; the directory is created when `create` is true
@@ -67,6 +68,8 @@ def resolve_storage(path: str, *, create: bool = True):
     - s3:// or gs:// URI: `(pyarrow.fs.FileSystem, "bucket/prefix")`. Credentials come from the usual
       places (AWS_* env vars / instance profile; GOOGLE_APPLICATION_CREDENTIALS / metadata server). pyarrow
       options can ride on the URI, e.g. `s3://bucket/runs?region=us-west-2&endpoint_override=minio:9000`.
+      With `retry_limit_s` (`run.storage_retry_limit_s`), every operation rides out an outage that long
+      (`workloads.object_storage.retrying_filesystem`); the checks here do not wait.
 
     Raises CvlabError when the URI is malformed, the filesystem cannot be opened (no credentials, unknown
     region, no network) or the local directory cannot be created.
@@ -99,6 +102,8 @@ def resolve_storage(path: str, *, create: bool = True):
                 f"run.storage_path {normalised!r}: cannot create {bucket_path!r} ({err}); "
                 "check the bucket name and your credentials"
             ) from err
+    if retry_limit_s is not None:
+        filesystem = retrying_filesystem(filesystem, retry_limit_s)
     return filesystem, bucket_path
 
 
@@ -115,7 +120,7 @@ def storage_uri(filesystem, path: str) -> str:
     """
     if filesystem is None:
         return path
-    kind = type(filesystem).__name__
+    kind = type(unwrapped(filesystem)).__name__
     if kind == "S3FileSystem":
         return "s3://" + path.lstrip("/")
     if kind == "GcsFileSystem":

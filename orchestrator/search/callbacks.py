@@ -55,8 +55,10 @@ def make_status_callback(book: TrialBookkeeping):
             step = max(int(result.get(book.step_metric) or 0), max(logged, default=0))
             if step == 0:
                 return 0
+            # (cost/* is logged once, before training; cvlab/* marks are Tune's only)
             metrics = {k: float(v) for k, v in result.items()
-                       if ("/" in k or k in ("images_per_s", "epoch_time_s", "lr"))
+                       if ("/" in k and not k.startswith(("cost/", "cvlab/"))
+                           or k in ("images_per_s", "epoch_time_s", "lr"))
                        and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
             if int(result.get(book.step_metric) or 0) == step and step not in logged:
                 log_metrics(client, run.info.run_id, metrics, step=step)

@@ -9,14 +9,23 @@ from __future__ import annotations
 
 import difflib
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from mlflow.tracking import MlflowClient
 
 from orchestrator.errors import CvlabError
-from orchestrator.names import END_REASON_TAG, KIND_TAG, PARENT_RUN_TAG, SEARCH_PATHS_TAG
-from orchestrator.search import report
+from orchestrator.names import (
+    END_REASON_TAG,
+    INFEASIBLE_TAG,
+    KIND_TAG,
+    OBJECTIVES_PARAM,
+    PARENT_RUN_TAG,
+    REUSED_RUN_TAG,
+    SEARCH_PATHS_TAG,
+)
+from orchestrator.search import pareto, report
 from orchestrator.tracking.runs import best_metric_key
 from orchestrator.tracking.server import resolve_tracking_uri, ui_link
 
@@ -62,18 +71,20 @@ def _search_paths(run) -> list[str]:
     return [str(p) for p in paths] if isinstance(paths, list) else []
 
 
-def run_to_row(run, param_keys, metric: str) -> dict:
-    """A report row. The metric is the run's best value (`best/<metric>`, logged when a run ends) where it
-    has one, else its last, so that runs stopped early compare fairly with finished ones; `epoch` is how far
-    the run got and `best_epoch` where its best value was reached."""
+def run_to_row(run, param_keys, metric: str, objectives: Sequence[str] = ()) -> dict:
+    """A report row. The metric (and each of `objectives`) is the run's best value (`best/<metric>`, logged when
+    a run ends) where it has one, else its last, so that runs stopped early compare fairly with finished ones;
+    `epoch` is how far the run got and `best_epoch` where its best value was reached. `infeasible` is the cost
+    bound a trial broke (it never trained), `reused` the run whose measurement a trial copied; else empty."""
     data = run.data.metrics
     metrics: dict[str, Any] = {}
-    if best_metric_key(metric) in data:
-        metrics[metric] = data[best_metric_key(metric)]
-        if "best/epoch" in data:
-            metrics["best_epoch"] = data["best/epoch"]
-    elif metric in data:
-        metrics[metric] = data[metric]
+    if best_metric_key(metric) in data and "best/epoch" in data:
+        metrics["best_epoch"] = data["best/epoch"]
+    for name in (metric, *objectives):
+        if best_metric_key(name) in data:
+            metrics[name] = data[best_metric_key(name)]
+        elif name in data:
+            metrics[name] = data[name]
     if "epoch" in data:
         metrics["epoch"] = data["epoch"]
     for name, keys in (("params_m", PARAMS_KEYS), ("gflops", GFLOPS_KEYS), ("images_per_s", SPEED_KEYS)):
@@ -86,9 +97,11 @@ def run_to_row(run, param_keys, metric: str) -> dict:
         "run": run.info.run_name or run.info.run_id[:8],
         "run_id": run.info.run_id,
         "complete": status == "FINISHED",
-        "status": f"{status} ({reason})" if reason and status != "FINISHED" else status,
+        "status": f"{status} ({reason})" if reason and reason != "completed" else status,
         "params": {k: _parse_param(run.data.params[k]) for k in param_keys if k in run.data.params},
         "metrics": metrics,
+        "infeasible": run.data.tags.get(INFEASIBLE_TAG, ""),
+        "reused": run.data.tags.get(REUSED_RUN_TAG, ""),
     }
 
 
@@ -107,8 +120,8 @@ def varying_params(runs) -> list[str]:
 
 
 def collect(client, experiment_name: str, metric: str, parent_run_id: str | None = None,
-            include_parents: bool = False):
-    """Runs of `experiment_name` as report rows, plus the param columns to show."""
+            include_parents: bool = False, objectives: Sequence[str] = ()):
+    """Runs of `experiment_name` as report rows (with `metric` and `objectives`), plus the param columns."""
     exp = client.get_experiment_by_name(experiment_name)
     if exp is None:
         names = [e.name for e in client.search_experiments()]
@@ -139,7 +152,7 @@ def collect(client, experiment_name: str, metric: str, parent_run_id: str | None
             if p not in searched:
                 searched.append(p)
     param_keys = searched or varying_params(runs)
-    return [run_to_row(r, param_keys, metric) for r in runs], param_keys
+    return [run_to_row(r, param_keys, metric, objectives) for r in runs], param_keys
 
 
 def default_mode(metric: str) -> str:
@@ -169,6 +182,53 @@ def compare(experiment_name: str, metric: str = "val/top1", mode: str | None = N
     written = report.write_report(ranked, param_keys, metric, out, mode=mode, prefix="compare")
     return {"rows": ranked, "columns": columns, "param_keys": param_keys, "files": written,
             "tracking_uri": uri, "mode": mode, "ui_link": link}
+
+
+def parse_objectives(items: Sequence[str]) -> list[pareto.Objective]:
+    """`--objective val/top1:max` entries (the mode defaults to `default_mode`)."""
+    out = []
+    for item in items:
+        metric, _, mode = item.rpartition(":") if item.endswith((":max", ":min")) else (item, "", "")
+        out.append(pareto.Objective(metric, mode or default_mode(metric)))
+    return out
+
+
+def _newest_search_with_objectives(client, experiment_id: str):
+    runs = client.search_runs([experiment_id], filter_string=f"tags.`{KIND_TAG}` = 'search'",
+                              order_by=["attributes.start_time DESC"], max_results=100)
+    return next((r for r in runs if OBJECTIVES_PARAM in r.data.params), None)
+
+
+def pareto_front(experiment_name: str, tracking_uri: str | None = None, parent_run_id: str | None = None,
+                 objectives: Sequence[pareto.Objective] = (), out_dir: str | Path | None = None) -> dict:
+    """The Pareto front of one search of an experiment (`parent_run_id`, else its newest search), over the
+    search's own objectives unless `objectives` are given; writes pareto.csv/.md/.png to `out_dir`. Returns the
+    rows (front first, with `front`), the objectives, the param keys, the files and the parent run id."""
+    uri = tracking_uri or _default_tracking_uri()
+    client = MlflowClient(tracking_uri=uri)
+    try:
+        exp = client.get_experiment_by_name(experiment_name)
+        if exp is not None and parent_run_id is None:
+            parent = _newest_search_with_objectives(client, exp.experiment_id)
+            parent_run_id = parent.info.run_id if parent is not None else None
+        if not objectives:
+            if parent_run_id is None:
+                raise CvlabError(f"experiment {experiment_name!r} has no search with recorded objectives; name them "
+                                 "with --objective METRIC:MODE (and --parent RUN_ID)")
+            recorded = client.get_run(parent_run_id).data.params.get(OBJECTIVES_PARAM)
+            if not recorded:
+                raise CvlabError(f"search {parent_run_id} recorded no objectives; name them with --objective")
+            objectives = [pareto.Objective(m, mode) for m, mode in json.loads(recorded)]
+        rows, param_keys = collect(client, experiment_name, objectives[0].metric, parent_run_id,
+                                   objectives=[o.metric for o in objectives])
+    except CvlabError:
+        raise
+    except Exception as err:  # unreachable server, bad database path, ...
+        raise CvlabError(f"cannot read MLflow at {uri}: {err}") from err
+    out = Path(out_dir) if out_dir else Path("compare") / _safe(experiment_name)
+    files = pareto.write_pareto(rows, param_keys, objectives, out)
+    return {"rows": pareto.mark_front(rows, objectives), "objectives": list(objectives), "param_keys": param_keys,
+            "files": files, "parent_run_id": parent_run_id, "tracking_uri": uri}
 
 
 def _safe(name: str) -> str:

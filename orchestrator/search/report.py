@@ -22,11 +22,14 @@ from matplotlib.ticker import FixedFormatter, FixedLocator, NullLocator
 
 # Extra columns shown after the searched params and the ranking metric, when any row has them.
 DEFAULT_EXTRA_METRICS = ("best_epoch", "epoch", "params_m", "gflops", "images_per_s")
+# Columns read from the row itself (the rest are params, then metrics): the Pareto front's `front` and
+# `infeasible` are set by orchestrator.search.pareto.
+ROW_FIELDS = ("run", "status", "front", "infeasible")
 # At most this many distinct numbers on an axis are treated as discrete values: one tick each, labelled.
 MAX_DISCRETE_VALUES = 12
 
 
-def _num(v: Any) -> float | None:
+def as_number(v: Any) -> float | None:
     if isinstance(v, bool) or v is None:
         return None
     try:
@@ -39,13 +42,13 @@ def _num(v: Any) -> float | None:
 def rank_rows(rows: Iterable[dict], metric: str, mode: str = "max") -> list[dict]:
     """Best first by `metric` (`mode` max or min); rows without the metric last, in their given order."""
     rows = list(rows)
-    with_metric = [r for r in rows if _num(r.get("metrics", {}).get(metric)) is not None]
-    without = [r for r in rows if _num(r.get("metrics", {}).get(metric)) is None]
-    with_metric.sort(key=lambda r: _num(r["metrics"][metric]), reverse=(mode == "max"))
+    with_metric = [r for r in rows if as_number(r.get("metrics", {}).get(metric)) is not None]
+    without = [r for r in rows if as_number(r.get("metrics", {}).get(metric)) is None]
+    with_metric.sort(key=lambda r: as_number(r["metrics"][metric]), reverse=(mode == "max"))
     return with_metric + without
 
 
-def _fmt(v: Any) -> str:
+def fmt_value(v: Any) -> str:
     if v is None:
         return ""
     if isinstance(v, float):
@@ -68,7 +71,7 @@ def table_cells(rows: Sequence[dict], columns: Sequence[str]) -> list[list[Any]]
         for col in columns:
             if col == "rank":
                 cells.append(rank)
-            elif col in ("run", "status"):
+            elif col in ROW_FIELDS:
                 cells.append(row.get(col))
             elif col in row.get("params", {}):
                 cells.append(row["params"][col])
@@ -91,13 +94,13 @@ def write_csv(rows: Sequence[dict], columns: Sequence[str], path: Path) -> Path:
 def markdown_table(rows: Sequence[dict], columns: Sequence[str]) -> str:
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for cells in table_cells(rows, columns):
-        lines.append("| " + " | ".join(_fmt(c) for c in cells) + " |")
+        lines.append("| " + " | ".join(fmt_value(c) for c in cells) + " |")
     return "\n".join(lines) + "\n"
 
 
 def text_table(rows: Sequence[dict], columns: Sequence[str]) -> str:
     """Fixed-width table for the terminal."""
-    body = [[_fmt(c) for c in cells] for cells in table_cells(rows, columns)]
+    body = [[fmt_value(c) for c in cells] for cells in table_cells(rows, columns)]
     widths = [max([len(c)] + [len(r[i]) for r in body]) for i, c in enumerate(columns)]
     line = "  ".join(c.ljust(w) for c, w in zip(columns, widths))
     out = [line, "  ".join("-" * w for w in widths)]
@@ -108,7 +111,7 @@ def text_table(rows: Sequence[dict], columns: Sequence[str]) -> str:
 # ------------------------------------------------------------------------------------------------ plots
 def _axis_values(values: list[Any]) -> tuple[list[float | None], list[str] | None, bool]:
     """Map one parameter's values to numbers: (positions, category labels or None, log scale?)."""
-    nums = [_num(v) for v in values]
+    nums = [as_number(v) for v in values]
     present = [v for v in values if v is not None]
     if present and all(n is not None for n, v in zip(nums, values) if v is not None):
         pos = [n for n in nums if n is not None]
@@ -118,7 +121,7 @@ def _axis_values(values: list[Any]) -> tuple[list[float | None], list[str] | Non
     return [None if v is None else float(cats.index(str(v))) for v in values], cats, False
 
 
-def _plt():
+def pyplot():
     """pyplot on the Agg backend (no display needed)."""
     matplotlib.use("Agg", force=True)
     return plt
@@ -128,7 +131,7 @@ def _discrete_ticks(ax, values: list[float], log: bool) -> None:
     """Label each value of a discrete numeric axis with the value itself (1, 2, 4, 8, not 10^0, 10^1)."""
     ticks = sorted(set(values))
     ax.xaxis.set_major_locator(FixedLocator(ticks))
-    ax.xaxis.set_major_formatter(FixedFormatter([_fmt(int(v) if v == int(v) else v) for v in ticks]))
+    ax.xaxis.set_major_formatter(FixedFormatter([fmt_value(int(v) if v == int(v) else v) for v in ticks]))
     if log:
         ax.xaxis.set_minor_locator(NullLocator())
 
@@ -141,7 +144,7 @@ def plot_metric_vs_params(rows: Sequence[dict], param_keys: Sequence[str], metri
         return None
     path = Path(path)
     fig.savefig(path, dpi=110)
-    _plt().close(fig)
+    pyplot().close(fig)
     return path
 
 
@@ -153,15 +156,15 @@ def metric_vs_params_figure(rows: Sequence[dict], param_keys: Sequence[str], met
     they reached, and the "best per value" line joins finished runs only, so an early-stopped value is
     never drawn as if it were a bad one. Discrete numeric values get one labelled tick each.
     """
-    rows = [r for r in rows if _num(r.get("metrics", {}).get(metric)) is not None]
+    rows = [r for r in rows if as_number(r.get("metrics", {}).get(metric)) is not None]
     if not rows or not param_keys:
         return None
-    plt = _plt()
+    plt = pyplot()
     n = len(param_keys)
     cols = min(n, 3)
     nrows = math.ceil(n / cols)
     fig, axes = plt.subplots(nrows, cols, figsize=(4.2 * cols, 3.4 * nrows), squeeze=False)
-    y = [_num(r["metrics"][metric]) for r in rows]
+    y = [as_number(r["metrics"][metric]) for r in rows]
     complete = [r.get("complete", True) for r in rows]
     for i, key in enumerate(param_keys):
         ax = axes[i // cols][i % cols]
@@ -174,7 +177,7 @@ def metric_vs_params_figure(rows: Sequence[dict], param_keys: Sequence[str], met
             ax.scatter([p[0] for p in cut], [p[1] for p in cut], s=44, alpha=0.85, color="tab:red", marker="x",
                        label="stopped early / failed")
             for x, yy, r in cut:
-                epoch = _num(r["metrics"].get("epoch"))
+                epoch = as_number(r["metrics"].get("epoch"))
                 if epoch is not None:
                     ax.annotate(f"ep {int(epoch)}", (x, yy), textcoords="offset points", xytext=(4, -10),
                                 fontsize=7, color="tab:red")
@@ -210,10 +213,10 @@ def metric_vs_params_figure(rows: Sequence[dict], param_keys: Sequence[str], met
 def plot_parallel_coordinates(rows: Sequence[dict], param_keys: Sequence[str], metric: str,
                               path: Path, mode: str = "max", title: str | None = None) -> Path | None:
     """Every run as a line through one vertical axis per parameter plus the metric, coloured by metric."""
-    rows = [r for r in rows if _num(r.get("metrics", {}).get(metric)) is not None]
+    rows = [r for r in rows if as_number(r.get("metrics", {}).get(metric)) is not None]
     if not rows:
         return None
-    plt = _plt()
+    plt = pyplot()
     axes_keys = list(param_keys) + [metric]
     columns = []  # (normalised positions, tick positions, tick labels)
     for key in axes_keys:
@@ -233,9 +236,9 @@ def plot_parallel_coordinates(rows: Sequence[dict], param_keys: Sequence[str], m
         norm = [None if x is None else (tr(x) - lo) / span for x in xs]
         uniq = sorted(set(vals))
         tick_vals = uniq if len(uniq) <= 6 else [min(vals), max(vals)]
-        columns.append((norm, [(tr(v) - lo) / span for v in tick_vals], [_fmt(v) for v in tick_vals]))
+        columns.append((norm, [(tr(v) - lo) / span for v in tick_vals], [fmt_value(v) for v in tick_vals]))
 
-    metric_vals = [_num(r["metrics"][metric]) for r in rows]
+    metric_vals = [as_number(r["metrics"][metric]) for r in rows]
     cnorm = colors.Normalize(min(metric_vals), max(metric_vals) if max(metric_vals) > min(metric_vals)
                              else min(metric_vals) + 1e-9)
     cmap = matplotlib.colormaps["viridis"]

@@ -28,6 +28,7 @@ from orchestrator.config.loader import apply_overrides, flatten_spec
 from orchestrator.config.paths import DOTTED_KEY_FIELDS, nearest_path, valid_paths
 from orchestrator.errors import CvlabError
 from orchestrator.jobs import job_class, job_for
+from orchestrator.search.searchers import optuna_module
 from workloads.models import validate_model_config
 from workloads.models.config import FAMILY_DEFAULTS, parse_name
 
@@ -223,6 +224,42 @@ def check_metric(search, reported: tuple[str, ...], workload: str) -> None:
                          f"reported metrics: {', '.join(reported)}")
 
 
+def _unknown(name: str, known: tuple[str, ...], what: str, workload: str) -> str:
+    near = difflib.get_close_matches(name, known, n=1)
+    hint = f" (did you mean {near[0]!r}?)" if near else ""
+    return f"{what} {name!r} is not logged by the {workload} workload{hint}; it logs: {', '.join(known)}"
+
+
+def check_objectives(search, reported: tuple[str, ...], costs: tuple[str, ...], workload: str) -> None:
+    """Every objective must be a metric the trials log: one the workload reports, or a measured cost."""
+    for i, objective in enumerate(search.objectives):
+        if objective.metric not in reported + costs:
+            raise CvlabError(_unknown(objective.metric, reported + costs, f"search.objectives[{i}].metric",
+                                      workload))
+
+
+def check_constraints(search, costs: tuple[str, ...], workload: str) -> None:
+    """Constraints bound measured costs only: they are judged before training, when nothing else is known."""
+    for metric in search.constraints:
+        if not costs:
+            raise CvlabError(f"search.constraints: the {workload} workload has no cost probe, so nothing can be "
+                             "bounded before training")
+        if metric not in costs:
+            raise CvlabError(_unknown(metric, costs, "search.constraints: the cost", workload)
+                             + " (constraints are checked before training: only measured costs can be bounded)")
+
+
+def check_algorithm(search, space: SearchSpace) -> None:
+    """`search.algorithm: optuna` draws every sample itself: it needs optuna, and a space without grids."""
+    if search.algorithm != "optuna":
+        return
+    optuna_module()
+    grids = [d.path for d in space.dimensions if d.kind == "grid"]
+    if grids:
+        raise CvlabError(f"search.algorithm: optuna cannot search a grid ({', '.join(grids)}): optuna draws "
+                         "every value itself; use {choice: [...]} and search.num_samples for the number of trials")
+
+
 def check_scheduler(spec, budget: int, unit: str) -> None:
     """ASHA's rungs must fit the trial's budget (`budget` in `unit`s: the job's planned steps)."""
     s = spec.search
@@ -308,7 +345,10 @@ def check_search(spec) -> SearchSpace:
     job = job_for(spec)
     space = parse_space(spec.search.space)
     check_paths(spec, space)
-    check_metric(spec.search, job.reported_metrics, spec.workload)
+    check_metric(spec.search, job.reported_metrics + job.cost_metrics, spec.workload)
+    check_objectives(spec.search, job.reported_metrics, job.cost_metrics, spec.workload)
+    check_constraints(spec.search, job.cost_metrics, spec.workload)
+    check_algorithm(spec.search, space)
     check_scheduler(spec, job.planned_steps(), job.step_metric)
     check_combinations(spec, space)
     return space

@@ -10,8 +10,13 @@
   rank 0 logs them to the trial's nested MLflow run (tag `mlflow.parentRunId`, tag `cvlab.trial_id`).
 - A Tune callback here (`orchestrator.search.callbacks`) ends each trial's run: FINISHED when it trained to
   the end, KILLED when the scheduler stopped it early, FAILED on errors; the reason is in `cvlab.end_reason`.
+- The search algorithm is Tune's grid/random sampling or Optuna, over one or several objectives
+  (`orchestrator.search.searchers`); a search that weighs or bounds cost has every trial measure it first
+  (`run.measure_cost`), and a configuration that breaks a bound never trains (`orchestrator.search.trial`).
+  `search.warm_start` hands an earlier search's trials to the searcher and the trials (`warm_start`).
 - At the end the parent run gets the best trial's config (params `best.*`, `best_config.json`, a runnable
-  `best_experiment.yaml`), the summary table (CSV + Markdown) and the plots.
+  `best_experiment.yaml`), the summary table (CSV + Markdown) and the plots; with several objectives or
+  constraints also the Pareto front (`pareto.csv/.md/.png`, trials tagged `cvlab.pareto`).
 - `--resume` finds the newest unfinished search of this experiment in MLflow (parent run tag
   `cvlab.tune_path`) and continues it with `Tuner.restore`: finished trials are not run again; an
   unfinished trial restarts from its last Ray Train checkpoint and keeps its MLflow run (found by trial id).
@@ -23,7 +28,7 @@ import logging
 import os
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +37,6 @@ import yaml
 from ray import tune
 from ray.tune import CLIReporter
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
-from ray.tune.search.basic_variant import BasicVariantGenerator
 
 from orchestrator.config.loader import apply_overrides, flatten_spec, spec_to_dict
 from orchestrator.environment import temporary_environment
@@ -42,16 +46,20 @@ from orchestrator.names import (
     BEST_RUN_TAG,
     FAILED_TRIALS_TAG,
     KIND_TAG,
+    OBJECTIVES_PARAM,
+    PARETO_TAG,
     SEARCH_NAME_TAG,
     SEARCH_PATHS_TAG,
     TUNE_PATH_TAG,
     WORKLOAD_TAG,
 )
+from orchestrator.runs.cost import check_cost_probe
 from orchestrator.runs.lifecycle import open_experiment, preflight
 from orchestrator.runs.ray_setup import check_fits, ray_session, worker_group_resources
 from orchestrator.runs.storage import is_remote_storage, resolve_storage, validate_storage_path
-from orchestrator.search import compare, report
+from orchestrator.search import compare, pareto, report, warm_start
 from orchestrator.search.callbacks import TrialBookkeeping, make_status_callback
+from orchestrator.search.searchers import make_searcher
 from orchestrator.search.space import check_search
 from orchestrator.search.trial import TrialContext, find_trial_run, trial_main
 from orchestrator.tracking.runs import (
@@ -72,7 +80,7 @@ DEFAULT_TRIAL_CPU = 0.25
 
 
 # ----------------------------------------------------------------------------------------- the driver
-def _absolute_spec(spec):
+def absolute_spec(spec):
     """Local paths made absolute: Tune runs each trial in its own working directory."""
     changes: dict[str, Any] = {"run.storage_path": validate_storage_path(spec.run.storage_path)}
     if not is_remote_storage(spec.data.root):  # a shard set in a bucket stays a URI
@@ -84,7 +92,7 @@ def _absolute_spec(spec):
     return apply_overrides(spec, changes)
 
 
-def _search_base_name(spec) -> str:
+def search_base_name(spec) -> str:
     return spec.run.name or spec.experiment.name
 
 
@@ -113,7 +121,7 @@ def plan_concurrency(spec, cluster: dict[str, float]) -> int:
     return limit
 
 
-def _find_search_to_resume(client, experiment_id: str, base: str):
+def find_newest_search(client, experiment_id: str, base: str):
     runs = client.search_runs(
         [experiment_id],
         filter_string=f"tags.`{KIND_TAG}` = 'search' and tags.`{SEARCH_NAME_TAG}` = '{base}'",
@@ -128,7 +136,14 @@ def _log_parent_params(client, run_id: str, spec, space, job) -> None:
     s = spec.search
     params = {**flat, **{f"search.space.{p}": d for p, d in space.describe().items()},
               "search.metric": s.metric, "search.mode": s.mode, "search.num_samples": s.num_samples,
-              "search.scheduler": s.scheduler}
+              "search.scheduler": s.scheduler, "search.algorithm": s.algorithm,
+              OBJECTIVES_PARAM: json.dumps([[o.metric, o.mode] for o in s.all_objectives])}
+    if s.algorithm == "optuna":
+        params["search.sampler"] = s.sampler
+    if s.constraints:
+        params["search.constraints"] = json.dumps({k: b.model_dump(exclude_none=True) for k, b in s.constraints.items()})
+    if s.warm_start:
+        params["search.warm_start"] = s.warm_start
     if s.scheduler == "asha":
         params.update({"search.max_t": _max_t(spec, job), "search.grace_period": s.grace_period,
                        "search.reduction_factor": s.reduction_factor})
@@ -153,7 +168,7 @@ def _make_scheduler(spec, job):
 def _progress_reporter(spec, space, job):
     s = spec.search
     params = {p: p.split(".", 1)[-1] for p in space.paths}
-    metrics = {job.step_metric: job.step_metric, s.metric: s.metric}
+    metrics = {job.step_metric: job.step_metric, **{o.metric: o.metric for o in s.all_objectives}}
     for extra in ("val/loss", "images_per_s"):
         if extra != s.metric:
             metrics[extra] = "img/s" if extra == "images_per_s" else extra
@@ -223,6 +238,7 @@ class _Search:
     tune_path: str = ""
     parent_run_id: str = ""
     resumed: bool = False
+    earlier: list = field(default_factory=list)  # the warm start's trials (`orchestrator.search.warm_start`)
 
 
 def run_search(spec, *, resume: bool = False, num_cpus: int | None = None, verbose: int = 2) -> dict[str, Any]:
@@ -242,7 +258,7 @@ def _prepare_search(spec) -> _Search:
     searched batch size against it); open the experiment and the storage. Nothing starts on a bad value."""
     ensure_configured()
     space = check_search(spec)  # nothing starts unless every combination is valid
-    spec = _absolute_spec(spec)
+    spec = _with_cost_measured(absolute_spec(spec))
     tracking_uri = preflight(spec)
     # Generates the embedded data once, before any trial; checks every searched batch size against it.
     job = job_for(spec)
@@ -251,20 +267,36 @@ def _prepare_search(spec) -> _Search:
         job_for(apply_overrides(spec, {"data.batch_size": bs}), data=job.data).prepare()
     shared_data = None if any(p in job.data_paths for p in space.paths) else job.data
 
+    if spec.run.measure_cost:
+        check_cost_probe(job)
+
     client = make_client(tracking_uri)
+    earlier = []
+    if spec.search.warm_start:
+        earlier = warm_start.earlier_trials(client, spec.search.warm_start, space, spec.search.all_objectives,
+                                            budget=(job.budget_path, job.planned_steps()))
     experiment_name, experiment_id = open_experiment(client, spec, tracking_uri)
-    fs, storage = resolve_storage(spec.run.storage_path)
+    fs, storage = resolve_storage(spec.run.storage_path, retry_limit_s=spec.run.storage_retry_limit_s)
     return _Search(spec=spec, space=space, job=job, shared_data=shared_data, tracking_uri=tracking_uri,
                    client=client, experiment_name=experiment_name, experiment_id=experiment_id, fs=fs,
-                   storage=storage)
+                   storage=storage, earlier=earlier)
+
+
+def _with_cost_measured(spec):
+    """Every trial measures its cost when the search weighs or bounds it (`run.measure_cost` on)."""
+    s = spec.search
+    weighs = any(o.metric.startswith("cost/") for o in s.all_objectives)
+    if (s.constraints or weighs) and not spec.run.measure_cost:
+        return apply_overrides(spec, {"run.measure_cost": True})
+    return spec
 
 
 def _open_parent(search: _Search, resume: bool) -> None:
     """The MLflow parent run and the Tune folder: the earlier search's when resuming, else new ones."""
     spec, client = search.spec, search.client
-    base = _search_base_name(spec)
+    base = search_base_name(spec)
     if resume:
-        previous = _find_search_to_resume(client, search.experiment_id, base)
+        previous = find_newest_search(client, search.experiment_id, base)
         if previous is None:
             raise CvlabError(f"nothing to resume: experiment {search.experiment_name!r} has no search named "
                              f"{base!r} at {search.tracking_uri}")
@@ -329,6 +361,9 @@ def _build_tuner(search: _Search, verbose: int):
         spec=trial_spec, search_paths=space.paths, tracking_uri=search.tracking_uri,
         experiment_id=search.experiment_id, parent_run_id=search.parent_run_id,
         train_storage=f"{search.tune_path}/train", data=search.shared_data, base_tags=dict(spec.experiment.tags),
+        constraints={k: b.model_dump() for k, b in spec.search.constraints.items()},
+        tune_metrics=[o.metric for o in spec.search.all_objectives],
+        earlier=warm_start.reusable(search.earlier),
     )
     trainable = tune.with_resources(tune.with_parameters(trial_main, ctx=ctx), trial_resources(spec))
     log.info("search %s: %d searched path(s), %d trial(s), up to %d at once, scheduler %s; MLflow experiment "
@@ -343,8 +378,10 @@ def _build_tuner(search: _Search, verbose: int):
     # Tune saves its experiment state at most every 10 s by default: a search killed in between loses the
     # trials started meanwhile, and --resume would start them again as new trials (new MLflow runs).
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")
+    # Optuna holds the space itself (Tune refuses a second, unresolved one in param_space).
+    param_space = {} if spec.search.algorithm == "optuna" else space.to_tune()
     if search.resumed:
-        return tune.Tuner.restore(search.tune_path, trainable=trainable, param_space=space.to_tune(),
+        return tune.Tuner.restore(search.tune_path, trainable=trainable, param_space=param_space,
                                   resume_unfinished=True, resume_errored=False, restart_errored=True)
     book = TrialBookkeeping(
         tracking_uri=search.tracking_uri, experiment_id=search.experiment_id, parent_run_id=search.parent_run_id,
@@ -353,11 +390,11 @@ def _build_tuner(search: _Search, verbose: int):
     s = spec.search
     return tune.Tuner(
         trainable,
-        param_space=space.to_tune(),
+        param_space=param_space,
         tune_config=tune.TuneConfig(
             metric=s.metric, mode=s.mode, num_samples=s.num_samples, scheduler=_make_scheduler(spec, job),
             trial_dirname_creator=_trial_dirname, trial_name_creator=_trial_name,
-            search_alg=_search_alg(spec, concurrency),
+            search_alg=make_searcher(spec, space, concurrency, search.earlier),
         ),
         run_config=tune.RunConfig(
             name=search.search_name, storage_path=search.storage, storage_filesystem=search.fs,
@@ -388,18 +425,15 @@ def _end_search(search: _Search, statuses: dict[str, str], interrupted: bool) ->
     return summary
 
 
-def _search_alg(spec, concurrency: int):
-    # Seeded so that a search draws the same random samples each time it is started. The concurrency
-    # limit lives here: TuneConfig.max_concurrent_trials is ignored with a SearchGenerator.
-    return BasicVariantGenerator(random_state=spec.experiment.seed, max_concurrent=concurrency)
-
-
 def finalize_search(client, spec, space, experiment_name: str, experiment_id: str,
                     parent_run_id: str) -> dict[str, Any]:
-    """Summary table, plots and the best trial's config, logged to the parent run."""
+    """Summary table, plots, the best trial's config and (several objectives or constraints) the Pareto front,
+    logged to the parent run."""
     s = spec.search
+    objectives = [o.metric for o in s.all_objectives]
     try:
-        rows, _ = compare.collect(client, experiment_name, s.metric, parent_run_id=parent_run_id)
+        rows, _ = compare.collect(client, experiment_name, s.metric, parent_run_id=parent_run_id,
+                                  objectives=objectives)
     except CvlabError:
         rows = []
     for row in rows:  # the searched paths are the columns, whatever the runs have
@@ -407,26 +441,48 @@ def finalize_search(client, spec, space, experiment_name: str, experiment_id: st
     ranked = report.rank_rows(rows, s.metric, s.mode)
     best = ranked[0] if ranked and s.metric in ranked[0]["metrics"] else None
     files: dict[str, Any] = {}
+    front: list[dict] = []
     with tempfile.TemporaryDirectory(prefix="cvlab-search-") as tmp:
         if ranked:
-            written = report.write_report(ranked, space.paths, s.metric, tmp, mode=s.mode)
+            extra = [*report.DEFAULT_EXTRA_METRICS, *objectives[1:]]
+            written = report.write_report(ranked, space.paths, s.metric, tmp, mode=s.mode, extra_metrics=extra)
             for kind, path in written.items():
                 client.log_artifact(parent_run_id, str(path), "summary")
                 files[kind] = f"summary/{Path(path).name}"
+        if ranked and (len(objectives) > 1 or s.constraints):
+            front = _log_pareto(client, parent_run_id, ranked, space, pareto.as_objectives(s.all_objectives), tmp)
+            files.update({"pareto_csv": "pareto.csv", "pareto_md": "pareto.md", "pareto_png": "pareto.png"})
         if best is not None:
-            best_spec = apply_overrides(spec, {p: best["params"][p] for p in space.paths
-                                               if best["params"].get(p) is not None})
-            best_dict = spec_to_dict(best_spec)
-            client.log_text(parent_run_id, json.dumps(
-                {"run_id": best["run_id"], "run": best["run"], s.metric: best["metrics"][s.metric],
-                 "searched": best["params"], "spec": best_dict}, indent=1), "best_config.json")
-            runnable = {k: v for k, v in best_dict.items() if k != "search" and v is not None}
-            client.log_text(parent_run_id, "# best trial of the search; run it with: cvlab run <this file>\n"
-                            + yaml.safe_dump(runnable, sort_keys=False), "best_experiment.yaml")
-            log_params(client, parent_run_id, {f"best.{p}": best["params"][p] for p in space.paths})
-            log_metrics(client, parent_run_id, {best_metric_key(s.metric): float(best["metrics"][s.metric]),
-                                                "trials": float(len(ranked))}, step=0)
-            client.set_tag(parent_run_id, BEST_RUN_TAG, best["run_id"])
+            _log_best(client, spec, space, parent_run_id, best, len(ranked))
             files["best_config"] = "best_config.json"
     return {"parent_run_id": parent_run_id, "experiment_id": experiment_id, "trials": ranked, "best": best,
-            "files": files}
+            "files": files, "front": front}
+
+
+def _log_pareto(client, parent_run_id: str, rows: list[dict], space, objectives, tmp: str) -> list[dict]:
+    """pareto.csv/.md/.png on the parent run, and every trial tagged `cvlab.pareto: true|false`. Returns the rows,
+    front members first."""
+    written = pareto.write_pareto(rows, space.paths, objectives, Path(tmp) / "pareto")
+    for path in written.values():
+        client.log_artifact(parent_run_id, str(path))
+    marked = pareto.mark_front(rows, objectives)
+    for row in marked:
+        client.set_tag(row["run_id"], PARETO_TAG, "true" if row["front"] == "yes" else "false")
+    return marked
+
+
+def _log_best(client, spec, space, parent_run_id: str, best: dict, trials: int) -> None:
+    """The best trial (first objective): best_config.json, a runnable best_experiment.yaml, params and tag."""
+    s = spec.search
+    best_spec = apply_overrides(spec, {p: best["params"][p] for p in space.paths if best["params"].get(p) is not None})
+    best_dict = spec_to_dict(best_spec)
+    client.log_text(parent_run_id, json.dumps(
+        {"run_id": best["run_id"], "run": best["run"], s.metric: best["metrics"][s.metric],
+         "searched": best["params"], "spec": best_dict}, indent=1), "best_config.json")
+    runnable = {k: v for k, v in best_dict.items() if k != "search" and v is not None}
+    client.log_text(parent_run_id, "# best trial of the search; run it with: cvlab run <this file>\n"
+                    + yaml.safe_dump(runnable, sort_keys=False), "best_experiment.yaml")
+    log_params(client, parent_run_id, {f"best.{p}": best["params"][p] for p in space.paths})
+    log_metrics(client, parent_run_id, {best_metric_key(s.metric): float(best["metrics"][s.metric]),
+                                        "trials": float(trials)}, step=0)
+    client.set_tag(parent_run_id, BEST_RUN_TAG, best["run_id"])

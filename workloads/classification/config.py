@@ -40,6 +40,7 @@ class ShardPlan:
     train_images: int
     val_images: int
     skipped: int = 0
+    retry_limit_s: float = 300.0  # how long reads ride out an unreachable bucket (run.storage_retry_limit_s)
 
     @property
     def where(self) -> str:
@@ -100,3 +101,4 @@ class TrainConfig:
     epoch_logger: Any = None  # has logged_epochs() and log_epoch(epoch, metrics); used by rank 0 only
     system_metrics: Any = None  # has start(node_id) and stop(); run by each node's local rank 0
     verbosity: int = 0
+    storage_retry_limit_s: float = 300.0  # checkpoint uploads and downloads ride out an outage this long

@@ -212,10 +212,13 @@ class ShardSampler:
 def split_dataset(plan, split: str, transform, *, rank: int, world: int, batch: int | None = None, seed: int = 0):
     """One split of the data plan for a worker: of a shard set, this rank's own stream (`shard_reader`; `batch`
     for training, None for validation); of a folder, the whole split (a sampler shares it out)."""
+    if split not in ("train", "val"):
+        raise ValueError(f"split must be 'train' or 'val', got {split!r}")
     if isinstance(plan, ShardPlan):
         shards = plan.train_shards if split == "train" else plan.val_shards
         return ShardStream(plan.location, list(shards), transform, rank=rank, world=world, batch=batch, seed=seed,
-                           shuffle_buffer=SHUFFLE_BUFFER if batch else 0, on_bad=_warn_bad_sample)
+                           shuffle_buffer=SHUFFLE_BUFFER if batch else 0, on_bad=_warn_bad_sample,
+                           retry_limit_s=plan.retry_limit_s)
     folder, skip = (plan.train_dir, plan.train_skip) if split == "train" else (plan.val_dir, plan.val_skip)
     return make_dataset(folder, list(plan.classes), skip, transform)
 

@@ -10,6 +10,8 @@ import math
 import os
 import signal
 
+from workloads.object_storage import exists, write_text
+
 log = logging.getLogger(__name__)
 
 
@@ -29,20 +31,18 @@ class StepHook:
 
 
 class KillDrill(StepHook):
-    """`run.fault_kill_rank_at`: worker `rank` SIGKILLs itself once at (epoch, step), leaving `marker`
-    behind so that the restarted worker does not repeat it."""
+    """`run.fault_kill_rank_at`: worker `rank` SIGKILLs itself once at (epoch, step), leaving `marker` (a local
+    path or bucket URI) behind so that the restarted worker does not repeat it."""
 
     def __init__(self, epoch: int, step: int, rank: int, marker: str, my_rank: int):
         self.at = (epoch, step)
-        self.armed = rank == my_rank and not os.path.exists(marker)
+        self.armed = rank == my_rank and not exists(marker)
         self.marker, self.rank = marker, my_rank
 
     def before_step(self, epoch: int, step: int) -> None:
         if not self.armed or (epoch, step) != self.at:
             return
-        os.makedirs(os.path.dirname(self.marker), exist_ok=True)
-        with open(self.marker, "w") as fh:
-            fh.write(f"killed worker {self.rank} (pid {os.getpid()}) at epoch {epoch} step {step}\n")
+        write_text(self.marker, f"killed worker {self.rank} (pid {os.getpid()}) at epoch {epoch} step {step}\n")
         log.warning("fault drill: killing worker %d (pid %d) at epoch %d, step %d", self.rank, os.getpid(),
                     epoch, step)
         for handler in logging.getLogger("workloads").handlers:

@@ -30,6 +30,7 @@ from workloads.classification.checkpoint import (
     read_training_checkpoint,
     save_training_checkpoint,
 )
+from workloads.checkpoint_transfer import opened, report_with_retries
 from workloads.classification.config import ShardPlan, TrainConfig
 from workloads.classification.data import ShardSampler, split_dataset
 from workloads.classification.ema import create_ema, ema_state_dict, load_ema_state_dict, update_ema
@@ -160,7 +161,7 @@ class EpochTrainer:
             if latest is None or path.rstrip("/") != latest.path.rstrip("/")
         ]
         for ckpt in candidates:
-            with ckpt.as_directory() as ckpt_dir:
+            with opened(ckpt, self.cfg.storage_retry_limit_s) as ckpt_dir:
                 try:
                     loaded = read_training_checkpoint(ckpt_dir)  # read once: verified and then applied
                 except ValueError as err:
@@ -285,7 +286,7 @@ class EpochTrainer:
                 save_training_checkpoint(tmp, self.model, self.optimizer, self.scheduler, self.scaler, epoch, extra,
                                          model_info=info)
                 checkpoint = ray.train.Checkpoint.from_directory(tmp)
-            ray.train.report(metrics, checkpoint=checkpoint)
+            report_with_retries(metrics, checkpoint, cfg.storage_retry_limit_s)
         self.publisher.add(epoch, metrics, checkpointed=due)
         return due
 

@@ -13,11 +13,12 @@ checks it.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from typing import Any
 
 import pyarrow.fs as pafs
+
+from workloads.object_storage import S3_SETTINGS, is_bucket_uri, join, open_location
 
 MANIFEST_FILE = "manifest.json"
 FORMAT = "cvlab-shards/1"
@@ -27,29 +28,6 @@ SPLITS = ("train", "val")
 def shard_name(split: str, index: int) -> str:
     """A shard's path relative to the set's root: `train/shard-000003.tar`."""
     return f"{split}/shard-{index:06d}.tar"
-
-
-# Where a bucket's endpoint and credentials come from, for messages about a location that cannot be reached.
-S3_SETTINGS = "the endpoint and credentials come from AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY " \
-              "and AWS_REGION"
-
-
-def is_bucket_uri(location: str) -> bool:
-    """True for `s3://...` and other bucket URIs; False for local paths and `file://`."""
-    return "://" in location and not location.startswith("file://")
-
-
-def open_location(location: str) -> tuple[pafs.FileSystem, str]:
-    """(filesystem, path) for a local folder or a bucket URI; a local path is made absolute."""
-    if is_bucket_uri(location):
-        fs, path = pafs.FileSystem.from_uri(location)
-        return fs, path.rstrip("/")
-    local = location[len("file://"):] if location.startswith("file://") else location
-    return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(local))
-
-
-def join(root: str, *parts: str) -> str:
-    return "/".join([root.rstrip("/"), *parts])
 
 
 @dataclass(frozen=True)
@@ -76,10 +54,13 @@ def read_manifest(location: str) -> ShardSet:
         with fs.open_input_stream(path) as fh:
             data = json.loads(fh.read().decode("utf-8"))
     except FileNotFoundError:
+        if is_bucket_uri(location) and fs.get_file_info(root.split("/", 1)[0]).type == pafs.FileType.NotFound:
+            raise ValueError(f"{location}: the bucket does not exist ({S3_SETTINGS})") from None
         raise ValueError(f"{location} has no {MANIFEST_FILE}: not a shard set (write one with `cvlab data shard`)") \
             from None
     except (OSError, ValueError) as err:
-        raise ValueError(f"{location}/{MANIFEST_FILE} cannot be read: {err}") from None
+        hint = f" ({S3_SETTINGS})" if isinstance(err, OSError) and is_bucket_uri(location) else ""
+        raise ValueError(f"{location}/{MANIFEST_FILE} cannot be read: {err}{hint}") from None
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise ValueError(f"{location}/{MANIFEST_FILE} is not a {FORMAT} manifest")
     shard_set = ShardSet(location=location, classes=tuple(data["classes"]), splits=data["splits"])

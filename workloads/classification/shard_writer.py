@@ -30,14 +30,8 @@ from dataclasses import dataclass
 import pyarrow.fs as pafs
 
 from workloads.classification.data import scan_split
-from workloads.classification.shard_manifest import (
-    FORMAT,
-    MANIFEST_FILE,
-    SPLITS,
-    join,
-    open_location,
-    shard_name,
-)
+from workloads.classification.shard_manifest import FORMAT, MANIFEST_FILE, SPLITS, shard_name
+from workloads.object_storage import join, open_location
 
 log = logging.getLogger(__name__)
 PROGRESS_DIR = "_progress"

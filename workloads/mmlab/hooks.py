@@ -30,7 +30,9 @@ from mmengine.hooks import Hook
 from mmengine.registry import HOOKS
 from mmengine.runner import IterBasedTrainLoop
 
+from workloads.checkpoint_transfer import report_with_retries
 from workloads.distributed import take_rank0_buffers
+from workloads.object_storage import exists, write_text
 
 from .registration import register
 
@@ -74,8 +76,9 @@ def latest_checkpoint(work_dir) -> Path | None:
 class RayTrainReportHook(Hook):
     priority = "LOW"  # after mmengine's own hooks (CheckpointHook is VERY_LOW)
 
-    def __init__(self, metric_names: Mapping[str, str] | None = None):
+    def __init__(self, metric_names: Mapping[str, str] | None = None, storage_retry_limit_s: float = 300.0):
         self.metric_names = dict(metric_names or {})
+        self.storage_retry_limit_s = storage_retry_limit_s
         self._reported: Path | None = None
 
     def after_val_epoch(self, runner, metrics=None) -> None:
@@ -92,7 +95,7 @@ class RayTrainReportHook(Hook):
                 os.link(ckpt, tmp / ckpt.name)
             except OSError:
                 shutil.copy2(ckpt, tmp / ckpt.name)
-            ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(str(tmp)))
+            report_with_retries(report, ray.train.Checkpoint.from_directory(str(tmp)), self.storage_retry_limit_s)
             self._reported = ckpt
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -186,16 +189,15 @@ class KillDrillHook(Hook):
     priority = "VERY_HIGH"
 
     def __init__(self, epoch: int, step: int, rank: int, marker: str):
-        self.epoch, self.step, self.rank, self.marker = epoch, step, rank, Path(marker)
+        self.epoch, self.step, self.rank, self.marker = epoch, step, rank, marker
 
     def before_train_iter(self, runner, batch_idx, data_batch=None) -> None:
-        if get_rank() != self.rank or self.marker.exists():
+        if get_rank() != self.rank or exists(self.marker):
             return
         here = (runner.epoch + 1, batch_idx + 1) if by_epoch(runner) else (self.epoch, runner.iter + 1)
         if here != (self.epoch, self.step):
             return
-        self.marker.parent.mkdir(parents=True, exist_ok=True)
-        self.marker.write_text(f"killed worker {self.rank} (pid {os.getpid()}) at epoch {here[0]} step {here[1]}\n")
+        write_text(self.marker, f"killed worker {self.rank} (pid {os.getpid()}) at epoch {here[0]} step {here[1]}\n")
         runner.logger.warning(f"fault drill: killing worker {self.rank} (pid {os.getpid()}) at epoch {here[0]}, "
                               f"step {here[1]}")
         os.kill(os.getpid(), signal.SIGKILL)

@@ -23,6 +23,7 @@ import torch
 from mmengine.config import Config
 from mmengine.runner import Runner
 
+from workloads.checkpoint_transfer import opened
 from workloads.distributed import in_group
 from workloads.eval_report import report_evaluation
 from workloads.runtime import start_worker
@@ -35,12 +36,12 @@ from .worker_config import MMWorkerConfig
 log = logging.getLogger(__name__)
 
 
-def _restore_checkpoint(work_dir: Path) -> Path | None:
+def _restore_checkpoint(work_dir: Path, storage_retry_limit_s: float) -> Path | None:
     """Copy the checkpoint Ray hands a restarted (or resumed) run into work_dir; return its path."""
     ckpt = ray.train.get_checkpoint()
     if ckpt is None:
         return None
-    with ckpt.as_directory() as d:
+    with opened(ckpt, storage_retry_limit_s) as d:
         files = sorted(Path(d).glob("*.pth"))
         if not files:
             return None
@@ -95,7 +96,7 @@ def train_worker(config: MMWorkerConfig) -> None:
         _evaluate(cfg, config, work_dir, runtime.rank)
         return
 
-    resume_from = _restore_checkpoint(work_dir)
+    resume_from = _restore_checkpoint(work_dir, config.storage_retry_limit_s)
     if resume_from is not None:
         cfg.resume = True
         cfg.load_from = str(resume_from)
@@ -103,7 +104,7 @@ def train_worker(config: MMWorkerConfig) -> None:
 
     runner = Runner.from_cfg(cfg)
     runner.register_hook(Rank0BuffersHook())
-    runner.register_hook(RayTrainReportHook(config.metric_names))
+    runner.register_hook(RayTrainReportHook(config.metric_names, config.storage_retry_limit_s))
     if config.epoch_logger is not None and runtime.rank == 0:
         runner.register_hook(MlflowRank0Hook(config.epoch_logger, interval=config.log_every,
                                              params=dict(config.params), metric_names=config.metric_names,
