@@ -120,8 +120,11 @@ def test_kuberay_raycluster_manifest():
     assert "--artifacts-destination=s3://" in args and "--workers" in args
 
 
-def test_kuberay_rayjob_runs_an_existing_experiment_with_valid_overrides():
-    job = yaml.safe_load((CLUSTER / "kuberay" / "rayjob.yaml").read_text())
+@pytest.mark.parametrize("manifest", ["rayjob.yaml", "rayjob-spot.yaml"])
+def test_kuberay_rayjob_runs_an_existing_experiment_with_valid_overrides(manifest):
+    """The RayJobs run a shipped experiment with overrides it accepts; the worker count matches the GPU pods
+    (for the spot job, a worker range matching the group's minReplicas and maxReplicas: an elastic run)."""
+    job = yaml.safe_load((CLUSTER / "kuberay" / manifest).read_text())
     assert job["apiVersion"] == "ray.io/v1" and job["kind"] == "RayJob"
     spec = job["spec"]
     assert spec["shutdownAfterJobFinishes"] is True
@@ -133,8 +136,10 @@ def test_kuberay_rayjob_runs_an_existing_experiment_with_valid_overrides():
     overrides = [argv[i + 1] for i, a in enumerate(argv) if a == "--set"]
     # The overrides are valid for that experiment (load_spec raises on unknown keys / bad values).
     loaded = load_spec(REPO / experiment, overrides=overrides)
-    workers_in_cluster = sum(g["replicas"] * 8 for g in _gpu_groups(spec["rayClusterSpec"]))
-    assert loaded.scaling.num_workers == workers_in_cluster
+    groups = _gpu_groups(spec["rayClusterSpec"])
+    pods = (sum(g["minReplicas"] for g in groups), sum(g["maxReplicas"] for g in groups))
+    assert (loaded.scaling.min_workers, loaded.scaling.max_workers) == (pods[0] * 8, pods[1] * 8)
+    assert loaded.scaling.elastic == (pods[0] < pods[1]) == spec["rayClusterSpec"]["enableInTreeAutoscaling"]
     assert is_remote_storage(loaded.run.storage_path)
     runtime_env = yaml.safe_load(spec["runtimeEnvYAML"])
     assert runtime_env["env_vars"]["MLFLOW_TRACKING_URI"].startswith("http://")

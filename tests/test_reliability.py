@@ -269,6 +269,35 @@ def test_worker_killed_mid_epoch_restarts_from_checkpoint(data, db, ray_cluster)
 
 
 @pytest.mark.slow
+def test_step_checkpoint_resumes_a_killed_worker_at_its_step(data, db, ray_cluster):
+    """The step-exact order (run.checkpoint_every_steps: 2; 4 steps per epoch of 2 workers x 4 images): a worker
+    SIGKILLed at epoch 2, step 3 restarts from the checkpoint after step 2 of epoch 2, not from epoch 1's, trains
+    exactly the 2 steps left of it and ends where an unfaulted run ends."""
+    from mlflow import MlflowClient
+
+    from orchestrator.cli.run import run_experiment
+
+    steps = {"checkpoint_every_steps": 2}
+    reference = run_experiment(_spec(data, name="steps-unfaulted", db=db, epochs=2, run=steps))
+    faulted = run_experiment(_spec(data, name="steps-faulted", db=db, epochs=2, run={
+        **steps, "max_failures": 1, "fault_kill_rank_at": {"epoch": 2, "step": 3, "rank": 1}}))
+    client = MlflowClient(db)
+    for summary in (reference, faulted):
+        assert client.get_run(summary["run_id"]).info.status == "FINISHED"
+        for key in METRICS:
+            assert [s for s, _ in _history(client, summary["run_id"], key)] == [1, 2], key
+    # The restart resumed after global step 6 (epoch 2, step 2) and ran the 2 steps that were left.
+    assert _history(client, faulted["run_id"], "train/resumed_from_step") == [(2, 6.0)]
+    assert dict(_history(client, faulted["run_id"], "train/steps_this_attempt"))[2] == 2.0
+    assert dict(_history(client, reference["run_id"], "train/steps_this_attempt")) == {1: 4.0, 2: 8.0}
+    for key in ("val/top1", "val/top5"):
+        assert faulted["metrics"][key] == reference["metrics"][key], key
+    for key in ("val/loss", "train/loss"):  # the resumed epoch's train/loss includes its steps before the kill
+        assert faulted["metrics"][key] == pytest.approx(reference["metrics"][key], rel=1e-4, abs=1e-5), key
+    assert [v for _, v in _history(client, faulted["run_id"], "train/world_size")] == [2.0, 2.0]
+
+
+@pytest.mark.slow
 def test_truncated_latest_checkpoint_falls_back_on_resume(data, db, ray_cluster, capfd):
     from mlflow import MlflowClient
 

@@ -224,9 +224,29 @@ def _step_trainer(hooks):
     trainer.criterion = trainer.train_criterion = torch.nn.CrossEntropyLoss()
     trainer.mixup, trainer.ema, trainer.optimizer_steps = None, None, 0
     trainer.runtime = WorkerRuntime()  # one process on the CPU in fp32
+    trainer.slots = 1  # micro-batches per optimizer step, in all
     trainer.cfg = SimpleNamespace(optim=SimpleNamespace(grad_clip=None))
     trainer.hooks = hooks
-    return trainer, torch.randn(8, 4), torch.randint(0, 3, (8,))
+    return trainer, [(torch.randn(8, 4), torch.randint(0, 3, (8,)), torch.zeros(8))]
+
+
+def test_a_step_over_micro_batches_is_the_step_over_their_global_batch():
+    """Gradient accumulation in the step-exact order: one worker running both micro-batches of a 2-slot step
+    (losses scaled by world / slots) makes the update one step over the 8 samples at once makes, up to float
+    order; the reported totals are the same."""
+    import torch
+
+    whole, (batch,) = _step_trainer([])
+    split, _ = _step_trainer([])
+    split.slots = 2
+    images, targets, failures = batch
+    totals_whole = whole.train_step(1, 1, [batch])
+    totals_split = split.train_step(1, 1, [(images[:4], targets[:4], failures[:4]),
+                                           (images[4:], targets[4:], failures[4:])])
+    assert totals_split[1:] == totals_whole[1:] and totals_split[0] == pytest.approx(totals_whole[0], rel=1e-6)
+    for a, b in zip(whole.model.parameters(), split.model.parameters()):
+        assert torch.allclose(a, b, atol=1e-7)
+    assert not torch.allclose(whole.model.weight, _step_trainer([])[0].model.weight)  # it did update
 
 
 def _nan_at(*steps):
@@ -249,25 +269,25 @@ def test_skipped_step_updates_nothing_and_the_run_fails_after_n_skips():
     from workloads.classification.hooks import NonFiniteLossError, NonFiniteLossPolicy
 
     policy = NonFiniteLossPolicy(limit=2, steps_per_epoch=10, rank=0, agree=lambda bad: bad)
-    trainer, images, targets = _step_trainer([_nan_at(2, 3, 4), policy])
+    trainer, batch = _step_trainer([_nan_at(2, 3, 4), policy])
 
     def snapshot():
         return copy.deepcopy((trainer.model.state_dict(), trainer.optimizer.state_dict()))
 
     before = snapshot()
-    assert trainer.train_step(1, 1, images, targets) is not None  # a good step updates
+    assert trainer.train_step(1, 1, batch) is not None  # a good step updates
     after_good = snapshot()
     assert not torch.equal(before[0]["weight"], after_good[0]["weight"])
     for step in (2, 3):
         lr_before = trainer.optimizer.param_groups[0]["lr"]
-        assert trainer.train_step(1, step, images, targets) is None
+        assert trainer.train_step(1, step, batch) is None
         weights, optim_state = snapshot()
         assert all(torch.equal(weights[k], after_good[0][k]) for k in weights)
         assert torch.equal(optim_state["state"][0]["momentum_buffer"], after_good[1]["state"][0]["momentum_buffer"])
         assert trainer.optimizer.param_groups[0]["lr"] < lr_before  # the schedule moved on
     assert policy.skipped == 2
     with pytest.raises(NonFiniteLossError, match=r"at epoch 1, step 4 .* after skipping 2 such step\(s\)"):
-        trainer.train_step(1, 4, images, targets)
+        trainer.train_step(1, 4, batch)
 
 
 def test_default_policy_fails_at_the_first_non_finite_loss_without_a_collective():
@@ -285,10 +305,10 @@ def test_default_policy_fails_at_the_first_non_finite_loss_without_a_collective(
     for value in (float("nan"), float("inf"), float("-inf")):
         with pytest.raises(NonFiniteLossError, match=r"at epoch 2, step 3 \(global step 13\) on worker 1; lower"):
             policy.skip_step(2, 3, value)
-    trainer, images, targets = _step_trainer([_nan_at(1), NonFiniteLossPolicy(0, 10, 0, agree=no_collective)])
+    trainer, batch = _step_trainer([_nan_at(1), NonFiniteLossPolicy(0, 10, 0, agree=no_collective)])
     weight = trainer.model.weight.detach().clone()
     with pytest.raises(NonFiniteLossError, match=r"\(nan\) at epoch 1, step 1"):
-        trainer.train_step(1, 1, images, targets)
+        trainer.train_step(1, 1, batch)
     assert torch.equal(trainer.model.weight, weight)
 
 

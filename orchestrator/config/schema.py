@@ -244,12 +244,50 @@ class PrecisionSection(_Section):
     channels_last: bool = False
 
 
+def _worker_count(value: Any) -> Any:
+    # An int, or [min, max] (a YAML list): every check here, so a bad value gets one message, not a union's two.
+    _not_bool(value)
+    if isinstance(value, (list, tuple)):
+        if len(value) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+            raise ValueError(f"a worker range is two integers [min, max], got {list(value)!r}")
+        low, high = value
+        if not 1 <= low <= high:
+            raise ValueError(f"a worker range [min, max] needs 1 <= min <= max, got [{low}, {high}]")
+        return (low, high)
+    if not isinstance(value, int) or value < 1:
+        raise ValueError("must be a whole number >= 1, or a range [min, max]")
+    return value
+
+
+WorkerCount = Annotated[int | tuple[int, int], BeforeValidator(_worker_count)]
+
+
 class ScalingSection(_Section):
-    num_workers: PosInt = 1
+    # An int, or [min, max]: an elastic worker group (Ray Train's elastic scaling) that starts once `min` workers
+    # fit, goes on with fewer when a node is lost and grows back toward `max` when capacity returns.
+    num_workers: WorkerCount = 1
+    # How often an elastic group looks for room to grow (Ray's elastic_resize_monitor_interval_s).
+    resize_check_s: PosFloat = 60.0
     use_gpu: bool = False
     resources_per_worker: Resources = Field(default_factory=dict)
     # How Ray places the workers: PACK fills nodes one after another, SPREAD puts them on different nodes.
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+
+    @property
+    def elastic(self) -> bool:
+        return isinstance(self.num_workers, tuple)
+
+    @property
+    def min_workers(self) -> int:
+        return self.num_workers[0] if self.elastic else self.num_workers
+
+    @property
+    def max_workers(self) -> int:
+        return self.num_workers[1] if self.elastic else self.num_workers
+
+    def describe(self) -> str:
+        """`3 worker(s)` or `1 to 3 workers`, for messages."""
+        return f"{self.min_workers} to {self.max_workers} workers" if self.elastic else f"{self.num_workers} worker(s)"
 
 
 class FaultKill(_Section):
@@ -271,6 +309,8 @@ class RunSection(_Section):
     storage_path: str = Field("runs", min_length=1)
     name: str | None = None  # Ray Train run name; default: experiment name
     checkpoint_every: PosInt = 1  # epochs
+    # Also a checkpoint every N optimizer steps inside an epoch, resumable at that step (classification).
+    checkpoint_every_steps: PosInt | None = None
     checkpoints_kept: PosInt = 2
     max_failures: Annotated[int, _NoBool, Field(ge=-1)] = 0  # -1: retry without limit
     # How long data reads and checkpoint uploads/downloads retry an unreachable bucket before the run fails.
@@ -456,7 +496,15 @@ class ExperimentSpec(_Section):
             if self.workload == workload and getattr(self, workload) is None:
                 raise ValueError(f"workload: {workload} needs a `{workload}:` section (at least {workload}.config)")
         if self.run.fault_kill_rank_at is not None and \
-                self.run.fault_kill_rank_at.rank >= self.scaling.num_workers:
+                self.run.fault_kill_rank_at.rank >= self.scaling.max_workers:
             raise ValueError(f"run.fault_kill_rank_at.rank ({self.run.fault_kill_rank_at.rank}) names no worker: "
-                             f"scaling.num_workers is {self.scaling.num_workers}")
+                             f"scaling.num_workers is {self.scaling.describe()}")
+        if self.scaling.elastic and self.run.max_failures == 0:
+            raise ValueError("a worker range (scaling.num_workers: [min, max]) goes on after a lost node by "
+                             "restarting the group smaller, which Ray counts as a failure: set run.max_failures "
+                             "to the losses to ride out (or -1, without limit)")
+        if self.workload != "classification" and (self.scaling.elastic or self.run.checkpoint_every_steps):
+            raise ValueError(f"{self.workload}: scaling.num_workers: [min, max] and run.checkpoint_every_steps "
+                             "are not supported yet (classification only); use a fixed worker count, and the "
+                             "iteration checkpoints of the mmengine config")
         return self

@@ -33,7 +33,7 @@ from orchestrator.tracking.metric_logger import MlflowMetricLogger
 from orchestrator.tracking.models import log_classifier_model
 from orchestrator.tracking.system_metrics import SystemMetricsRecorder
 from workloads.classification.checkpoint import MODEL_FILE
-from workloads.classification.config import DataPlan, FaultDrills, OptimConfig, ShardPlan, TrainConfig
+from workloads.classification.config import DataPlan, FaultDrills, OptimConfig, ShardPlan, StepExact, TrainConfig
 from workloads.classification.data import scan_split, split_dataset
 from workloads.classification.evaluation import EvalConfig, eval_loop_per_worker
 from workloads.classification.loop import train_loop_per_worker
@@ -125,13 +125,28 @@ def prepare_shards(spec) -> ShardPlan | None:
                      retry_limit_s=spec.run.storage_retry_limit_s)
 
 
+def step_exact(spec) -> StepExact | None:
+    """The step-exact order for a worker range or checkpoints inside epochs; None for the classic order."""
+    if not (spec.scaling.elastic or spec.run.checkpoint_every_steps):
+        return None
+    return StepExact(slots=spec.scaling.max_workers, checkpoint_every_steps=spec.run.checkpoint_every_steps)
+
+
+def check_step_exact(spec, data) -> None:
+    """The step-exact order restarts an epoch at a step of a fixed sample order: a folder's, not a stream's."""
+    if step_exact(spec) is not None and isinstance(data, ShardPlan):
+        raise CvlabError("scaling.num_workers: [min, max] and run.checkpoint_every_steps need a data folder "
+                         f"(data.format: folder): the shard set {data.location} is streamed, and a stream cannot "
+                         "restart an epoch at a given step; use a fixed worker count with shards")
+
+
 def check_batch(spec, data) -> None:
-    """The training split must hold at least one global batch."""
-    global_batch = spec.data.batch_size * spec.scaling.num_workers
+    """The training split must hold at least one global batch (of `max` workers for a worker range)."""
+    global_batch = spec.data.batch_size * spec.scaling.max_workers
     if data.train_images < global_batch:
         raise CvlabError(
             f"the training split has {data.train_images} readable images, fewer than one global batch "
-            f"({spec.scaling.num_workers} workers x data.batch_size {spec.data.batch_size}); lower data.batch_size"
+            f"({spec.scaling.max_workers} workers x data.batch_size {spec.data.batch_size}); lower data.batch_size"
         )
 
 
@@ -209,8 +224,9 @@ class ClassificationJob(Job):
     def prepare(self) -> None:
         spec = self.spec
         check_batch(spec, self.ensure_data())
+        check_step_exact(spec, self.data)
         o = spec.optim
-        steps = self.data.train_images // (spec.data.batch_size * spec.scaling.num_workers)
+        steps = self.data.train_images // (spec.data.batch_size * spec.scaling.max_workers)
         if o.warmup_iters and o.warmup_iters >= o.epochs * steps:
             raise CvlabError(f"optim.warmup_iters ({o.warmup_iters}) must be shorter than training "
                              f"({o.epochs} epochs x {steps} steps)")
@@ -279,6 +295,7 @@ class ClassificationJob(Job):
             system_metrics=SystemMetricsRecorder(ctx.tracking_uri, ctx.run_id),
             verbosity=ctx.verbosity,
             storage_retry_limit_s=run.storage_retry_limit_s,
+            step_exact=step_exact(spec),
         )
 
     def finalize(self, result, ctx: RunContext) -> dict[str, Any]:

@@ -35,7 +35,7 @@ def measure_cost(job: Job) -> dict[str, float]:
     check_cost_probe(job)
     probe, argument = job.cost_probe()
     spec = job.spec
-    per_worker = {k: v / spec.scaling.num_workers for k, v in worker_group_resources(spec).items()}
+    per_worker = {k: v / spec.scaling.min_workers for k, v in worker_group_resources(spec).items()}
     cpus, gpus = per_worker.pop("CPU", 1.0), per_worker.pop("GPU", 0.0)
     task = ray.remote(max_calls=1)(probe).options(
         num_cpus=cpus, num_gpus=gpus, resources=per_worker or None,

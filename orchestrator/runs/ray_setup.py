@@ -78,13 +78,14 @@ def ray_session(num_cpus: int | None = None, *, owned: bool = True):
 
 
 def worker_group_resources(spec) -> dict[str, float]:
-    """What the run's Ray Train workers reserve together (`scaling`), with Ray's resource names."""
+    """What the run's Ray Train workers reserve together (`scaling`), with Ray's resource names: for a worker
+    range, what its `min` workers reserve (the run starts once they fit)."""
     per = {k.upper() if k.lower() in ("cpu", "gpu") else k: float(v)
            for k, v in spec.scaling.resources_per_worker.items()}
     per.setdefault("CPU", 1.0)
     if spec.scaling.use_gpu:
         per.setdefault("GPU", 1.0)
-    return {k: v * spec.scaling.num_workers for k, v in per.items()}
+    return {k: v * spec.scaling.min_workers for k, v in per.items()}
 
 
 def check_fits(need: dict[str, float], cluster: dict[str, float], what: str, detail: str = "") -> int:
@@ -109,4 +110,4 @@ def check_fits(need: dict[str, float], cluster: dict[str, float], what: str, det
 def check_run_fits(spec) -> None:
     """Refuse a run whose workers can never be placed (Ray would wait for them forever)."""
     check_fits(worker_group_resources(spec), ray.cluster_resources(), "the run",
-               f"{spec.scaling.num_workers} worker(s)")
+               spec.scaling.describe())

@@ -34,7 +34,8 @@ def build_trainer(job: Job, ctx: RunContext, *, name: str, storage: str, fs=None
         job.worker(),
         train_loop_config=job.worker_config(ctx),
         scaling_config=ScalingConfig(
-            num_workers=spec.scaling.num_workers,
+            num_workers=spec.scaling.num_workers,  # an int, or (min, max): Ray Train's elastic group
+            elastic_resize_monitor_interval_s=spec.scaling.resize_check_s,
             use_gpu=use_gpu,
             resources_per_worker=dict(spec.scaling.resources_per_worker) or None,
             placement_strategy=spec.scaling.placement_strategy,

@@ -36,6 +36,7 @@ from orchestrator.runs.cost import measure_cost
 from orchestrator.runs.lifecycle import TrialRun, run_job
 from orchestrator.search.constraints import INFEASIBLE_KEY, violations
 from orchestrator.tracking.runs import create_run, end_run, log_metrics, log_params, logged_steps, make_client
+from workloads.classification.step_order import MID_EPOCH_KEY
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +67,8 @@ class CostReportCallback(TuneReportCallback):
         self._cost = dict(cost or {})
 
     def after_report(self, run_context, metrics, checkpoint):
+        if MID_EPOCH_KEY in metrics[0]:  # a checkpoint inside an epoch: no results for the searcher
+            return
         super().after_report(run_context, [{**self._cost, **metrics[0]}, *metrics[1:]], checkpoint)
 
 

@@ -115,7 +115,7 @@ def plan_concurrency(spec, cluster: dict[str, float]) -> int:
     for k, v in trial_resources(spec).items():
         key = k.upper() if k in ("cpu", "gpu") else k
         need[key] = need.get(key, 0.0) + v
-    limit = check_fits(need, cluster, "one trial", f"{spec.scaling.num_workers} worker(s) + the trial process")
+    limit = check_fits(need, cluster, "one trial", f"{spec.scaling.describe()} + the trial process")
     if spec.search.max_concurrent_trials:
         limit = min(limit, spec.search.max_concurrent_trials)
     return limit

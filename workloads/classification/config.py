@@ -79,6 +79,14 @@ class FaultDrills:
 
 
 @dataclass(frozen=True)
+class StepExact:
+    """The step-exact order (`workloads.classification.step_order`) of an elastic or step-checkpointed run."""
+
+    slots: int  # micro-batches per optimizer step: the worker range's max (the global batch is theirs)
+    checkpoint_every_steps: int | None  # a checkpoint inside epochs every that many optimizer steps
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     """Everything one classification worker needs; plain data, pickled to every Ray Train worker. Built by the
     job (`orchestrator.jobs.classification`) from the validated spec, which holds every default."""
@@ -102,3 +110,4 @@ class TrainConfig:
     system_metrics: Any = None  # has start(node_id) and stop(); run by each node's local rank 0
     verbosity: int = 0
     storage_retry_limit_s: float = 300.0  # checkpoint uploads and downloads ride out an outage this long
+    step_exact: StepExact | None = None  # None: each worker's DistributedSampler share, checkpoints at epoch ends

@@ -9,6 +9,7 @@ import logging
 import math
 import os
 import signal
+import time
 
 from workloads.object_storage import exists, write_text
 
@@ -32,16 +33,19 @@ class StepHook:
 
 class KillDrill(StepHook):
     """`run.fault_kill_rank_at`: worker `rank` SIGKILLs itself once at (epoch, step), leaving `marker` (a local
-    path or bucket URI) behind so that the restarted worker does not repeat it."""
+    path or bucket URI) behind so that the restarted worker does not repeat it. `settle_s`: a wait before the
+    kill, so that Ray Train's controller, which collects the workers' reports every 2 s, has registered the
+    checkpoint reported just before (one reported inside the epoch)."""
 
-    def __init__(self, epoch: int, step: int, rank: int, marker: str, my_rank: int):
+    def __init__(self, epoch: int, step: int, rank: int, marker: str, my_rank: int, settle_s: float = 0.0):
         self.at = (epoch, step)
         self.armed = rank == my_rank and not exists(marker)
-        self.marker, self.rank = marker, my_rank
+        self.marker, self.rank, self.settle_s = marker, my_rank, settle_s
 
     def before_step(self, epoch: int, step: int) -> None:
         if not self.armed or (epoch, step) != self.at:
             return
+        time.sleep(self.settle_s)
         write_text(self.marker, f"killed worker {self.rank} (pid {os.getpid()}) at epoch {epoch} step {step}\n")
         log.warning("fault drill: killing worker %d (pid %d) at epoch %d, step %d", self.rank, os.getpid(),
                     epoch, step)

@@ -1,0 +1,132 @@
+"""Elastic and step-checkpointed training (issue 23): the step-exact order, the worker range in the schema, and the
+job's translation. The runs on Ray are in tests/test_reliability.py and tests/test_reliability_node.py."""
+from __future__ import annotations
+
+import re
+
+import pytest
+import yaml
+
+from orchestrator.cli import main
+from orchestrator.config.loader import spec_from_dict
+from orchestrator.errors import CvlabError
+from orchestrator.jobs.classification import check_step_exact, step_exact
+from orchestrator.runs.ray_setup import worker_group_resources
+from workloads.classification.config import ShardPlan
+from workloads.classification.step_order import (
+    GlobalBatchOrder,
+    SeededSamples,
+    StepBatchSampler,
+    derived_seed,
+)
+
+
+def _steps(order: GlobalBatchOrder, epoch: int, world: int, start_step: int = 0) -> list[list[int]]:
+    """Every step's samples, in slot order, as the `world` workers together run them."""
+    per_worker = {rank: list(order.micro_batches(epoch, rank, world, start_step)) for rank in range(world)}
+    steps = []
+    for k in range(order.steps_per_epoch - start_step):
+        slots = {}
+        for rank in range(world):
+            mine = order.slots_of(rank, world)
+            for i, slot in enumerate(mine):
+                slots[slot] = per_worker[rank][k * len(mine) + i]
+        steps.append([index for slot in sorted(slots) for index in slots[slot]])
+    return steps
+
+
+def test_global_batches_are_the_same_whatever_the_worker_count():
+    """50 samples, micro-batches of 3, 4 slots: 4 steps of 12 samples per epoch, each sample at most once, the
+    two left over differ between epochs; 1, 2, 3 or 4 workers together run exactly the same micro-batches in
+    every step; a restart at step 2 runs exactly the last two steps; more workers than slots is refused."""
+    order = GlobalBatchOrder(50, 3, 4, seed=7)
+    assert order.steps_per_epoch == 4
+    reference = _steps(order, 1, world=4)
+    used = [i for step in reference for i in step]
+    assert len(used) == 48 and len(set(used)) == 48 and set(used) <= set(range(50))
+    for world in (1, 2, 3):
+        assert _steps(order, 1, world) == reference, world
+    assert _steps(order, 1, world=3, start_step=2) == reference[2:]
+    epoch2 = [i for step in _steps(order, 2, world=4) for i in step]
+    assert epoch2 != used and set(range(50)) - set(epoch2) != set(range(50)) - set(used)
+    assert _steps(GlobalBatchOrder(50, 3, 4, seed=8), 1, world=4) != reference
+    with pytest.raises(ValueError, match="world must be at most the range's max"):
+        order.slots_of(0, 5)
+
+
+def test_each_sample_is_augmented_from_its_own_seed():
+    """The sampler pairs each index with a seed of (seed, epoch, index); the dataset draws the sample's random
+    numbers from it: the same sample looks the same whichever worker loads it, in whatever order, and the seed
+    changes with the epoch."""
+    import torch
+
+    class Noise(torch.utils.data.Dataset):
+        def __len__(self):
+            return 12
+
+        def __getitem__(self, index):
+            return index, torch.rand(2)
+
+    order = GlobalBatchOrder(12, 2, 2, seed=3)
+    keys = {world: [key for batch in StepBatchSampler(order, 0, world) for key in batch] for world in (1, 2)}
+    assert keys[1][0] == (keys[1][0][0], derived_seed(3, 1, keys[1][0][0]))
+    samples = SeededSamples(Noise())
+    forward = {k[0]: samples[k][1] for k in keys[1]}
+    backward = {k[0]: samples[k][1] for k in reversed(keys[1])}
+    assert all(torch.equal(forward[i], backward[i]) for i in forward)
+    assert all(torch.equal(samples[k][1], forward[k[0]]) for k in keys[2])
+    sampler = StepBatchSampler(order, 0, 1)
+    sampler.set_position(2, 1)
+    later = [key for batch in sampler for key in batch]
+    assert len(later) == len(sampler) * 2 == 8 and all(seed == derived_seed(3, 2, i) for i, seed in later)
+    assert derived_seed(1, 2, 3) == derived_seed(1, 2, 3) != derived_seed(1, 2, 4)
+
+
+def _spec(**sections):
+    d = {"experiment": {"name": "elastic"}, "data": {"root": "data"}}
+    for section, values in sections.items():
+        d.setdefault(section, {}).update(values)
+    return spec_from_dict(d)
+
+
+def test_a_worker_range_in_the_schema_and_the_job():
+    """`scaling.num_workers: [min, max]`: the run needs what `min` workers reserve, the global batch is `max`
+    workers', and the job hands the worker the step-exact order with `max` slots (also for a fixed count with
+    run.checkpoint_every_steps); a shard stream is refused with it."""
+    spec = _spec(scaling={"num_workers": [1, 3], "resources_per_worker": {"CPU": 2}}, run={"max_failures": -1})
+    assert (spec.scaling.elastic, spec.scaling.min_workers, spec.scaling.max_workers) == (True, 1, 3)
+    assert spec.scaling.describe() == "1 to 3 workers"
+    assert worker_group_resources(spec) == {"CPU": 2.0}
+    assert step_exact(spec).slots == 3 and step_exact(spec).checkpoint_every_steps is None
+    fixed = _spec(scaling={"num_workers": 2}, run={"checkpoint_every_steps": 5})
+    assert (fixed.scaling.elastic, step_exact(fixed).slots, step_exact(fixed).checkpoint_every_steps) == (False, 2, 5)
+    assert step_exact(_spec(scaling={"num_workers": 2})) is None
+    shards = ShardPlan(location="s3://b/set", classes=("a",), train_shards=(), val_shards=(), train_images=8,
+                       val_images=2)
+    with pytest.raises(CvlabError, match="need a data folder .* s3://b/set is streamed"):
+        check_step_exact(spec, shards)
+    check_step_exact(_spec(), shards)  # the classic order streams shards
+
+
+@pytest.mark.parametrize("scaling, run, workload, message", [
+    ({"num_workers": [3, 1]}, {"max_failures": 1}, None, r"needs 1 <= min <= max, got \[3, 1\]"),
+    ({"num_workers": [0, 2]}, {"max_failures": 1}, None, r"needs 1 <= min <= max, got \[0, 2\]"),
+    ({"num_workers": [1, 2, 3]}, {"max_failures": 1}, None, r"two integers \[min, max\], got \[1, 2, 3\]"),
+    ({"num_workers": [True, 2]}, {"max_failures": 1}, None, r"two integers \[min, max\]"),
+    ({"num_workers": 0}, {}, None, r"scaling\.num_workers: got 0 .*must be a whole number >= 1, or a range"),
+    ({"num_workers": "two"}, {}, None, r"must be a whole number >= 1, or a range"),
+    ({"num_workers": [1, 2]}, {}, None, "set run.max_failures"),
+    ({"num_workers": [1, 2]}, {"max_failures": 1, "fault_kill_rank_at": {"epoch": 1, "step": 1, "rank": 2}}, None,
+     r"names no worker: scaling.num_workers is 1 to 2 workers"),
+    ({"num_workers": 2}, {"checkpoint_every_steps": 10}, "detection", "not supported yet"),
+    ({"num_workers": 2, "resize_check_s": 0}, {}, None, "greater than 0"),
+])
+def test_bad_worker_ranges_are_refused_by_validate(tmp_path, capsys, scaling, run, workload, message):
+    doc = {"experiment": {"name": "x"}, "scaling": scaling, "run": run}
+    if workload:
+        doc.update(workload=workload, **{workload: {"config": "quickstart"}})
+    (tmp_path / "x.yaml").write_text(yaml.safe_dump(doc))
+    assert main(["validate", str(tmp_path / "x.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert re.search(message, err), err
+    assert "Traceback" not in err
