@@ -11,7 +11,7 @@ from orchestrator.cli import main
 from orchestrator.config.loader import spec_from_dict
 from orchestrator.errors import CvlabError
 from orchestrator.jobs.classification import check_step_exact, step_exact
-from orchestrator.runs.ray_setup import worker_group_resources
+from orchestrator.runs.ray_setup import check_fits, worker_group_resources
 from workloads.classification.config import ShardPlan
 from workloads.classification.step_order import (
     GlobalBatchOrder,
@@ -50,8 +50,15 @@ def test_global_batches_are_the_same_whatever_the_worker_count():
     epoch2 = [i for step in _steps(order, 2, world=4) for i in step]
     assert epoch2 != used and set(range(50)) - set(epoch2) != set(range(50)) - set(used)
     assert _steps(GlobalBatchOrder(50, 3, 4, seed=8), 1, world=4) != reference
-    with pytest.raises(ValueError, match="world must be at most the range's max"):
-        order.slots_of(0, 5)
+    assert list(order.slots_of(1, 3)) == [1] and list(order.slots_of(0, 3)) == [0, 3]
+    assert list(order.micro_batches(1, 0, 4)) == list(order.micro_batches(1, 0, 4, start_step=0))
+    for rank, world in ((0, 5), (2, 2), (-1, 2)):
+        with pytest.raises(ValueError, match=r"^worker .* slots per step \(world must be at most the range's max\)$"):
+            order.slots_of(rank, world)
+    for micro, slots in ((0, 4), (3, 0)):
+        with pytest.raises(ValueError, match="micro_batch and slots must be >= 1"):
+            GlobalBatchOrder(50, micro, slots, seed=7)
+    assert GlobalBatchOrder(50, 1, 1, seed=7).steps_per_epoch == 50
 
 
 def test_each_sample_is_augmented_from_its_own_seed():
@@ -60,12 +67,16 @@ def test_each_sample_is_augmented_from_its_own_seed():
     changes with the epoch."""
     import torch
 
-    class Noise(torch.utils.data.Dataset):
+    import random
+
+    import numpy as np
+
+    class Noise(torch.utils.data.Dataset):  # draws from all three generators, as augmentations do
         def __len__(self):
             return 12
 
         def __getitem__(self, index):
-            return index, torch.rand(2)
+            return index, torch.tensor([torch.rand(1).item(), random.random(), np.random.rand()])
 
     order = GlobalBatchOrder(12, 2, 2, seed=3)
     keys = {world: [key for batch in StepBatchSampler(order, 0, world) for key in batch] for world in (1, 2)}
@@ -76,10 +87,17 @@ def test_each_sample_is_augmented_from_its_own_seed():
     assert all(torch.equal(forward[i], backward[i]) for i in forward)
     assert all(torch.equal(samples[k][1], forward[k[0]]) for k in keys[2])
     sampler = StepBatchSampler(order, 0, 1)
+    assert len(sampler) == 6 and len(list(sampler)) == 6  # a fresh sampler: epoch 1 from its first step
+    sampler.set_position(2)
+    assert len(sampler) == 6
     sampler.set_position(2, 1)
     later = [key for batch in sampler for key in batch]
     assert len(later) == len(sampler) * 2 == 8 and all(seed == derived_seed(3, 2, i) for i, seed in later)
     assert derived_seed(1, 2, 3) == derived_seed(1, 2, 3) != derived_seed(1, 2, 4)
+    # Every generator gets the whole seed: 200 samples draw 200 different numbers from each.
+    draws = torch.stack([samples[(i, derived_seed(3, 1, i))][1] for i in range(12)] +
+                        [SeededSamples(Noise())[(0, derived_seed(3, 1, i))][1] for i in range(12, 200)])
+    assert all(len(set(draws[:, g].tolist())) == 200 for g in range(3))
 
 
 def _spec(**sections):
@@ -106,6 +124,20 @@ def test_a_worker_range_in_the_schema_and_the_job():
     with pytest.raises(CvlabError, match="need a data folder .* s3://b/set is streamed"):
         check_step_exact(spec, shards)
     check_step_exact(_spec(), shards)  # the classic order streams shards
+
+
+def test_a_range_starts_once_its_min_fits_and_is_refused_when_it_never_can():
+    """The run's resource check (before Ray Train starts, which would otherwise wait for ever): a range needs
+    what `min` workers reserve; a cluster that cannot hold `min` of them is refused with one message naming the
+    range, and a fixed count needs all its workers."""
+    spec = _spec(scaling={"num_workers": [2, 4], "resources_per_worker": {"CPU": 1}}, run={"max_failures": 1})
+    assert check_fits(worker_group_resources(spec), {"CPU": 3.0}, "the run", spec.scaling.describe()) == 1
+    with pytest.raises(CvlabError, match=r"the run needs 2 CPU \(2 to 4 workers\) but the Ray cluster has 1; "
+                                         r"lower scaling.num_workers"):
+        check_fits(worker_group_resources(spec), {"CPU": 1.0}, "the run", spec.scaling.describe())
+    fixed = _spec(scaling={"num_workers": 4})
+    with pytest.raises(CvlabError, match=r"needs 4 CPU \(4 worker\(s\)\) but the Ray cluster has 3"):
+        check_fits(worker_group_resources(fixed), {"CPU": 3.0}, "the run", fixed.scaling.describe())
 
 
 @pytest.mark.parametrize("scaling, run, workload, message", [

@@ -35,7 +35,7 @@ def _metric(client, experiment: str, key: str) -> list[tuple[int, float]]:
 @pytest.mark.timeout(600)
 def test_worker_range_rides_out_a_preempted_node_and_grows_back(tmp_path, monkeypatch):
     """`scaling.num_workers: [1, 3]` on three one-CPU nodes. Once epoch 1 is logged (3 workers), one node is
-    drained for preemption with a 3 s deadline (`ray drain-node --reason DRAIN_NODE_REASON_PREEMPTION`, as the
+    drained for preemption with a 4 s deadline (`ray drain-node --reason DRAIN_NODE_REASON_PREEMPTION`, as the
     autoscaler or KubeRay does for a spot termination), shorter than an epoch: the group writes a checkpoint at
     its next step boundary, and when Ray Train restarts at the deadline (the node then removed) it goes on
     with the 2 workers left, from that step, without waiting for a replacement. A node added later: the group
@@ -58,7 +58,7 @@ def test_worker_range_rides_out_a_preempted_node_and_grows_back(tmp_path, monkey
     # A restart may first ask for 3 workers while Ray's resource view still holds the lost node, and waits this
     # long (default 60 s) for them before asking for what is there.
     monkeypatch.setenv("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "10")
-    make_imagenet(tmp_path / "data", classes=4, per_class=48, size=32, val_per_class=3)
+    make_imagenet(tmp_path / "data", classes=4, per_class=64, size=32, val_per_class=3)
     db, name, epochs = f"sqlite:///{tmp_path}/mlflow.db", "cvlab-elastic", 8
     spec = spec_from_dict({
         "experiment": {"name": "elastic", "seed": 0},
@@ -69,7 +69,7 @@ def test_worker_range_rides_out_a_preempted_node_and_grows_back(tmp_path, monkey
         "run": {"storage_path": str(tmp_path / "runs"), "log_every": 100, "max_failures": 3},
         "tracking": {"tracking_uri": db, "experiment_name": name, "log_model": False},
     })
-    steps_per_epoch = 192 // (3 * 4)
+    steps_per_epoch = 256 // (3 * 4)
 
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
     cluster.add_node(num_cpus=1)
@@ -99,7 +99,7 @@ def test_worker_range_rides_out_a_preempted_node_and_grows_back(tmp_path, monkey
 
         wait_for(lambda: _metric(client, name, "val/top1"), "epoch 1 logged")
         assert victim.node_id in _train_worker_nodes()
-        drain_s = 3
+        drain_s = 4
         subprocess.run([sys.executable, "-m", "ray.scripts.scripts", "drain-node", "--address", cluster.address,
                         "--node-id", victim.node_id, "--reason", "DRAIN_NODE_REASON_PREEMPTION",
                         "--reason-message", "spot termination (test)", "--deadline-remaining-seconds",
