@@ -437,7 +437,8 @@ def test_published_recipe_files(model):
 @pytest.mark.parametrize("line, expected", [
     ("data: {batch_size: 0}", r"data\.batch_size: got 0 \(int\): must be greater than or equal to 1"),
     ("optim: {epochs: -3}", r"optim\.epochs: got -3 \(int\): must be greater than or equal to 1"),
-    ("scaling: {num_workers: 0}", r"scaling\.num_workers: got 0"),
+    ("scaling: {num_workers: 0}", r"scaling\.num_workers: got 0 \(int\): must be a whole number >= 1, or a range "
+                                  r"\[min, max\]$"),
     ("optim: {lr: -1}", r"optim\.lr: got -1 \(int\): must be greater than 0"),
     ("data: {image_size: 3}", r"data\.image_size \(3\) is smaller than the model's total stride"),
     ("optim: {weight_decay: .nan}", r"optim\.weight_decay: got nan"),
@@ -450,6 +451,15 @@ def test_published_recipe_files(model):
     ("optim: {epochs: 4, warmup_epochs: 4}", r"optim\.warmup_epochs \(4\) must be shorter than optim\.epochs \(4\)"),
     ("run: {checkpoint_every: 0}", r"run\.checkpoint_every: got 0"),
     ("data: {augment: {hflip: 1.5}}", r"data\.augment\.hflip is a probability and must be in \[0, 1\], got 1\.5"),
+    ("data: {augment: {auto_augment: ''}}", r"data\.augment\.auto_augment must be null or a policy string, got ''$"),
+    ("data: {augment: {auto_augment: rand-zz9}}", r"data\.augment\.auto_augment: timm cannot read the policy "
+                                                  r"'rand-zz9' \(AssertionError: .*\); use e\.g\. 'rand-m9"),
+    ("data: {augment: {color_jitter: [-0.1, 0, 0]}}", r"data\.augment\.color_jitter strengths must be >= 0, got "
+                                                      r"\[-0\.1, 0\.0, 0\.0\]$"),
+    ("data: {augment: {color_jitter: [0.1, 0.1, 0.1, 0.6]}}", r"data\.augment\.color_jitter: the hue strength must "
+                                                              r"be in \[0, 0\.5\], got 0\.6$"),
+    ("data: {augment: {scale: [0, 1]}}", r"data\.augment\.scale values must be in \(0, 1\] \(crop area"),
+    ("data: {augment: {ratio: [0, 1]}}", r"data\.augment\.ratio values must be > 0 \(crop aspect ratio"),
 ])
 def test_bad_values_are_refused_with_file_and_line(tmp_path, line, expected, capsys):
     """Each value a new user tried (issue 13) ends with exit 2 and `file:line: dotted.path: ...`."""
@@ -460,6 +470,14 @@ def test_bad_values_are_refused_with_file_and_line(tmp_path, line, expected, cap
     err = capsys.readouterr().err
     assert re.search(rf"cvlab: error: {re.escape(str(path))}:2: {expected}", err), err
     assert "Traceback" not in err
+
+
+def test_the_edges_of_the_ranges_are_accepted(tmp_path):
+    """The inclusive ends of what the rules above refuse past: no colour jitter at all with the largest hue, and
+    a worker range whose min is its max."""
+    spec = load_spec(write(tmp_path / "edges.yaml", "data: {augment: {color_jitter: [0, 0, 0, 0.5]}}\n"
+                                                    "scaling: {num_workers: [2, 2]}\nrun: {max_failures: 1}\n"))
+    assert spec.data.augment.color_jitter == [0, 0, 0, 0.5] and spec.scaling.num_workers == (2, 2)
 
 
 def test_alias_bomb_and_oversized_files_are_refused_quickly(tmp_path):
