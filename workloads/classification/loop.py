@@ -373,21 +373,21 @@ class EpochTrainer:
         """Report the epoch to Ray Train (with rank 0's checkpoint when one is due); True when checkpointed."""
         cfg = self.cfg
         due = epoch % cfg.checkpoint_every == 0 or epoch == cfg.optim.epochs
-        self._report(metrics, epoch, metrics["val/top1"] if due else None)
+        self._report(metrics, epoch, checkpoint=due)
         self.publisher.add(epoch, metrics, checkpointed=due)
         return due
 
-    def _report(self, metrics: dict[str, float], epoch: int, top1: float | None, position: dict | None = None):
-        """`ray.train.report(metrics)` on every worker, with rank 0's checkpoint unless `top1` is None: of
-        `epoch` done, or (`position`) of steps inside the next one."""
+    def _report(self, metrics: dict[str, float], epoch: int, checkpoint: bool, position: dict | None = None):
+        """`ray.train.report(metrics)` on every worker, with rank 0's checkpoint if `checkpoint`: of `epoch`
+        done, or (`position`) of steps inside the next one."""
         cfg = self.cfg
         with tempfile.TemporaryDirectory(prefix="cvlab-ckpt-") as tmp:
-            checkpoint = None
-            if top1 is not None and self.runtime.rank == 0:
+            attached = None
+            if checkpoint and self.runtime.rank == 0:
                 info = {"best_top1": self.best_top1, "classes": list(cfg.data.classes),
                         "inputs": dataclasses.asdict(cfg.inputs)}  # what predict / export need to feed it
                 if position is None:  # weights saved inside an epoch were never validated
-                    info["val/top1"] = top1
+                    info["val/top1"] = metrics["val/top1"]
                 extra = {**info, **self.counters, "skipped_steps": self.nonfinite.skipped,
                          "optimizer_steps": self.optimizer_steps, "world_size": self.runtime.world}
                 if position is not None:
@@ -396,8 +396,8 @@ class EpochTrainer:
                     extra["ema"] = ema_state_dict(self.ema)
                 save_training_checkpoint(tmp, self.model, self.optimizer, self.scheduler, self.scaler, epoch, extra,
                                          model_info=info)
-                checkpoint = ray.train.Checkpoint.from_directory(tmp)
-            report_with_retries(metrics, checkpoint, cfg.storage_retry_limit_s)
+                attached = ray.train.Checkpoint.from_directory(tmp)
+            report_with_retries(metrics, attached, cfg.storage_retry_limit_s)
 
     def _checkpoint_inside_epoch_if_due(self, epoch: int, step: int, sums) -> None:
         """After `step` of `epoch` (step-exact order): a checkpoint every `checkpoint_every_steps` steps, and one
@@ -418,7 +418,7 @@ class EpochTrainer:
         totals = all_reduce(sums.clone())  # the epoch's totals so far, so the resumed epoch reports all of it
         position = {"epoch": epoch, "step": step, "sums": totals.tolist()}
         self._report({MID_EPOCH_KEY: 1.0, "epoch": epoch - 1, "step": global_step, "val/top1": _UNRANKED_TOP1},
-                     epoch - 1, _UNRANKED_TOP1, position)
+                     epoch - 1, checkpoint=True, position=position)
         self.publisher.covered()  # epochs waiting for a checkpoint have one now
         log.info("checkpoint (%s) after step %d of %d of epoch %d", why, step, self.steps_per_epoch, epoch)
 
