@@ -14,11 +14,11 @@ permutation changes every epoch, so no sample is always left out.
 from __future__ import annotations
 
 import hashlib
-import random
 from collections.abc import Iterator
 
-import numpy as np
 import torch
+
+from workloads.classification.reproducibility import seed_everything
 
 
 # Marks a report to Ray Train made with a checkpoint inside an epoch: not an epoch's results (Tune's trial callback
@@ -95,7 +95,5 @@ class SeededSamples(torch.utils.data.Dataset):
 
     def __getitem__(self, key: tuple[int, int]):
         index, seed = key
-        random.seed(seed)
-        np.random.seed(seed % (2**32))
-        torch.manual_seed(seed)
+        seed_everything(seed)
         return self.dataset[index]
