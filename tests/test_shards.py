@@ -7,6 +7,7 @@ import hashlib
 import json
 import shutil
 import tarfile
+import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -357,8 +358,9 @@ def test_training_and_eval_stream_shards_from_s3(source, tmp_path, s3_server, ml
             return True
         return False
 
-    s3_server.away_between(first_checkpoint, lambda: time.monotonic() > stopped_at[0] + 15, timeline)
+    watcher = s3_server.away_between(first_checkpoint, lambda: time.monotonic() > stopped_at[0] + 15, timeline)
     assert main(["run", "exp.yaml"]) == 0
+    watcher.join(timeout=60)  # the run may be done before the restart that it waited for is noted
     out, err = capfd.readouterr()
     assert timeline == ["stopped", "started"]
     assert f"shard set s3://{bucket}/sets/q: 30 training and 6 validation images" in out
@@ -420,18 +422,22 @@ def test_a_bucket_away_longer_than_the_limit_fails_the_run_keeping_its_checkpoin
     (tmp_path / "exp.yaml").write_text(yaml.safe_dump(spec))
     monkeypatch.chdir(tmp_path)
     timeline: list[str] = []
-    s3_server.away_between(lambda: bool(_checkpoints_in(f"s3://{bucket}/runs")), lambda: False, timeline,
-                           timeout_s=300)
+    run_over = threading.Event()
+    # The server is back once the run has failed. A server's clean shutdown may take longer than the run's 4 s
+    # limit, so the run can fail before the stop is noted: the join waits for both.
+    watcher = s3_server.away_between(lambda: bool(_checkpoints_in(f"s3://{bucket}/runs")), run_over.is_set,
+                                     timeline, timeout_s=300)
     code = main(["run", "exp.yaml"])
+    run_over.set()
+    watcher.join(timeout=120)
     out, err = capfd.readouterr()
-    assert code == 2 and timeline == ["stopped"]
+    assert code == 2 and timeline == ["stopped", "started"]
     assert "the storage was unreachable for" in err and "run.storage_retry_limit_s (4 s)" in err
     assert "Traceback" not in err.split("cvlab: error:")[-1]
     client = MlflowClient(db)
     (run,) = client.search_runs([client.get_experiment_by_name("bucket-gone").experiment_id])
     assert run.info.status == "FAILED"
 
-    s3_server.start()
     import ray.train
 
     (checkpoint,) = _checkpoints_in(f"s3://{bucket}/runs")
