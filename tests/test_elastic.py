@@ -150,7 +150,8 @@ def test_a_range_starts_once_its_min_fits_and_is_refused_when_it_never_can():
     ({"num_workers": [1, 2]}, {}, None, "set run.max_failures"),
     ({"num_workers": [1, 2]}, {"max_failures": 1, "fault_kill_rank_at": {"epoch": 1, "step": 1, "rank": 2}}, None,
      r"names no worker: scaling.num_workers is 1 to 2 workers"),
-    ({"num_workers": 2}, {"checkpoint_every_steps": 10}, "detection", "not supported yet"),
+    ({"num_workers": 2}, {"checkpoint_every_steps": 10}, "detection",
+     r"detection: run.checkpoint_every_steps is for classification; mmengine writes its checkpoints"),
     ({"num_workers": 2, "resize_check_s": 0}, {}, None, "greater than 0"),
 ])
 def test_bad_worker_ranges_are_refused_by_validate(tmp_path, capsys, scaling, run, workload, message):
@@ -162,3 +163,80 @@ def test_bad_worker_ranges_are_refused_by_validate(tmp_path, capsys, scaling, ru
     err = capsys.readouterr().err
     assert re.search(message, err), err
     assert "Traceback" not in err
+
+
+def test_an_mmengine_epoch_loop_resumes_at_the_preemption_checkpoints_batch(tmp_path, monkeypatch):
+    """OpenMMLab workloads: a preemption notice after batch 3 of epoch 2 (16 images, batch 2: 8 per epoch)
+    makes `PreemptionCheckpointHook` write an mmengine checkpoint of iteration 11 and report it unranked; the
+    node then goes (the report raises here). A Runner resumed from that checkpoint with
+    `ResumableEpochBasedTrainLoop` trains the 5 batches left of epoch 2, not the whole epoch: across both
+    attempts every image of epoch 2 is trained exactly once and the run ends at iteration 16."""
+    pytest.importorskip("mmengine")
+    from unittest import mock
+
+    import torch
+    from collections import OrderedDict
+
+    from mmengine.logging import MessageHub
+    from mmengine.model import BaseModel
+    from mmengine.registry import DefaultScope
+    from mmengine.runner import Runner
+
+    from workloads.mid_epoch import MID_EPOCH_KEY, UNRANKED_SCORE
+    from workloads.mmlab import hooks
+    from workloads.mmlab.checkpoints import allow_mmengine_checkpoints
+    from workloads.mmlab.loops import resumable_inside_epochs
+
+    # A Runner makes its scope and message hub the current ones for the whole process: undone after the test.
+    for registry in (DefaultScope, MessageHub):
+        monkeypatch.setattr(registry, "_instance_dict", OrderedDict(registry._instance_dict))
+
+    class Indices(torch.utils.data.Dataset):
+        def __len__(self):
+            return 16
+
+        def __getitem__(self, i):
+            return {"inputs": torch.tensor([float(i)])}
+
+    class Recording(BaseModel):
+        def __init__(self, seen):
+            super().__init__()
+            self.weight, self.seen = torch.nn.Parameter(torch.ones(1)), seen
+
+        def forward(self, inputs, mode="loss"):
+            self.seen.append(sorted(int(i) for i in inputs.view(-1)))
+            return {"loss": (self.weight * inputs).pow(2).mean()}
+
+    class NodeGone(Exception):
+        pass
+
+    def runner(seen, **extra):
+        train_cfg = resumable_inside_epochs({"type": "EpochBasedTrainLoop", "max_epochs": 2})
+        r = Runner(model=Recording(seen), work_dir=str(tmp_path), train_cfg=train_cfg,
+                   train_dataloader=dict(dataset=Indices(), batch_size=2, sampler=dict(type="DefaultSampler"),
+                                         collate_fn=dict(type="default_collate")),
+                   optim_wrapper=dict(optimizer=dict(type="SGD", lr=0.01)), randomness=dict(seed=0),
+                   default_hooks=dict(logger=None), default_scope="mmengine", log_level="WARNING", **extra)
+        r.register_hook(hooks.PreemptionCheckpointHook("val/score"))
+        return r
+
+    first: list[list[int]] = []
+    notice = mock.Mock(deadline_ms=None, preempted_node_ids=["n"], preempted_ranks=[1])
+    reports = []
+
+    def report(metrics, ckpt, limit_s):
+        reports.append((metrics, ckpt.name))
+        raise NodeGone
+
+    with mock.patch("ray.train.get_preemption_info", side_effect=lambda: notice if len(first) == 11 else None), \
+            mock.patch.object(hooks, "report_file", report), pytest.raises(NodeGone):
+        runner(first).train()
+    assert reports == [({MID_EPOCH_KEY: 1.0, "iter": 11, "val/score": UNRANKED_SCORE}, "iter_11.pth")]
+
+    again: list[list[int]] = []
+    with mock.patch("ray.train.get_preemption_info", return_value=None), allow_mmengine_checkpoints():
+        resumed = runner(again, resume=True, load_from=str(tmp_path / "iter_11.pth"))
+        resumed.train()
+    assert len(again) == 5 and resumed.iter == 16
+    epoch_2 = [i for batch in first[8:] + again for i in batch]
+    assert sorted(epoch_2) == list(range(16)), epoch_2

@@ -1,15 +1,79 @@
 """Nodes that go away in the middle of a run (issues 9 and 23), on a multi-node `ray.cluster_utils.Cluster`: an
 elastic worker group (`scaling.num_workers: [min, max]`) checkpoints on a preemption notice, goes on with the
 workers left when the node goes, and grows back when a node is added; every epoch reaches MLflow exactly once.
+Classification and detection (mmengine's epoch loop).
 """
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
+import yaml
 
 from workloads.classification.synthetic import make_imagenet
+
+DRAIN_S = 4  # the preemption deadline: shorter than an epoch
+
+
+@pytest.fixture
+def fast_ray_train(monkeypatch):
+    """Ray Train polls for drains every 5 s and for reports every 2 s; here every 0.5 s, so that the notice and
+    the checkpoint fit the deadline. A restart may first ask for `max` workers while Ray's resource view still
+    holds the lost node, and waits this long (default 60 s) for them before asking for what is there."""
+    monkeypatch.setenv("RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S", "0.5")  # read by the Ray processes started later
+    monkeypatch.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+    monkeypatch.setenv("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "10")
+
+
+class _RunInThread:
+    """`run_experiment(spec)` in a thread, with a timeline of what the test saw."""
+
+    def __init__(self, spec):
+        from orchestrator.cli.run import run_experiment
+
+        self.result: dict = {}
+        self.events: list[str] = []
+
+        def train():
+            try:
+                self.result["summary"] = run_experiment(spec)
+            except BaseException as err:  # surfaced by the assertions
+                self.result["error"] = err
+
+        self.thread = threading.Thread(target=train, daemon=True)
+        self.started = time.monotonic()
+        self.thread.start()
+
+    def wait_for(self, condition, what: str, timeout_s: float = 240) -> None:
+        deadline = time.monotonic() + timeout_s
+        while not condition():
+            assert self.thread.is_alive() and time.monotonic() < deadline, f"{what}: {self.result.get('error')}"
+            time.sleep(0.3)
+        self.events.append(f"{what} at {time.monotonic() - self.started:.0f} s")
+
+    def preempt(self, cluster, node) -> None:
+        """Drain `node` with reason preemption and a DRAIN_S deadline (as the autoscaler or KubeRay does for a
+        spot termination), then remove it at the deadline."""
+        assert node.node_id in _train_worker_nodes()
+        subprocess.run([sys.executable, "-m", "ray.scripts.scripts", "drain-node", "--address", cluster.address,
+                        "--node-id", node.node_id, "--reason", "DRAIN_NODE_REASON_PREEMPTION",
+                        "--reason-message", "spot termination (test)", "--deadline-remaining-seconds",
+                        str(DRAIN_S)], check=True, capture_output=True, timeout=60)
+        drained_at = time.monotonic()
+        time.sleep(DRAIN_S)
+        cluster.remove_node(node)
+        self.events.append(f"node removed {time.monotonic() - drained_at:.0f} s after the drain")
+
+    def summary(self, timeout_s: float = 400) -> dict:
+        self.thread.join(timeout_s)
+        self.events.append(f"finished at {time.monotonic() - self.started:.0f} s")
+        assert not self.thread.is_alive(), self.events
+        assert "error" not in self.result, self.result.get("error")
+        return self.result["summary"]
 
 
 def _train_worker_nodes() -> set[str]:
@@ -33,31 +97,20 @@ def _metric(client, experiment: str, key: str) -> list[tuple[int, float]]:
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-def test_worker_range_rides_out_a_preempted_node_and_grows_back(tmp_path, monkeypatch):
+def test_worker_range_rides_out_a_preempted_node_and_grows_back(tmp_path, fast_ray_train):
     """`scaling.num_workers: [1, 3]` on three one-CPU nodes. Once epoch 1 is logged (3 workers), one node is
-    drained for preemption with a 4 s deadline (`ray drain-node --reason DRAIN_NODE_REASON_PREEMPTION`, as the
-    autoscaler or KubeRay does for a spot termination), shorter than an epoch: the group writes a checkpoint at
-    its next step boundary, and when Ray Train restarts at the deadline (the node then removed) it goes on
-    with the 2 workers left, from that step, without waiting for a replacement. A node added later: the group
-    grows back to 3 at a resize check once Ray's autoscaling coordinator has seen the node (it looks every 20 s,
-    hence 8 epochs). Every epoch is logged once; `train/world_size` shows 3, 2, 3;
-    after the last restart the run trained exactly the steps that were left. Ray Train polls for drains every
-    5 s and for reports every 2 s; here every 0.5 s, so that the notice and the checkpoint fit the deadline."""
-    import subprocess
-    import sys
-
+    drained for preemption with a 4 s deadline (`ray drain-node --reason DRAIN_NODE_REASON_PREEMPTION`),
+    shorter than an epoch: the group writes a checkpoint at its next step boundary, and when Ray Train restarts
+    at the deadline (the node then removed) it goes on with the 2 workers left, from that step, without waiting
+    for a replacement. A node added later: the group grows back to 3 at a resize check once Ray's autoscaling
+    coordinator has seen the node (it looks every 20 s, hence 8 epochs). Every epoch is logged once;
+    `train/world_size` shows 3, 2, 3; after the last restart the run trained exactly the steps that were left."""
     import ray
     from mlflow import MlflowClient
     from ray.cluster_utils import Cluster
 
     from orchestrator.config.loader import spec_from_dict
-    from orchestrator.cli.run import run_experiment
 
-    monkeypatch.setenv("RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S", "0.5")  # read by the Ray processes started below
-    monkeypatch.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
-    # A restart may first ask for 3 workers while Ray's resource view still holds the lost node, and waits this
-    # long (default 60 s) for them before asking for what is there.
-    monkeypatch.setenv("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "10")
     make_imagenet(tmp_path / "data", classes=4, per_class=64, size=32, val_per_class=3)
     db, name, epochs = f"sqlite:///{tmp_path}/mlflow.db", "cvlab-elastic", 8
     spec = spec_from_dict({
@@ -75,49 +128,17 @@ def test_worker_range_rides_out_a_preempted_node_and_grows_back(tmp_path, monkey
     cluster.add_node(num_cpus=1)
     victim = cluster.add_node(num_cpus=1)
     ray.init(address=cluster.address, log_to_driver=True)
-    events: list[str] = []
     try:
-        result: dict = {}
-
-        def train():
-            try:
-                result["summary"] = run_experiment(spec)
-            except BaseException as err:  # surfaced by the assertions below
-                result["error"] = err
-
-        thread = threading.Thread(target=train, daemon=True)
-        started = time.monotonic()
-        thread.start()
         client = MlflowClient(db)
-
-        def wait_for(condition, what: str, timeout_s: float = 240) -> None:
-            deadline = time.monotonic() + timeout_s
-            while not condition():
-                assert thread.is_alive() and time.monotonic() < deadline, f"{what}: {result.get('error')}"
-                time.sleep(0.3)
-            events.append(f"{what} at {time.monotonic() - started:.0f} s")
-
-        wait_for(lambda: _metric(client, name, "val/top1"), "epoch 1 logged")
-        assert victim.node_id in _train_worker_nodes()
-        drain_s = 4
-        subprocess.run([sys.executable, "-m", "ray.scripts.scripts", "drain-node", "--address", cluster.address,
-                        "--node-id", victim.node_id, "--reason", "DRAIN_NODE_REASON_PREEMPTION",
-                        "--reason-message", "spot termination (test)", "--deadline-remaining-seconds",
-                        str(drain_s)], check=True, capture_output=True, timeout=60)
-        drained_at = time.monotonic()
-        time.sleep(drain_s)
-        cluster.remove_node(victim)  # the spot node goes at its deadline
-        events.append(f"node removed {time.monotonic() - drained_at:.0f} s after the drain")
-        wait_for(lambda: _metric(client, name, "train/resumed_from_step"), "the group restarted")
+        run = _RunInThread(spec)
+        run.wait_for(lambda: _metric(client, name, "val/top1"), "epoch 1 logged")
+        run.preempt(cluster, victim)
+        run.wait_for(lambda: _metric(client, name, "train/resumed_from_step"), "the group restarted")
         cluster.add_node(num_cpus=1)
-        thread.join(400)
-        events.append(f"finished at {time.monotonic() - started:.0f} s")
-        assert not thread.is_alive(), events
-        assert "error" not in result, result.get("error")
+        summary = run.summary()
     finally:
         ray.shutdown()
         cluster.shutdown()
-    summary = result["summary"]
     assert client.get_run(summary["run_id"]).info.status == "FINISHED"
     for key in ("train/loss", "val/loss", "val/top1", "train/world_size"):
         assert [s for s, _ in _metric(client, name, key)] == list(range(1, epochs + 1)), key
@@ -131,3 +152,51 @@ def test_worker_range_rides_out_a_preempted_node_and_grows_back(tmp_path, monkey
     # After the last restart the run trained exactly the steps left: none repeated, none skipped.
     last_attempt = _metric(client, name, "train/steps_this_attempt")[-1][1]
     assert last_attempt == epochs * steps_per_epoch - resumed[-1], (last_attempt, resumed)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_detection_preempted_node_checkpoints_at_its_iteration_and_goes_on_smaller(tmp_path, fast_ray_train):
+    """Detection (Mask R-CNN, mmengine's epoch loop) with `scaling.num_workers: [1, 2]` on two one-CPU nodes,
+    64 training images, batch 2 per worker: 16 iterations per epoch. Once epoch 1 is logged, the second node is
+    drained for preemption (4 s deadline) and removed at the deadline: rank 0 writes a checkpoint after the
+    next iteration, and the group goes on with one worker from there. The resumed epoch leaves out the images
+    trained before the checkpoint (`ResumableEpochBasedTrainLoop`), so the run's last iteration is the
+    checkpoint's plus the images left over the new global batch (2). Each validation is logged once, with
+    `train/world_size` 2, then 1."""
+    import ray
+    from mlflow import MlflowClient
+    from ray.cluster_utils import Cluster
+
+    from orchestrator.config.loader import spec_from_dict
+
+    d = yaml.safe_load((Path(__file__).resolve().parents[1] / "experiments" / "det_quickstart.yaml").read_text())
+    d["detection"].update(data_root=str(tmp_path / "coco"), num_train_generated=64, num_val_generated=4,
+                          generated_size=64, image_scale=[64, 64], max_epochs=2, val_interval=1, warmup_iters=4)
+    d["scaling"]["num_workers"] = [1, 2]
+    d["run"].update(storage_path=str(tmp_path / "runs"), checkpoint_every=1, max_failures=2, log_every=1)
+    db, name = f"sqlite:///{tmp_path}/mlflow.db", "cvlab-det-elastic"
+    d["tracking"].update(tracking_uri=db, experiment_name=name, log_model=False)
+    spec = spec_from_dict(d)
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+    victim = cluster.add_node(num_cpus=1)
+    ray.init(address=cluster.address, log_to_driver=True)
+    try:
+        client = MlflowClient(db)
+        run = _RunInThread(spec)
+        run.wait_for(lambda: _metric(client, name, "train/world_size"), "epoch 1 validated")
+        run.preempt(cluster, victim)
+        summary = run.summary()
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+    assert client.get_run(summary["run_id"]).info.status == "FINISHED"
+    # Each validation logged once (the tiny model may find no box early on: then no mAP, but its counts).
+    assert _metric(client, name, "train/world_size") == [(1, 2.0), (2, 1.0)], run.events
+    assert _metric(client, name, "train/preemption_checkpoints")[-1][1] == 1
+    assert _metric(client, name, "train/resizes")[-1][1] == 1
+    (resumed,) = [int(v) for _, v in _metric(client, name, "train/resumed_from_iter")]
+    assert 16 < resumed < 32, resumed  # inside epoch 2, at the preemption checkpoint's iteration
+    images_left = 64 - (resumed - 16) * 2 * 2  # epoch 2's images not trained before the checkpoint
+    assert summary["metrics"]["iter"] == resumed + images_left // 2, (summary["metrics"], run.events)

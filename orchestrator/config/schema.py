@@ -291,11 +291,13 @@ class ScalingSection(_Section):
 
 
 class FaultKill(_Section):
-    """`run.fault_kill_rank_at`: worker `rank` SIGKILLs itself once at `step` of `epoch`."""
+    """`run.fault_kill_rank_at`: worker `rank` sends itself `signal` once at `step` of `epoch` (KILL: a lost
+    process; TERM: a pod deleted without a drain)."""
 
     epoch: PosInt
     step: PosInt
     rank: NonNegInt = 0
+    signal: Literal["KILL", "TERM"] = "KILL"
 
 
 class FaultNan(_Section):
@@ -503,8 +505,8 @@ class ExperimentSpec(_Section):
             raise ValueError("a worker range (scaling.num_workers: [min, max]) goes on after a lost node by "
                              "restarting the group smaller, which Ray counts as a failure: set run.max_failures "
                              "to the losses to ride out (or -1, without limit)")
-        if self.workload != "classification" and (self.scaling.elastic or self.run.checkpoint_every_steps):
-            raise ValueError(f"{self.workload}: scaling.num_workers: [min, max] and run.checkpoint_every_steps "
-                             "are not supported yet (classification only); use a fixed worker count, and the "
-                             "iteration checkpoints of the mmengine config")
+        if self.workload != "classification" and self.run.checkpoint_every_steps:
+            raise ValueError(f"{self.workload}: run.checkpoint_every_steps is for classification; mmengine writes "
+                             "its checkpoints from the config's CheckpointHook (by iteration with "
+                             "`default_hooks.checkpoint.by_epoch: false` in an iteration loop)")
         return self

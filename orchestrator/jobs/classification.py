@@ -272,6 +272,7 @@ class ClassificationJob(Job):
         faults = FaultDrills(
             kill_at=(kill.epoch, kill.step, kill.rank) if kill else None,
             kill_marker=ctx.fault_marker,
+            kill_signal=kill.signal if kill else "KILL",
             nan_at=(nan.epoch, nan.step) if nan else None,
         )
         return TrainConfig(

@@ -21,6 +21,7 @@ from orchestrator.runs.job import Job, RunContext
 from orchestrator.runs.trainer import best_and_last
 from orchestrator.tracking.metric_logger import MlflowMetricLogger
 from orchestrator.tracking.system_metrics import SystemMetricsRecorder
+from workloads.mid_epoch import UNRANKED_SCORE
 from workloads.mmlab.checkpoints import load_checkpoint_file
 from workloads.mmlab.configs import build_on_meta
 from workloads.mmlab.worker import train_worker
@@ -137,13 +138,18 @@ class OpenMMLabJob(Job):
             log_every=spec.run.log_every,
             kill_at=(kill.epoch, kill.step, kill.rank) if kill else None,
             kill_marker=ctx.fault_marker,
+            kill_signal=kill.signal if kill else "KILL",
+            score_metric=self.best_metric,
             storage_retry_limit_s=spec.run.storage_retry_limit_s,
         )
 
     def finalize(self, result, ctx: RunContext) -> dict[str, Any]:
         """Log the best and last checkpoints; subclasses add their pictures and tables."""
         best, best_metrics, last = best_and_last(result, self.best_metric, self.best_mode)
-        summary = {"metrics": dict(result.metrics or {}), "checkpoint": last.path if last else None,
+        # The last report's metrics, less the placeholder score of a validation that gave none.
+        metrics = {k: v for k, v in (result.metrics or {}).items()
+                   if not (k == self.best_metric and v == UNRANKED_SCORE)}
+        summary = {"metrics": metrics, "checkpoint": last.path if last else None,
                    "best_checkpoint": best.path if best else None, "num_params": self.num_params,
                    f"best_{self.step_metric}": best_metrics.get(self.step_metric)}
         if last is None:

@@ -36,7 +36,7 @@ from orchestrator.runs.cost import measure_cost
 from orchestrator.runs.lifecycle import TrialRun, run_job
 from orchestrator.search.constraints import INFEASIBLE_KEY, violations
 from orchestrator.tracking.runs import create_run, end_run, log_metrics, log_params, logged_steps, make_client
-from workloads.classification.step_order import MID_EPOCH_KEY
+from workloads.mid_epoch import MID_EPOCH_KEY
 
 log = logging.getLogger(__name__)
 

@@ -73,9 +73,10 @@ class OptimConfig:
 class FaultDrills:
     """Fault injection for reliability drills (`run.fault_*` in the spec); None = off."""
 
-    kill_at: tuple[int, int, int] | None  # (epoch, step, rank): that worker SIGKILLs itself once
+    kill_at: tuple[int, int, int] | None  # (epoch, step, rank): that worker signals itself once
     kill_marker: str | None  # file left behind so the restarted worker does not repeat the kill
     nan_at: tuple[int, int] | None  # (epoch, step): the loss turns NaN on every worker
+    kill_signal: str = "KILL"  # the signal of the kill drill: KILL or TERM
 
 
 @dataclass(frozen=True)

@@ -32,13 +32,15 @@ class StepHook:
 
 
 class KillDrill(StepHook):
-    """`run.fault_kill_rank_at`: worker `rank` SIGKILLs itself once at (epoch, step), leaving `marker` (a local
-    path or bucket URI) behind so that the restarted worker does not repeat it. `settle_s`: a wait before the
+    """`run.fault_kill_rank_at`: worker `rank` sends itself SIG`signal_name` (KILL or TERM) once at (epoch,
+    step), leaving `marker` (a local path or bucket URI) behind so that the restarted worker does not repeat it. `settle_s`: a wait before the
     kill, so that Ray Train's controller, which collects the workers' reports every 2 s, has registered the
     checkpoint reported just before (one reported inside the epoch)."""
 
-    def __init__(self, epoch: int, step: int, rank: int, marker: str, my_rank: int, settle_s: float = 0.0):
+    def __init__(self, epoch: int, step: int, rank: int, marker: str, my_rank: int, settle_s: float = 0.0,
+                 signal_name: str = "KILL"):
         self.at = (epoch, step)
+        self.signal = signal.Signals[f"SIG{signal_name}"]
         self.armed = rank == my_rank and not exists(marker)
         self.marker, self.rank, self.settle_s = marker, my_rank, settle_s
 
@@ -47,11 +49,11 @@ class KillDrill(StepHook):
             return
         time.sleep(self.settle_s)
         write_text(self.marker, f"killed worker {self.rank} (pid {os.getpid()}) at epoch {epoch} step {step}\n")
-        log.warning("fault drill: killing worker %d (pid %d) at epoch %d, step %d", self.rank, os.getpid(),
-                    epoch, step)
+        log.warning("fault drill: %s to worker %d (pid %d) at epoch %d, step %d", self.signal.name, self.rank,
+                    os.getpid(), epoch, step)
         for handler in logging.getLogger("workloads").handlers:
             handler.flush()
-        os.kill(os.getpid(), signal.SIGKILL)
+        os.kill(os.getpid(), self.signal)
 
 
 class NanDrill(StepHook):

@@ -42,23 +42,15 @@ from workloads.classification.hooks import KillDrill, NanDrill, NonFiniteLossPol
 from workloads.classification.mixup import build_mixup, build_train_criterion
 from workloads.classification.reproducibility import seed_everything
 from workloads.classification.schedule import build_optimizer, build_scheduler, scaled_lr
-from workloads.classification.step_order import (
-    MID_EPOCH_KEY,
-    GlobalBatchOrder,
-    SeededSamples,
-    StepBatchSampler,
-    derived_seed,
-)
+from workloads.classification.step_order import GlobalBatchOrder, SeededSamples, StepBatchSampler, derived_seed
 from workloads.classification.transforms import build_train_transform, build_val_transform
 from workloads.distributed import all_reduce, take_rank0_buffers, unwrap
+from workloads.mid_epoch import MID_EPOCH_KEY, UNRANKED_SCORE, PreemptionWatch
 from workloads.models import build_model
 from workloads.runtime import start_worker
 
 log = logging.getLogger(__name__)
 
-# The checkpoint score (val/top1) reported with a checkpoint written inside an epoch: below every real one, so
-# Ray's ranking never keeps it as "best" (it keeps the latest checkpoint anyway).
-_UNRANKED_TOP1 = -1.0
 # How long the kill drill waits in the step-exact order, so the step checkpoint before it is registered (Ray
 # Train's controller collects reports every 2 s).
 _SETTLE_S = 3.0
@@ -176,7 +168,7 @@ class EpochTrainer:
         f = cfg.faults
         if f.kill_at is not None and f.kill_marker:
             self.hooks.insert(0, KillDrill(*f.kill_at, marker=f.kill_marker, my_rank=runtime.rank,
-                                           settle_s=_SETTLE_S if cfg.step_exact else 0.0))
+                                           signal_name=f.kill_signal, settle_s=_SETTLE_S if cfg.step_exact else 0.0))
         if f.nan_at is not None:
             self.hooks.insert(0, NanDrill(*f.nan_at))
         self.publisher = EpochPublisher(cfg.epoch_logger if runtime.rank == 0 else None)
@@ -186,7 +178,7 @@ class EpochTrainer:
         self.steps_done = 0  # by this worker process: a restart from a checkpoint runs fewer
         # Resizes of the worker group and checkpoints written on a preemption notice, over the whole run.
         self.counters = {"resizes": 0, "preemption_checkpoints": 0}
-        self.preemption_seen: tuple | None = None  # (deadline, nodes) of the preemption notice acted on
+        self.preemption = PreemptionWatch()
 
     def _any_worker(self, bad: bool) -> bool:
         flag = torch.tensor([1.0 if bad else 0.0], device=self.runtime.device)
@@ -405,19 +397,16 @@ class EpochTrainer:
         every = self.cfg.step_exact.checkpoint_every_steps
         global_step = (epoch - 1) * self.steps_per_epoch + step
         why = "scheduled" if every and global_step % every == 0 else None
-        notice = ray.train.get_preemption_info()  # a barrier: every worker asks after every step
-        if notice is not None and (notice.deadline_ms, tuple(notice.preempted_node_ids)) != self.preemption_seen:
-            self.preemption_seen = (notice.deadline_ms, tuple(notice.preempted_node_ids))
+        notice = self.preemption.check()  # a collective: every worker asks after every step
+        if notice is not None:
             self.counters["preemption_checkpoints"] += 1
-            left = "" if notice.deadline_ms is None else f", {notice.deadline_ms / 1000 - time.time():.0f} s left"
-            log.warning("preemption notice for worker(s) %s%s: checkpointing after step %d of epoch %d",
-                        notice.preempted_ranks, left, step, epoch)
+            log.warning("%s: checkpointing after step %d of epoch %d", notice, step, epoch)
             why = "preemption"
         if why is None:
             return
         totals = all_reduce(sums.clone())  # the epoch's totals so far, so the resumed epoch reports all of it
         position = {"epoch": epoch, "step": step, "sums": totals.tolist()}
-        self._report({MID_EPOCH_KEY: 1.0, "epoch": epoch - 1, "step": global_step, "val/top1": _UNRANKED_TOP1},
+        self._report({MID_EPOCH_KEY: 1.0, "epoch": epoch - 1, "step": global_step, "val/top1": UNRANKED_SCORE},
                      epoch - 1, checkpoint=True, position=position)
         self.publisher.covered()  # epochs waiting for a checkpoint have one now
         log.info("checkpoint (%s) after step %d of %d of epoch %d", why, step, self.steps_per_epoch, epoch)

@@ -21,11 +21,6 @@ import torch
 from workloads.classification.reproducibility import seed_everything
 
 
-# Marks a report to Ray Train made with a checkpoint inside an epoch: not an epoch's results (Tune's trial callback
-# leaves such reports out).
-MID_EPOCH_KEY = "checkpoint/mid_epoch"
-
-
 def derived_seed(*parts: int) -> int:
     """A 63-bit seed from integers (seed, epoch, step, ...): stable across processes and Python versions."""
     digest = hashlib.blake2b(",".join(str(int(p)) for p in parts).encode(), digest_size=8).digest()

@@ -4,8 +4,9 @@
   our format or the published mmcls format through `init_cfg`);
 - `necks`: the mixin that turns an FPN's output convs into involution / C-volution (`ops_factory.make_op`);
 - `registration`: registering one set of classes in a scope's registries (mmdet's, mmseg's);
-- `hooks`: Ray Train reporting, MLflow logging from rank 0 and fault injection, for epoch- and
-  iteration-based loops;
+- `hooks`: Ray Train reporting, MLflow logging from rank 0, checkpoints on a preemption notice and fault
+  injection, for epoch- and iteration-based loops;
+- `loops`: mmengine's epoch loop made to resume inside an epoch (after a preemption checkpoint);
 - `norm`: the BatchNorm policy (SyncBN on GPU, a BN that works on CPU workers under gloo);
 - `checkpoints`: the `torch.serialization.safe_globals` allow-list for mmengine checkpoints;
 - `configs`: finding and loading the config files of a workload;

@@ -9,7 +9,9 @@ epochs or iterations accordingly.
 - `MlflowRank0Hook` (rank 0): params at start, losses and lr every `interval` iterations, validation metrics
   and the last checkpoint at the end, straight through `MlflowClient(tracking_uri)` (mmengine's own MLflow
   backend breaks on MLflow >= 3.13).
-- `FailOnceHook`: fault injection for recovery tests and drills.
+- `PreemptionCheckpointHook` (every rank): a checkpoint at the next iteration after Ray Train's preemption
+  notice, and the run's position and worker counts in mmengine's message hub (so in every checkpoint).
+- `FailOnceHook`, `KillDrillHook`: fault injection for recovery tests and drills.
 Validation metric names come from the workload (`metric_names`); others become `val/<last part of key>`.
 """
 from __future__ import annotations
@@ -32,9 +34,17 @@ from mmengine.runner import IterBasedTrainLoop
 
 from workloads.checkpoint_transfer import report_with_retries
 from workloads.distributed import take_rank0_buffers
+from workloads.mid_epoch import MID_EPOCH_KEY, UNRANKED_SCORE, PreemptionWatch
 from workloads.object_storage import exists, write_text
 
+from .loops import ResumableEpochBasedTrainLoop
 from .registration import register
+
+# What the run keeps in mmengine's message hub, which every mmengine checkpoint saves and a resume restores.
+EPOCH_SAMPLES_DONE = "cvlab/epoch_samples_done"  # positions of this epoch's permutation trained (epoch loops)
+WORLD_SIZE = "cvlab/world_size"  # the worker count that trained up to the checkpoint
+RESIZES = "cvlab/resizes"  # restarts at another worker count, over the run
+PREEMPTION_CHECKPOINTS = "cvlab/preemption_checkpoints"  # checkpoints written on a preemption notice
 
 
 def rename_metrics(metrics: Mapping | None, names: Mapping[str, str] | None = None) -> dict[str, float]:
@@ -64,6 +74,12 @@ def val_step(runner) -> int:
     return runner.epoch if by_epoch(runner) else runner.iter
 
 
+def batch_size(loader) -> int:
+    """Images per batch of one worker: the DataLoader's, or its batch sampler's (mmdet's
+    `AspectRatioBatchSampler`)."""
+    return loader.batch_size or loader.batch_sampler.batch_size
+
+
 def latest_checkpoint(work_dir) -> Path | None:
     """The file named in mmengine's `last_checkpoint` marker (written by CheckpointHook on rank 0)."""
     marker = Path(work_dir) / "last_checkpoint"
@@ -74,31 +90,105 @@ def latest_checkpoint(work_dir) -> Path | None:
 
 
 class RayTrainReportHook(Hook):
+    """Every rank: the metrics of each validation to Ray Train, rank 0 with the checkpoint written for it."""
+
     priority = "LOW"  # after mmengine's own hooks (CheckpointHook is VERY_LOW)
 
-    def __init__(self, metric_names: Mapping[str, str] | None = None, storage_retry_limit_s: float = 300.0):
+    def __init__(self, metric_names: Mapping[str, str] | None = None, storage_retry_limit_s: float = 300.0,
+                 score_metric: str | None = None):
         self.metric_names = dict(metric_names or {})
         self.storage_retry_limit_s = storage_retry_limit_s
+        self.score_metric = score_metric
         self._reported: Path | None = None
 
     def after_val_epoch(self, runner, metrics=None) -> None:
         counters = {"epoch": runner.epoch, "iter": runner.iter} if by_epoch(runner) else {"iter": runner.iter}
         report = {**counters, **rename_metrics(metrics, self.metric_names)}
+        if self.score_metric and self.score_metric not in report:
+            # No score (mmdet's COCO metric gives none when the model found nothing): Ray ranks checkpoints by
+            # it and would refuse the report.
+            report[self.score_metric] = UNRANKED_SCORE
         ckpt = latest_checkpoint(runner.work_dir) if get_rank() == 0 else None
-        if ckpt is None or ckpt == self._reported:
-            ray.train.report(report)
-            return
-        # Ray copies the directory into the run's storage; a hard link avoids a local copy.
-        tmp = Path(tempfile.mkdtemp(prefix="cvlab-mm-ckpt-"))
-        try:
-            try:
-                os.link(ckpt, tmp / ckpt.name)
-            except OSError:
-                shutil.copy2(ckpt, tmp / ckpt.name)
-            report_with_retries(report, ray.train.Checkpoint.from_directory(str(tmp)), self.storage_retry_limit_s)
+        if ckpt == self._reported:
+            ckpt = None
+        report_file(report, ckpt, self.storage_retry_limit_s)
+        if ckpt is not None:
             self._reported = ckpt
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def report_file(report: dict, ckpt: Path | None, storage_retry_limit_s: float) -> None:
+    """`ray.train.report(report)`, with the mmengine checkpoint file `ckpt` (rank 0) or without (None)."""
+    if ckpt is None:
+        ray.train.report(report)
+        return
+    # Ray copies the directory into the run's storage; a hard link avoids a local copy.
+    tmp = Path(tempfile.mkdtemp(prefix="cvlab-mm-ckpt-"))
+    try:
+        try:
+            os.link(ckpt, tmp / ckpt.name)
+        except OSError:
+            shutil.copy2(ckpt, tmp / ckpt.name)
+        report_with_retries(report, ray.train.Checkpoint.from_directory(str(tmp)), storage_retry_limit_s)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+class PreemptionCheckpointHook(Hook):
+    """Every rank. After each training iteration: asks Ray Train for a preemption notice (a collective, so at
+    the same iteration on every rank); on a new one rank 0 writes an mmengine checkpoint of that iteration and
+    every rank reports (rank 0 with the checkpoint, scored `UNRANKED_SCORE` for `score_metric`). When the node
+    goes, Ray Train restarts the group from it, with the workers left when the worker count is a range.
+
+    It also keeps the run's position inside the epoch and its worker counts in the message hub, and before
+    training on a resumed run counts a resize and tells a `ResumableEpochBasedTrainLoop` how many batches of
+    the resumed epoch were trained (iteration loops resume at their iteration by themselves)."""
+
+    priority = "HIGH"
+
+    def __init__(self, score_metric: str, storage_retry_limit_s: float = 300.0):
+        self.score_metric, self.storage_retry_limit_s = score_metric, storage_retry_limit_s
+        self.watch = PreemptionWatch()
+
+    def before_train(self, runner) -> None:
+        hub, world = runner.message_hub, runner.world_size
+        before = hub.get_info(WORLD_SIZE)
+        if before is not None and before != world:
+            hub.update_info(RESIZES, hub.get_info(RESIZES, 0) + 1)
+            runner.logger.info(f"the worker group was resized: {before} -> {world} workers")
+        hub.update_info(WORLD_SIZE, world)
+        done = hub.get_info(EPOCH_SAMPLES_DONE, 0)
+        if not done or not by_epoch(runner):
+            return
+        loop = runner.train_loop
+        if not isinstance(loop, ResumableEpochBasedTrainLoop):
+            runner.logger.warning(f"{type(loop).__name__} cannot resume inside an epoch: epoch "
+                                  f"{runner.epoch + 1} restarts from its first batch")
+            return
+        loop.skip_batches = done // (batch_size(runner.train_dataloader) * world)
+        runner.logger.info(f"resuming inside epoch {runner.epoch + 1}: {done} images of it were trained, "
+                           f"{loop.skip_batches} batches of {world} worker(s) left out")
+
+    def after_train_iter(self, runner, batch_idx, data_batch=None, outputs=None) -> None:
+        hub = runner.message_hub
+        if by_epoch(runner):
+            hub.update_info(EPOCH_SAMPLES_DONE,
+                            (batch_idx + 1) * batch_size(runner.train_dataloader) * runner.world_size)
+        notice = self.watch.check()
+        if notice is None:
+            return
+        done = runner.iter + 1  # mmengine counts this iteration after the hooks
+        hub.update_info(PREEMPTION_CHECKPOINTS, hub.get_info(PREEMPTION_CHECKPOINTS, 0) + 1)
+        runner.logger.warning(f"{notice}: checkpointing after iteration {done}")
+        ckpt = None
+        if get_rank() == 0:
+            name = f"iter_{done}.pth"
+            runner.save_checkpoint(runner.work_dir, name, by_epoch=False)  # meta: epoch done, iter `done`
+            ckpt = Path(runner.work_dir) / name
+        report_file({MID_EPOCH_KEY: 1.0, "iter": done, self.score_metric: UNRANKED_SCORE}, ckpt,
+                    self.storage_retry_limit_s)
+
+    def after_train_epoch(self, runner) -> None:
+        runner.message_hub.update_info(EPOCH_SAMPLES_DONE, 0)  # before CheckpointHook (VERY_LOW) saves
 
 
 class Rank0BuffersHook(Hook):
@@ -115,7 +205,8 @@ class Rank0BuffersHook(Hook):
 class MlflowRank0Hook(Hook):
     """Rank 0's MLflow logging through a metric logger
     (`orchestrator.tracking.metric_logger.MlflowMetricLogger` or anything with `logged_epochs()`, `log_epoch(step, metrics)` and `flush()`): params at start, losses and
-    lr every `interval` iterations, validation metrics at each validation -- skipped when the run's history
+    lr every `interval` iterations, validation metrics (with the worker count, resizes and preemption
+    checkpoints so far) at each validation -- skipped when the run's history
     already has that step (a restarted worker group replays what followed its checkpoint), and queued while
     the tracking server is away. The checkpoints are logged by the driver at the end of the run."""
 
@@ -166,7 +257,11 @@ class MlflowRank0Hook(Hook):
         step = val_step(runner)
         if get_rank() != 0 or step in self._validated:
             return
-        self.epoch_logger.log_epoch(step, _finite(rename_metrics(metrics, self.metric_names)))
+        hub = runner.message_hub
+        counts = {"train/world_size": float(runner.world_size),
+                  "train/resizes": float(hub.get_info(RESIZES, 0)),
+                  "train/preemption_checkpoints": float(hub.get_info(PREEMPTION_CHECKPOINTS, 0))}
+        self.epoch_logger.log_epoch(step, _finite({**rename_metrics(metrics, self.metric_names), **counts}))
         self._validated.add(step)
 
     def after_run(self, runner) -> None:
@@ -182,14 +277,15 @@ def _finite(metrics: Mapping[str, float]) -> dict[str, float]:
 
 
 class KillDrillHook(Hook):
-    """`run.fault_kill_rank_at` for OpenMMLab runs: worker `rank` SIGKILLs itself once, before iteration
+    """`run.fault_kill_rank_at` for OpenMMLab runs: worker `rank` sends itself SIG`signal_name` once, before iteration
     `step` of epoch `epoch` (epoch-based loops) or before global iteration `step` (iteration-based loops),
     leaving `marker` behind so the restarted worker group goes on."""
 
     priority = "VERY_HIGH"
 
-    def __init__(self, epoch: int, step: int, rank: int, marker: str):
+    def __init__(self, epoch: int, step: int, rank: int, marker: str, signal_name: str = "KILL"):
         self.epoch, self.step, self.rank, self.marker = epoch, step, rank, marker
+        self.signal = signal.Signals[f"SIG{signal_name}"]
 
     def before_train_iter(self, runner, batch_idx, data_batch=None) -> None:
         if get_rank() != self.rank or exists(self.marker):
@@ -198,9 +294,9 @@ class KillDrillHook(Hook):
         if here != (self.epoch, self.step):
             return
         write_text(self.marker, f"killed worker {self.rank} (pid {os.getpid()}) at epoch {here[0]} step {here[1]}\n")
-        runner.logger.warning(f"fault drill: killing worker {self.rank} (pid {os.getpid()}) at epoch {here[0]}, "
-                              f"step {here[1]}")
-        os.kill(os.getpid(), signal.SIGKILL)
+        runner.logger.warning(f"fault drill: {self.signal.name} to worker {self.rank} (pid {os.getpid()}) at "
+                              f"epoch {here[0]}, step {here[1]}")
+        os.kill(os.getpid(), self.signal)
 
 
 class FailOnceHook(Hook):
@@ -232,4 +328,4 @@ class FailOnceHook(Hook):
 
 
 # mmengine's root registry: `custom_hooks=[dict(type='FailOnceHook', ...)]` works in every scope.
-register(HOOKS, RayTrainReportHook, MlflowRank0Hook, FailOnceHook, KillDrillHook)
+register(HOOKS, RayTrainReportHook, MlflowRank0Hook, PreemptionCheckpointHook, FailOnceHook, KillDrillHook)

@@ -29,7 +29,15 @@ from workloads.eval_report import report_evaluation
 from workloads.runtime import start_worker
 
 from .checkpoints import allow_mmengine_checkpoints
-from .hooks import KillDrillHook, MlflowRank0Hook, Rank0BuffersHook, RayTrainReportHook, rename_metrics
+from .hooks import (
+    KillDrillHook,
+    MlflowRank0Hook,
+    PreemptionCheckpointHook,
+    Rank0BuffersHook,
+    RayTrainReportHook,
+    rename_metrics,
+)
+from .loops import resumable_inside_epochs
 from .norm import norm_for
 from .worker_config import MMWorkerConfig
 
@@ -102,15 +110,18 @@ def train_worker(config: MMWorkerConfig) -> None:
         cfg.load_from = str(resume_from)
         log.info("rank %d: resuming from %s", runtime.rank, resume_from.name)
 
+    cfg.train_cfg = resumable_inside_epochs(cfg.train_cfg)  # so that a preemption checkpoint resumes at its batch
     runner = Runner.from_cfg(cfg)
     runner.register_hook(Rank0BuffersHook())
-    runner.register_hook(RayTrainReportHook(config.metric_names, config.storage_retry_limit_s))
+    runner.register_hook(RayTrainReportHook(config.metric_names, config.storage_retry_limit_s, config.score_metric))
+    runner.register_hook(PreemptionCheckpointHook(config.score_metric, config.storage_retry_limit_s))
     if config.epoch_logger is not None and runtime.rank == 0:
         runner.register_hook(MlflowRank0Hook(config.epoch_logger, interval=config.log_every,
                                              params=dict(config.params), metric_names=config.metric_names,
                                              param_prefix=config.param_prefix))
     if config.kill_at is not None and config.kill_marker:
-        runner.register_hook(KillDrillHook(*config.kill_at, marker=config.kill_marker))
+        runner.register_hook(KillDrillHook(*config.kill_at, marker=config.kill_marker,
+                                           signal_name=config.kill_signal))
     with runtime.recording_system_metrics(config.system_metrics), allow_mmengine_checkpoints():
         runner.train()
 

@@ -24,7 +24,8 @@ class MMWorkerConfig:
     sync_bn: 'auto' (SyncBN on GPU, plain BN on CPU), 'on' (synchronised on CPU too), 'off'.
     metric_names: evaluator key -> reported name (e.g. {'mIoU': 'val/mIoU'}); others become `val/<key>`.
     work_root: where each rank's mmengine work_dir goes (`<work_root>/<run_id>/rank<r>`); None: the temp dir.
-    kill_at / kill_marker: the `run.fault_kill_rank_at` drill (see `hooks.KillDrillHook`).
+    kill_at / kill_marker / kill_signal: the `run.fault_kill_rank_at` drill (see `hooks.KillDrillHook`).
+    score_metric: the reported metric Ray ranks checkpoints by (a preemption checkpoint reports it as unranked).
     storage_retry_limit_s: how long checkpoint uploads and downloads ride out an outage (`run.storage_retry_limit_s`).
     verbosity: the driver's (`workloads.logs`): -1 quiet, 0 progress, 1 debug and Ray's chatter.
     eval_state_dict: the model weights to evaluate (`cvlab eval`): the workers validate them once on their
@@ -45,6 +46,8 @@ class MMWorkerConfig:
     work_root: str | None = None
     kill_at: tuple[int, int, int] | None = None  # fault drill: (epoch, step, rank)
     kill_marker: str | None = None  # a local path or bucket URI
+    kill_signal: str = "KILL"  # KILL or TERM
+    score_metric: str = "val/score"
     verbosity: int = 0
     storage_retry_limit_s: float = 300.0
     eval_state_dict: Mapping[str, Any] | None = None
