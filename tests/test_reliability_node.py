@@ -9,6 +9,7 @@ import subprocess
 import sys
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -27,6 +28,25 @@ def fast_ray_train(monkeypatch):
     monkeypatch.setenv("RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S", "0.5")  # read by the Ray processes started later
     monkeypatch.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
     monkeypatch.setenv("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "10")
+
+
+@contextmanager
+def _one_cpu_nodes(count: int):
+    """A `ray.cluster_utils.Cluster` of `count` one-CPU nodes (the head is one), connected to; yields it and its
+    last node."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+    last = None
+    for _ in range(count - 1):
+        last = cluster.add_node(num_cpus=1)
+    ray.init(address=cluster.address, log_to_driver=True)
+    try:
+        yield cluster, last
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
 
 
 class _RunInThread:
@@ -105,9 +125,7 @@ def test_worker_range_rides_out_a_preempted_node_and_grows_back(tmp_path, fast_r
     for a replacement. A node added later: the group grows back to 3 at a resize check once Ray's autoscaling
     coordinator has seen the node (it looks every 20 s, hence 8 epochs). Every epoch is logged once;
     `train/world_size` shows 3, 2, 3; after the last restart the run trained exactly the steps that were left."""
-    import ray
     from mlflow import MlflowClient
-    from ray.cluster_utils import Cluster
 
     from orchestrator.config.loader import spec_from_dict
 
@@ -124,21 +142,14 @@ def test_worker_range_rides_out_a_preempted_node_and_grows_back(tmp_path, fast_r
     })
     steps_per_epoch = 256 // (3 * 4)
 
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
-    cluster.add_node(num_cpus=1)
-    victim = cluster.add_node(num_cpus=1)
-    ray.init(address=cluster.address, log_to_driver=True)
-    try:
-        client = MlflowClient(db)
+    client = MlflowClient(db)
+    with _one_cpu_nodes(3) as (cluster, victim):
         run = _RunInThread(spec)
         run.wait_for(lambda: _metric(client, name, "val/top1"), "epoch 1 logged")
         run.preempt(cluster, victim)
         run.wait_for(lambda: _metric(client, name, "train/resumed_from_step"), "the group restarted")
         cluster.add_node(num_cpus=1)
         summary = run.summary()
-    finally:
-        ray.shutdown()
-        cluster.shutdown()
     assert client.get_run(summary["run_id"]).info.status == "FINISHED"
     for key in ("train/loss", "val/loss", "val/top1", "train/world_size"):
         assert [s for s, _ in _metric(client, name, key)] == list(range(1, epochs + 1)), key
@@ -164,9 +175,7 @@ def test_detection_preempted_node_checkpoints_at_its_iteration_and_goes_on_small
     trained before the checkpoint (`ResumableEpochBasedTrainLoop`), so the run's last iteration is the
     checkpoint's plus the images left over the new global batch (2). Each validation is logged once, with
     `train/world_size` 2, then 1."""
-    import ray
     from mlflow import MlflowClient
-    from ray.cluster_utils import Cluster
 
     from orchestrator.config.loader import spec_from_dict
 
@@ -179,18 +188,12 @@ def test_detection_preempted_node_checkpoints_at_its_iteration_and_goes_on_small
     d["tracking"].update(tracking_uri=db, experiment_name=name, log_model=False)
     spec = spec_from_dict(d)
 
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
-    victim = cluster.add_node(num_cpus=1)
-    ray.init(address=cluster.address, log_to_driver=True)
-    try:
-        client = MlflowClient(db)
+    client = MlflowClient(db)
+    with _one_cpu_nodes(2) as (cluster, victim):
         run = _RunInThread(spec)
         run.wait_for(lambda: _metric(client, name, "train/world_size"), "epoch 1 validated")
         run.preempt(cluster, victim)
         summary = run.summary()
-    finally:
-        ray.shutdown()
-        cluster.shutdown()
     assert client.get_run(summary["run_id"]).info.status == "FINISHED"
     # Each validation logged once (the tiny model may find no box early on: then no mAP, but its counts).
     assert _metric(client, name, "train/world_size") == [(1, 2.0), (2, 1.0)], run.events
