@@ -268,11 +268,9 @@ class ClassificationJob(Job):
     def worker_config(self, ctx: RunContext):
         spec, run = self.spec, self.spec.run
         local = ctx.local_run_dir
-        kill, nan = run.fault_kill_rank_at, run.fault_nan_loss_at
+        nan = run.fault_nan_loss_at
         faults = FaultDrills(
-            kill_at=(kill.epoch, kill.step, kill.rank) if kill else None,
-            kill_marker=ctx.fault_marker,
-            kill_signal=kill.signal if kill else "KILL",
+            **self.kill_drill(ctx),
             nan_at=(nan.epoch, nan.step) if nan else None,
         )
         return TrainConfig(

@@ -129,16 +129,13 @@ class OpenMMLabJob(Job):
 
     def worker_config(self, ctx: RunContext):
         spec = self.spec
-        kill = spec.run.fault_kill_rank_at
         return MMWorkerConfig(
             **self.runner_settings(ctx),
             epoch_logger=MlflowMetricLogger(ctx.tracking_uri, ctx.run_id, key=self.best_metric,
                                            skip=(self.step_metric,)),
             system_metrics=SystemMetricsRecorder(ctx.tracking_uri, ctx.run_id),
             log_every=spec.run.log_every,
-            kill_at=(kill.epoch, kill.step, kill.rank) if kill else None,
-            kill_marker=ctx.fault_marker,
-            kill_signal=kill.signal if kill else "KILL",
+            **self.kill_drill(ctx),
             score_metric=self.best_metric,
             storage_retry_limit_s=spec.run.storage_retry_limit_s,
         )

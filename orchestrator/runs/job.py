@@ -103,6 +103,13 @@ class Job:
         """Override: the `train_loop_per_worker` function."""
         raise NotImplementedError
 
+    def kill_drill(self, ctx: RunContext) -> dict[str, Any]:
+        """The worker-config fields of the `run.fault_kill_rank_at` drill (every workload's worker config has
+        them): `kill_at` (epoch, step, rank) or None, `kill_marker`, `kill_signal`."""
+        kill = self.spec.run.fault_kill_rank_at
+        return {"kill_at": (kill.epoch, kill.step, kill.rank) if kill else None, "kill_marker": ctx.fault_marker,
+                "kill_signal": kill.signal if kill else "KILL"}
+
     def worker_config(self, ctx: RunContext) -> Any:
         """Override: the frozen config handed to every worker."""
         raise NotImplementedError
