@@ -240,3 +240,24 @@ def test_an_mmengine_epoch_loop_resumes_at_the_preemption_checkpoints_batch(tmp_
     assert len(again) == 5 and resumed.iter == 16
     epoch_2 = [i for batch in first[8:] + again for i in batch]
     assert sorted(epoch_2) == list(range(16)), epoch_2
+
+
+def test_a_worker_group_that_never_gets_its_resources_fails_with_one_message(monkeypatch):
+    """Resources held by others after the run's own check: Ray Train waits RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S
+    per try, retries `controller_failure_limit` times, then gives up with a controller error; `cvlab` turns that
+    into one line that says what to do (the bounded wait of `min` workers never available)."""
+    from ray.train import ControllerError
+    from ray.train.v2._internal.exceptions import WorkerGroupStartupTimeoutError
+
+    from orchestrator.runs.failures import as_cvlab_error
+
+    monkeypatch.setenv("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "600")
+    err = as_cvlab_error(ControllerError(WorkerGroupStartupTimeoutError(2)))
+    assert isinstance(err, CvlabError)
+    assert str(err) == (
+        "training could not start its workers: the worker group startup timed out after 600.0 seconds waiting for "
+        "2 workers, on every try; the Ray cluster's free resources stayed below what scaling.num_workers asks "
+        "(other jobs may hold them). Lower scaling.num_workers or free the cluster "
+        "(RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S sets each wait)")
+    other = as_cvlab_error(ControllerError(RuntimeError("boom")))
+    assert str(other) == "training failed in the Ray Train controller: boom"

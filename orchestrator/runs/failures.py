@@ -15,6 +15,14 @@ def training_error_message(err: BaseException, what: str = "training") -> str:
         cause = getattr(exc, "cause", None) or exc
         return f"{what} failed on worker {rank}: {_last_line(cause)}"
     inner = getattr(err, "controller_failure", None)
+    if inner is not None and type(inner).__name__ == "WorkerGroupStartupTimeoutError":
+        # Ray Train retried the start (FailureConfig.controller_failure_limit) and gave up: the resources that
+        # scaling.num_workers asks for (its min, for a range) never became free.
+        first = str(inner).split(". ", 1)[0]
+        return (f"{what} could not start its workers: {first[0].lower()}{first[1:]}, on every try; the Ray "
+                f"cluster's free resources stayed below what scaling.num_workers asks (other jobs may hold them). "
+                f"Lower scaling.num_workers or free the cluster (RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S sets "
+                f"each wait)")
     if inner is not None:
         return f"{what} failed in the Ray Train controller: {_last_line(inner)}"
     return f"{what} failed: {_last_line(err)}"
