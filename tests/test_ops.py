@@ -148,6 +148,43 @@ def test_rounding_tolerance_rejects_half_precision_accumulation(dtype):
     testing.assert_rounded_close("y", involution2d(x, kernel, backend="torch"), ref, mag, dtype, 49)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_the_exportable_forward_accumulates_half_types_in_float32(dtype):
+    """`involution_forward_out_of_place` (what ONNX and TorchScript exports trace) keeps the input's dtype and
+    accumulates in float32 like the in-place forward: within the rounding tolerance that fails half-precision
+    accumulation (the test above)."""
+    x, kernel = make_inputs(2, 8, 9, 11, 2, 7, 1, 3, 1, dtype=dtype)
+    out = torch_backend.involution_forward_out_of_place(x, kernel, 1, 3, 1)
+    assert out.dtype == dtype
+    ref, mag = testing.reference(x, kernel, 1, 3, 1)["y"]
+    testing.assert_rounded_close("y", out, ref, mag, dtype, 49)
+
+
+def test_backward_gives_every_gradient_unless_told_otherwise():
+    """`involution_backward`'s defaults: the input, kernel and gate gradients are all computed, each as the
+    separate gradient functions give it."""
+    x, kernel = make_inputs(2, 8, 6, 6, 2, 3, 1, 1, 1)
+    gate = torch.rand(2, 8, dtype=torch.float64)
+    gy = torch.randn(2, 8, 6, 6, dtype=torch.float64)
+    gx, gk, gg = torch_backend.involution_backward(gy, x, kernel, 1, 1, 1, gate)
+    torch.testing.assert_close(gx, torch_backend.involution_grad_input(gy, kernel, (6, 6), 1, 1, 1, gate))
+    torch.testing.assert_close(gk, torch_backend.involution_grad_kernel(gy, x, 2, 3, 1, 1, 1, gate))
+    assert gg is not None and gg.shape == (2, 8)
+    assert torch_backend.involution_backward(gy, x, kernel, 1, 1, 1, gate, need_input=False, need_kernel=False,
+                                             need_gate=False) == (None, None, None)
+
+
+def test_half_precision_gradients_come_back_in_the_inputs_dtype():
+    """Called directly (they are the torch backend's public functions), the gradient functions return the
+    input's dtype, not their float32 accumulators; the gate's gradient stays float32, as documented."""
+    x, kernel = make_inputs(1, 4, 5, 5, 1, 3, 1, 1, 1, dtype=torch.bfloat16)
+    gy, gate = torch.randn(1, 4, 5, 5).to(torch.bfloat16), torch.rand(1, 4)
+    assert torch_backend.involution_grad_input(gy, kernel, (5, 5), 1, 1, 1, gate).dtype == torch.bfloat16
+    assert torch_backend.involution_grad_kernel(gy, x, 1, 3, 1, 1, 1, gate).dtype == torch.bfloat16
+    gx, gk, gg = torch_backend.involution_backward(gy, x, kernel, 1, 1, 1, gate)
+    assert (gx.dtype, gk.dtype, gg.dtype) == (torch.bfloat16, torch.bfloat16, torch.float32)
+
+
 def test_mixed_dtypes_are_promoted():
     x, kernel = make_inputs(1, 4, 5, 5, 1, 3, 1, 1, 1)
     out = involution2d(x.float(), kernel.to(torch.bfloat16))

@@ -44,9 +44,9 @@ def _grouped(t: torch.Tensor, g: int) -> torch.Tensor:
     return t.unflatten(1, (g, t.shape[1] // g))
 
 
-def _gate_view(gate: torch.Tensor | None, acc: torch.dtype) -> torch.Tensor | None:
+def _gate_view(gate: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
     """(B, C) gate -> (B, C, 1, 1) in the accumulation dtype."""
-    return None if gate is None else gate.to(acc).reshape(gate.shape[0], gate.shape[1], 1, 1)
+    return gate.to(acc).reshape(gate.shape[0], gate.shape[1], 1, 1)
 
 
 def involution_forward(x: torch.Tensor, kernel: torch.Tensor, stride: int, padding: int,
@@ -100,10 +100,9 @@ def _grad_input_acc(grad_out: torch.Tensor, kernel: torch.Tensor, input_hw: tupl
     g, k = kernel.shape[1], kernel.shape[2]
     h, w = input_hw
     acc = _ACC_DTYPE.get(grad_out.dtype, grad_out.dtype)
-    # Padded buffer large enough for every tap's view, even when (H + 2p - span) is not a multiple of stride.
-    hp = max(h + 2 * padding, dilation * (k - 1) + stride * (ho - 1) + 1)
-    wp = max(w + 2 * padding, dilation * (k - 1) + stride * (wo - 1) + 1)
-    gxp = torch.zeros(b, c, hp, wp, dtype=acc, device=grad_out.device)
+    # The padded input's shape: every tap's view lies inside it, since (Ho, Wo) come from `output_size`
+    # (its last row is at dilation * (k - 1) + stride * (Ho - 1) <= H + 2p - 1).
+    gxp = torch.zeros(b, c, h + 2 * padding, w + 2 * padding, dtype=acc, device=grad_out.device)
     gy = _grouped(grad_out, g).to(acc)
     for i in range(k):
         for j in range(k):
