@@ -447,6 +447,32 @@ def test_published_rednet_errors_are_exact_and_non_strict_loads_what_fits():
         load_published_rednet(model, 3)
 
 
+def test_published_rednet_skips_head_keys_wherever_they_stand_for_a_model_without_operators_or_head():
+    """A registry-like model with no involution layers (no `operator_names`) and no classifier attribute: head
+    keys are skipped even before the backbone's in the file, and the backbone keys that fit are loaded."""
+    weight = published_rednet_state_dict(26)["state_dict"]["backbone.stem.0.conv.weight"]
+
+    class StemOnly(nn.Module):
+        arch_name = "stem-only"
+
+        def __init__(self):
+            super().__init__()
+            conv = nn.Conv2d(weight.shape[1], weight.shape[0], weight.shape[2], bias=False)
+            self.stem = nn.ModuleDict({"0": nn.ModuleDict({"conv": conv})})
+
+    model = StemOnly()
+    head_first = {"head.fc.weight": torch.zeros(2, 2), "backbone.stem.0.conv.weight": weight}
+    assert load_published_rednet(model, head_first) == {"missing": [], "unexpected": []}
+    assert torch.equal(model.stem["0"]["conv"].weight, weight)
+
+
+def test_only_registry_models_are_saved(tmp_path):
+    with pytest.raises(ValueError, match=r"^model was not built by workloads\.models\.build_model "
+                                         r"\(no arch_name attribute\)$"):
+        save_checkpoint(tmp_path / "linear.pt", nn.Linear(2, 2))
+    assert not list(tmp_path.iterdir())
+
+
 def test_checkpoint_extra_and_meta_weights_are_refused_by_name(tmp_path):
     model = build_model("resnet26", num_classes=2)
     for extra, message in [

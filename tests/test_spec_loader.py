@@ -211,6 +211,16 @@ def test_file_problems_are_named_exactly(tmp_path, no_model_registry, text, over
     assert str(err.value) == f"{path}{expected}"
 
 
+def test_key_lines_are_kept_thirteen_mappings_deep(tmp_path):
+    """Messages name the line of a key down to 13 nested mappings (deeper keys: their nearest such ancestor)."""
+    from orchestrator.config.loader import _read_yaml
+
+    path = write(tmp_path / "deep.yaml", "".join(f"{'  ' * i}k{i}:\n" for i in range(15)) + "  " * 15 + "v: 1\n")
+    _, lines = _read_yaml(path, None)
+    assert max(map(len, lines)) == 13
+    assert lines[tuple(f"k{i}" for i in range(13))] == f"{path}:13"
+
+
 def test_merge_keys_empty_files_and_string_overrides(tmp_path, no_model_registry):
     merged = load_spec(write(tmp_path / "m.yaml", "experiment: {name: m}\noptim: {<<: {lr: 0.5, epochs: 3}, "
                                                   "epochs: 4}\n"))

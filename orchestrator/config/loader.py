@@ -112,7 +112,7 @@ def flatten_spec(spec: ExperimentSpec) -> dict[str, str]:
     def walk(prefix: str, value: Any) -> None:
         if isinstance(value, dict) and value:
             for k, v in value.items():
-                walk(f"{prefix}.{k}" if prefix else str(k), v)
+                walk(f"{prefix}.{k}", v)
             return
         text = _scalar_text(value)
         out[prefix] = text if len(text) <= MAX_PARAM_CHARS else text[: MAX_PARAM_CHARS - 3] + "..."
@@ -151,7 +151,7 @@ def parse_set(item: str) -> tuple[str, Any]:
     if len(text) > 10_000:
         raise CvlabError(f"bad --set {key}=...: the value is {len(text)} characters long (at most 10000)")
     try:
-        value = _load_value(text, f"--set {key}") if text.strip() else None
+        value = _load_value(text, f"--set {key}")  # None for an empty value
     except yaml.YAMLError as err:
         problem = getattr(err, "problem", None) or str(err).splitlines()[0]
         raise CvlabError(f"bad --set {item!r}: the value is not valid YAML ({problem})") from None
@@ -206,9 +206,9 @@ def _read_yaml(path: Path, included_from: str | None) -> tuple[dict, dict[Path_,
         data = loader.construct_document(node) if node is not None else None
         prov: dict[Path_, str] = {}
         if node is not None:
-            _node_lines(node, (), path, loader, prov)
+            _node_lines(node, (), path, prov)
     except yaml.reader.ReaderError as err:
-        char = chr(err.character) if isinstance(err.character, int) else err.character
+        char = chr(err.character)  # a code point: the reader was given text, not bytes
         raise CvlabError(f"{path}: invalid YAML: character {char!r} at offset {err.position} "
                          f"is not allowed{origin}") from None
     except yaml.MarkedYAMLError as err:
@@ -254,10 +254,7 @@ def _check_expansion(node: yaml.Node, source: str) -> None:
         sizes[id(n)] = total
         return total
 
-    try:
-        total = size(node)
-    except RecursionError:
-        raise CvlabError(f"{source}: invalid YAML: nested too deeply") from None
+    total = size(node)  # a RecursionError is the callers' "nested too deeply" (PyYAML's composer hits it first)
     if total > MAX_EXPANDED_NODES:
         raise CvlabError(f"{source}: refused: its anchors and aliases ({aliases} uses) expand to {total} values, "
                          f"more than the {MAX_EXPANDED_NODES} an experiment file may hold")
@@ -290,16 +287,15 @@ def _check_nodes(node: yaml.Node, path: Path, seen: set | None = None) -> None:
             _check_nodes(item, path, seen)
 
 
-def _node_lines(node: yaml.Node, prefix: Path_, path: Path, loader: yaml.SafeLoader,
-                prov: dict[Path_, str], depth: int = 0) -> None:
+def _node_lines(node: yaml.Node, prefix: Path_, path: Path, prov: dict[Path_, str], depth: int = 0) -> None:
+    """`prov[key path] = "file:line"` for the keys of nested mappings, 13 levels deep (scalar keys only: `_check_nodes`
+    refused the others)."""
     if not isinstance(node, yaml.MappingNode) or depth > 12:
         return
     for knode, vnode in node.value:
-        if not isinstance(knode, yaml.ScalarNode):
-            continue
         key = prefix + (knode.value,)
         prov[key] = f"{path}:{knode.start_mark.line + 1}"
-        _node_lines(vnode, key, path, loader, prov, depth + 1)
+        _node_lines(vnode, key, path, prov, depth + 1)
 
 
 def _load_tree(path: Path, stack: tuple[Path, ...], included_from: str | None = None
@@ -481,9 +477,7 @@ def to_plain(value: Any) -> Any:
 
 
 def _scalar_text(value: Any) -> str:
-    if isinstance(value, str):
-        return value
-    return json.dumps(value, default=str)
+    return value if isinstance(value, str) else json.dumps(value)  # values of spec_to_dict: JSON types only
 
 
 def spec_yaml(spec: ExperimentSpec) -> str:
