@@ -98,14 +98,15 @@ def test_checkpoint_killed_while_publishing_leaves_nothing_half_written(tmp_path
     else:  # between the two renames: the model file is complete, the state never appeared
         assert STATE_FILE not in names
         load_checkpoint(tmp_path / MODEL_FILE)  # loads: complete
-    with pytest.raises(ValueError, match="unreadable"):
+    with pytest.raises(ValueError, match=f"^checkpoint {re.escape(str(tmp_path))} is unreadable "):
         read_training_checkpoint(str(tmp_path))
 
 
-def test_training_checkpoint_round_trip_restores_everything(tmp_path):
+def test_training_checkpoint_round_trip_restores_everything(tmp_path, monkeypatch):
     """What `save_training_checkpoint` writes and `read_training_checkpoint` + `apply_training_state` restore:
     weights, optimizer moments, the schedule position, the scaler, every RNG as it was when the checkpoint
-    was taken, epoch and extras; the model file alone carries the epoch and the model info."""
+    was taken, epoch and extras; the model file alone carries the epoch and the model info. Run from another
+    working directory: only the checkpoint's folder is read."""
     import random
 
     import numpy as np
@@ -120,8 +121,10 @@ def test_training_checkpoint_round_trip_restores_everything(tmp_path):
         model = build_model("resnet26", num_classes=3)
         opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 1.0 / (1 + i))
-        return model, opt, sched, torch.amp.GradScaler("cpu", enabled=False)
+        return model, opt, sched, torch.amp.GradScaler("cpu", init_scale=2.0 ** (8 + seed))
 
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
     model, opt, sched, scaler = objects(0)
     model(torch.randn(2, 3, 32, 32)).sum().backward()
     opt.step()
@@ -133,6 +136,7 @@ def test_training_checkpoint_round_trip_restores_everything(tmp_path):
                                         extra={"best_top1": 0.5, "optimizer_steps": 11},
                                         model_info={"classes": ["a", "b", "c"]})
 
+    assert checkpoint.verify_training_checkpoint(str(tmp_path)) == 3  # what resume asks of a checkpoint folder
     fresh = objects(1)
     random.seed(99), np.random.seed(99), torch.manual_seed(99)
     state = checkpoint.apply_training_state(checkpoint.read_training_checkpoint(str(tmp_path)), *fresh)
@@ -142,20 +146,23 @@ def test_training_checkpoint_round_trip_restores_everything(tmp_path):
         assert torch.equal(a, b), k
     assert fresh[1].state_dict()["state"][0]["momentum_buffer"].equal(opt.state_dict()["state"][0]["momentum_buffer"])
     assert fresh[2].state_dict()["last_epoch"] == 1 and fresh[1].param_groups[0]["lr"] == opt.param_groups[0]["lr"]
-    assert fresh[3].state_dict() == scaler.state_dict()
+    assert fresh[3].state_dict() == scaler.state_dict() and fresh[3].get_scale() == 2.0 ** 8
     _, extra = load_checkpoint(tmp_path / checkpoint.MODEL_FILE)
     assert extra == {"epoch": 3, "classes": ["a", "b", "c"]}
-    assert sorted(os.listdir(tmp_path)) == [checkpoint.MODEL_FILE, checkpoint.STATE_FILE]  # no partial file left
+    assert sorted(os.listdir(tmp_path)) == ["elsewhere", checkpoint.MODEL_FILE, checkpoint.STATE_FILE]  # no partial
+
+
+class _NotAWeight:
+    """Pickled by `torch.save`, refused by `torch.load(weights_only=True)`."""
 
 
 def test_checkpoint_that_does_not_reload_is_never_published(tmp_path, monkeypatch):
+    """A training state that does not reload (here an object weights_only refuses) fails the save, naming the
+    folder, and neither file is published."""
     from workloads.classification import checkpoint
 
-    def broken_read(*args):
-        raise ValueError("checkpoint x is unreadable (verification failed)")
-
-    monkeypatch.setattr(checkpoint, "_read", broken_read)
-    with pytest.raises(ValueError, match="verification failed"):
+    monkeypatch.setattr(checkpoint, "rng_state", lambda: {"python": _NotAWeight()})
+    with pytest.raises(ValueError, match=f"^checkpoint {re.escape(str(tmp_path))} is unreadable \\(UnpicklingError"):
         _write_checkpoint(str(tmp_path))
     names = set(os.listdir(tmp_path))
     assert checkpoint.MODEL_FILE not in names and checkpoint.STATE_FILE not in names

@@ -1,7 +1,8 @@
 """Nodes that go away in the middle of a run (issues 9 and 23), on a multi-node `ray.cluster_utils.Cluster`: an
 elastic worker group (`scaling.num_workers: [min, max]`) checkpoints on a preemption notice, goes on with the
 workers left when the node goes, and grows back when a node is added; every epoch reaches MLflow exactly once.
-Classification and detection (mmengine's epoch loop).
+Classification and detection (mmengine's epoch loop). And a cluster whose CPU another job holds: the run fails
+after a bounded wait.
 """
 from __future__ import annotations
 
@@ -216,3 +217,48 @@ def test_detection_preempted_node_checkpoints_at_its_iteration_and_goes_on_small
     assert 16 < resumed < 32, resumed  # inside epoch 2, at the preemption checkpoint's iteration
     images_left = 64 - (resumed - 16) * 2 * 2  # epoch 2's images not trained before the checkpoint
     assert summary["metrics"]["iter"] == resumed + images_left // 2, (summary["metrics"], run.events)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_min_workers_never_free_fail_the_run_after_a_bounded_wait(tmp_path, monkeypatch):
+    """A range [1, 1] on a one-CPU cluster whose CPU another job holds (after the run's own check, which counts
+    the cluster's total): Ray Train waits RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S (2 s here) per try, tries
+    1 + `controller_failure_limit` times, and the run ends with one line saying what to do."""
+    import ray
+    from mlflow import MlflowClient
+
+    from orchestrator.cli.run import run_experiment
+    from orchestrator.config.loader import spec_from_dict
+    from orchestrator.errors import CvlabError
+    from orchestrator.runs.trainer import CONTROLLER_FAILURE_LIMIT
+
+    monkeypatch.setenv("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "2")  # read by the Ray processes started next
+    make_imagenet(tmp_path / "data", classes=2, per_class=4, size=32, val_per_class=1)
+    db = f"sqlite:///{tmp_path}/mlflow.db"
+    spec = spec_from_dict({
+        "experiment": {"name": "starved"}, "model": {"name": "resnet26"},
+        "data": {"root": str(tmp_path / "data"), "image_size": 32, "batch_size": 2, "num_workers": 0},
+        "scaling": {"num_workers": [1, 1]}, "run": {"storage_path": str(tmp_path / "runs"), "max_failures": 1},
+        "tracking": {"tracking_uri": db, "experiment_name": "cvlab-starved", "log_model": False},
+    })
+
+    @ray.remote(num_cpus=1)
+    class OtherJob:
+        def ready(self) -> bool:
+            return True
+
+    with _one_cpu_nodes(1):
+        holder = OtherJob.remote()
+        assert ray.get(holder.ready.remote())
+        started = time.monotonic()
+        with pytest.raises(CvlabError) as err:
+            run_experiment(spec)
+        waited = time.monotonic() - started
+    assert str(err.value).startswith(
+        "classification training could not start its workers: the worker group startup timed out after 2.0 seconds "
+        "waiting for 1 workers, on every try; the Ray cluster's free resources stayed below what scaling.num_workers asks")
+    assert 2 * (1 + CONTROLLER_FAILURE_LIMIT) <= waited < 90, waited  # every try waited, and no longer than bounded
+    client = MlflowClient(db)
+    (run,) = client.search_runs([client.get_experiment_by_name("cvlab-starved").experiment_id])
+    assert run.info.status == "FAILED"
