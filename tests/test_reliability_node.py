@@ -172,11 +172,12 @@ def test_worker_range_rides_out_a_preempted_node_and_grows_back(tmp_path, fast_r
     last_attempt = _metric(client, name, "train/steps_this_attempt")[-1][1]
     assert last_attempt == epochs * steps_per_epoch - resumed[-1], (last_attempt, resumed)
     # Against the same run never resized: bit-identical up to the drain (epoch 1), then the same optimisation in
-    # another order of float sums, which grows on this tiny data (README): the final val/top1 within 0.1, 6 of the
-    # 64 validation images (measured: 1 image apart, 0.42 and 0.44, from 0.28 after epoch 1).
+    # another order of float sums, which grows on this tiny data (README): the final val/top1 within 0.15, 10 of the
+    # 64 validation images (measured in three runs: 0.42, 0.50, 0.47 against 0.44, from 0.28 after epoch 1; chance
+    # is 0.25).
     assert _metric(client, name, "val/loss")[0] == _metric(client, f"{name}-unresized", "val/loss")[0]
     top1 = summary["metrics"]["val/top1"], unresized["metrics"]["val/top1"]
-    assert abs(top1[0] - top1[1]) <= 0.1, top1
+    assert abs(top1[0] - top1[1]) <= 0.15, top1
 
 
 @pytest.mark.slow
