@@ -102,6 +102,18 @@ def test_checkpoint_killed_while_publishing_leaves_nothing_half_written(tmp_path
         read_training_checkpoint(str(tmp_path))
 
 
+@pytest.mark.parametrize("signal_name, exit_code", [("KILL", -9), ("TERM", -15)])
+def test_the_kill_drill_leaves_its_marker_then_sends_its_signal(tmp_path, signal_name, exit_code):
+    """`workloads.fault_drill.kill_self`, which every workload's drill fires: the marker first (so the restarted
+    worker does not repeat the drill), then the signal asked for."""
+    marker = tmp_path / "killed"
+    code = f"from workloads.fault_drill import kill_self; kill_self({signal_name!r}, {str(marker)!r}, 1, 2, 3)"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == exit_code, proc.stderr
+    assert marker.read_text().startswith("killed worker 1 (pid ")
+    assert marker.read_text().endswith(") at epoch 2 step 3\n")
+
+
 def test_training_checkpoint_round_trip_restores_everything(tmp_path, monkeypatch):
     """What `save_training_checkpoint` writes and `read_training_checkpoint` + `apply_training_state` restore:
     weights, optimizer moments, the schedule position, the scaler, every RNG as it was when the checkpoint

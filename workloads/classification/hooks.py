@@ -7,11 +7,10 @@ from __future__ import annotations
 
 import logging
 import math
-import os
-import signal
 import time
 
-from workloads.object_storage import exists, write_text
+from workloads.fault_drill import kill_self
+from workloads.object_storage import exists
 
 log = logging.getLogger(__name__)
 
@@ -32,15 +31,13 @@ class StepHook:
 
 
 class KillDrill(StepHook):
-    """`run.fault_kill_rank_at`: worker `rank` sends itself SIG`signal_name` (KILL or TERM) once at (epoch,
-    step), leaving `marker` (a local path or bucket URI) behind so that the restarted worker does not repeat it. `settle_s`: a wait before the
-    kill, so that Ray Train's controller, which collects the workers' reports every 2 s, has registered the
-    checkpoint reported just before (one reported inside the epoch)."""
+    """`run.fault_kill_rank_at`: worker `rank` fires the drill (`workloads.fault_drill.kill_self`) once at
+    (epoch, step). `settle_s`: a wait before the kill, so that Ray Train's controller, which collects the
+    workers' reports every 2 s, has registered the checkpoint reported just before (one inside the epoch)."""
 
     def __init__(self, epoch: int, step: int, rank: int, marker: str, my_rank: int, settle_s: float = 0.0,
                  signal_name: str = "KILL"):
-        self.at = (epoch, step)
-        self.signal = signal.Signals[f"SIG{signal_name}"]
+        self.at, self.signal_name = (epoch, step), signal_name
         self.armed = rank == my_rank and not exists(marker)
         self.marker, self.rank, self.settle_s = marker, my_rank, settle_s
 
@@ -48,12 +45,7 @@ class KillDrill(StepHook):
         if not self.armed or (epoch, step) != self.at:
             return
         time.sleep(self.settle_s)
-        write_text(self.marker, f"killed worker {self.rank} (pid {os.getpid()}) at epoch {epoch} step {step}\n")
-        log.warning("fault drill: %s to worker %d (pid %d) at epoch %d, step %d", self.signal.name, self.rank,
-                    os.getpid(), epoch, step)
-        for handler in logging.getLogger("workloads").handlers:
-            handler.flush()
-        os.kill(os.getpid(), self.signal)
+        kill_self(self.signal_name, self.marker, self.rank, epoch, step)
 
 
 class NanDrill(StepHook):

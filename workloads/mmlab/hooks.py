@@ -19,7 +19,6 @@ from __future__ import annotations
 import math
 import os
 import shutil
-import signal
 import tempfile
 import time
 from collections.abc import Mapping
@@ -34,8 +33,9 @@ from mmengine.runner import IterBasedTrainLoop
 
 from workloads.checkpoint_transfer import report_with_retries
 from workloads.distributed import take_rank0_buffers
+from workloads.fault_drill import kill_self
 from workloads.mid_epoch import MID_EPOCH_KEY, UNRANKED_SCORE, PreemptionWatch
-from workloads.object_storage import exists, write_text
+from workloads.object_storage import exists
 
 from .loops import ResumableEpochBasedTrainLoop
 from .registration import register
@@ -277,15 +277,15 @@ def _finite(metrics: Mapping[str, float]) -> dict[str, float]:
 
 
 class KillDrillHook(Hook):
-    """`run.fault_kill_rank_at` for OpenMMLab runs: worker `rank` sends itself SIG`signal_name` once, before iteration
-    `step` of epoch `epoch` (epoch-based loops) or before global iteration `step` (iteration-based loops),
-    leaving `marker` behind so the restarted worker group goes on."""
+    """`run.fault_kill_rank_at` for OpenMMLab runs: worker `rank` fires the drill
+    (`workloads.fault_drill.kill_self`) once, before iteration `step` of epoch `epoch` (epoch-based loops) or
+    before global iteration `step` (iteration-based loops)."""
 
     priority = "VERY_HIGH"
 
     def __init__(self, epoch: int, step: int, rank: int, marker: str, signal_name: str = "KILL"):
         self.epoch, self.step, self.rank, self.marker = epoch, step, rank, marker
-        self.signal = signal.Signals[f"SIG{signal_name}"]
+        self.signal_name = signal_name
 
     def before_train_iter(self, runner, batch_idx, data_batch=None) -> None:
         if get_rank() != self.rank or exists(self.marker):
@@ -293,10 +293,7 @@ class KillDrillHook(Hook):
         here = (runner.epoch + 1, batch_idx + 1) if by_epoch(runner) else (self.epoch, runner.iter + 1)
         if here != (self.epoch, self.step):
             return
-        write_text(self.marker, f"killed worker {self.rank} (pid {os.getpid()}) at epoch {here[0]} step {here[1]}\n")
-        runner.logger.warning(f"fault drill: {self.signal.name} to worker {self.rank} (pid {os.getpid()}) at "
-                              f"epoch {here[0]}, step {here[1]}")
-        os.kill(os.getpid(), self.signal)
+        kill_self(self.signal_name, self.marker, self.rank, *here, warn=runner.logger.warning)
 
 
 class FailOnceHook(Hook):
